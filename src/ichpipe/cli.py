@@ -1,0 +1,32 @@
+"""Shared command-line plumbing for the numbered stage scripts: ``--config``, ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from ichpipe.config import Config, ConfigError, load_config
+from ichpipe.io import InputError
+
+
+def stage_main(description: str, run: Callable[[Config, argparse.Namespace], int | None],
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+               argv: list[str] | None = None) -> int:
+    """Parse ``[--config FILE] [key=value ...]``, load the config and call ``run(cfg, args)``.
+
+    Bad configs and bad input files end the program with a one-line ``error:`` message and exit
+    code 2, not a traceback.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. fold=0 data.root=/mnt/rsna")
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return run(cfg, args) or 0
+    except (ConfigError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,202 @@
+"""Typed configuration: YAML files in ``configs/`` loaded into dataclasses, dotted CLI overrides.
+
+A YAML file may name a ``base:`` file (relative to itself) whose values it overrides. Command-line
+overrides are ``key=value`` pairs with dotted keys (``fold=0``, ``preprocess.size=256``); values are
+parsed as YAML and checked against the field's type. Unknown keys and wrong types are errors that
+name the key. :func:`save_config` writes the resolved config beside a stage's output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ichpipe.io import atomic_path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"  # DATA_DIR: the competition files exactly as Kaggle unzips them
+    workers: int = 0  # worker processes for parallel stages; 0 = every core
+
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic RSNA-format dataset (``scripts/00_make_synthetic.py``)."""
+
+    seed: int = 2019
+    n_patients: int = 60
+    test_fraction: float = 0.2  # share of patients in stage_2_test/ (disjoint from train)
+    second_study_rate: float = 0.3  # patients with two studies
+    slices_min: int = 20
+    slices_max: int = 40
+    size: int = 512
+    control_rate: float = 0.45  # patients with no bleed in any study
+    bleed_rates: dict[str, float] = field(default_factory=lambda: {
+        # chance that a non-control study holds a bleed of this subtype
+        "epidural": 0.04, "intraparenchymal": 0.5, "intraventricular": 0.3,
+        "subarachnoid": 0.3, "subdural": 0.2,
+    })
+    faint_rate: float = 0.25  # bleeds only ~10-25 HU above brain
+    min_label_area_mm2: float = 6.0  # a slice is labelled when a bleed covers at least this much
+    # The real data's quirks, as rates per study (series) or counts.
+    rate_12bit_quirk: float = 0.1  # unsigned 12-bit, PixelRepresentation 0, intercept > -100
+    rate_multivalue_window: float = 0.2  # WindowCenter/Width stored as two values
+    rate_non512: float = 0.05  # series of another matrix size
+    rate_fov_padding: float = 0.3  # pixels outside the scan circle at -2000 HU (padding)
+    n_truncated: int = 1  # train files whose pixel data is shorter than declared
+    n_duplicate_images: int = 2  # images whose six label rows appear twice in stage_2_train.csv
+
+
+@dataclass
+class Config:
+    experiment: str = "demo"
+    fold: int = 0
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: must not be null")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()} if args else value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _apply(obj: Any, values: dict, prefix: str = "") -> None:
+    """Set ``values`` (a nested mapping) onto the dataclass ``obj`` in place, checking keys and types."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{full}: unknown key (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a section (mapping), got {value!r}")
+            _apply(current, value, f"{full}.")
+        elif typing.get_origin(hints[key]) is dict and isinstance(value, dict) and isinstance(current, dict):
+            # Mappings merge key by key, so an override can change one entry.
+            setattr(obj, key, {**current, **_coerce(value, hints[key], full)})
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
+    """The chain of mappings from the deepest ``base:`` to ``path`` itself."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = data.pop("base", None)
+    chain = _read_yaml(path.parent / base, (*seen, path)) if base else []
+    return [*chain, data]
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["a.b=1", "fold=0"]`` → ``{"a": {"b": 1}, "fold": 0}`` (values parsed as YAML)."""
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item}: overrides are key=value (e.g. fold=0 train.lr=3e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults ← YAML chain of ``path`` (default ``configs/default.yaml``) ← overrides."""
+    cfg = Config()
+    path = Path(path) if path else DEFAULT_CONFIG
+    for layer in _read_yaml(path):
+        try:
+            _apply(cfg, layer)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    _apply(cfg, parse_overrides(overrides or []))
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (atomically); load it back with :func:`load_config`."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path

@@ -1,0 +1,95 @@
+"""File helpers shared by every stage: atomic writes and the competition's long ``ID,Label`` CSVs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ichpipe.labels import LABELS
+
+
+class InputError(ValueError):
+    """Bad input file; the message is one line naming the file and the problem."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A crash (or a kill) leaves at most a stray ``.tmp`` file, never a half-written ``path``.
+    The temporary name keeps the final suffix so that writers which dispatch on it (``.png``,
+    ``.csv.gz``) behave as they would on the real name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes))
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def read_long_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """Read an ``ID,Label`` file (train labels, predictions, submissions) into long form.
+
+    Returns columns ``ID`` (row id), ``image_id``, ``label`` and ``Label`` (float). Exact duplicate
+    rows, which the real ``stage_2_train.csv`` contains, are dropped; the same row id with two
+    different values is an error.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path, dtype={"ID": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    if list(df.columns) != ["ID", "Label"]:
+        raise InputError(f"{path}: header must be 'ID,Label', found {','.join(map(str, df.columns))!r}")
+    df = df.drop_duplicates()
+    dup = df["ID"].duplicated(keep=False)
+    if dup.any():
+        ids = ", ".join(df.loc[dup, "ID"].unique()[:5])
+        raise InputError(f"{path}: {dup.sum()} rows give one ID two different labels, e.g. {ids}")
+    parts = df["ID"].str.rsplit("_", n=1, expand=True)
+    if parts.shape[1] != 2 or parts[1].isna().any() or not parts[1].isin(LABELS).all():
+        bad = df.loc[parts[1].isna() | ~parts[1].isin(LABELS), "ID"].head(5).tolist() if parts.shape[1] == 2 else df["ID"].head(5).tolist()
+        raise InputError(f"{path}: IDs must be 'ID_<image>_<label>' with a competition label, e.g. {bad}")
+    df["image_id"] = parts[0]
+    df["label"] = parts[1]
+    df["Label"] = pd.to_numeric(df["Label"], errors="coerce")
+    return df.reset_index(drop=True)
+
+
+def long_to_wide(df: pd.DataFrame, path: str | os.PathLike = "<labels>") -> pd.DataFrame:
+    """Pivot long ``ID,Label`` rows to one row per image and one column per label (Kaggle order)."""
+    wide = df.pivot(index="image_id", columns="label", values="Label")
+    missing = [c for c in LABELS if c not in wide.columns]
+    if missing or wide.isna().any().any():
+        incomplete = wide.index[wide.reindex(columns=list(LABELS)).isna().any(axis=1)][:5].tolist()
+        raise InputError(f"{path}: every image needs all six labels; incomplete images e.g. {incomplete}")
+    wide = wide[list(LABELS)]
+    wide.columns.name = None
+    return wide
+
+
+def wide_to_long(wide: pd.DataFrame) -> pd.DataFrame:
+    """One row per image and label column → the ``ID,Label`` long form, six rows per image."""
+    values = wide[list(LABELS)].to_numpy()
+    ids = np.char.add(np.repeat(wide.index.to_numpy().astype(str), len(LABELS)),
+                      np.tile(np.array([f"_{c}" for c in LABELS]), len(wide)))
+    return pd.DataFrame({"ID": ids, "Label": values.reshape(-1)})

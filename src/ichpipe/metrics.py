@@ -1,0 +1,96 @@
+"""The competition metric: weighted multi-label log loss (``any`` weight 2, subtypes 1).
+
+Score any predictions file against a labels file::
+
+    python -m ichpipe.metrics score PRED.csv --labels data/stage_2_train.csv [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from ichpipe.io import InputError, read_long_csv
+from ichpipe.labels import LABEL_WEIGHTS, LABELS, WEIGHTS
+
+EPS = 1e-7  # predictions are clipped to [EPS, 1 - EPS] before the log
+
+
+def _bce(y_true: np.ndarray, y_pred: np.ndarray, eps: float) -> np.ndarray:
+    p = np.clip(np.asarray(y_pred, dtype=np.float64), eps, 1.0 - eps)
+    y = np.asarray(y_true, dtype=np.float64)
+    return -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
+
+
+def weighted_log_loss(y_true: np.ndarray, y_pred: np.ndarray, eps: float = EPS) -> float:
+    """Σ w·BCE / Σ w over every (image, label) pair of (N, 6) arrays in Kaggle's label order."""
+    y_true = np.asarray(y_true)
+    if y_true.ndim != 2 or y_true.shape[1] != len(LABELS) or y_true.shape != np.shape(y_pred):
+        raise ValueError(f"expected two (N, {len(LABELS)}) arrays, got {y_true.shape} and {np.shape(y_pred)}")
+    losses = _bce(y_true, y_pred, eps)
+    return float((losses * WEIGHTS).sum() / (WEIGHTS.sum() * len(y_true)))
+
+
+def per_class_log_loss(y_true: np.ndarray, y_pred: np.ndarray, eps: float = EPS) -> dict[str, float]:
+    """Mean (unweighted) log loss of each label column, keyed by label name."""
+    losses = _bce(y_true, y_pred, eps)
+    return {name: float(losses[:, i].mean()) for i, name in enumerate(LABELS)}
+
+
+def score_long(pred_ids, pred_values, label_of: dict[str, float], eps: float = EPS) -> dict:
+    """Score long-form predictions; every row id must have a label."""
+    labels = np.array([label_of[i] for i in pred_ids], dtype=np.float64)
+    names = np.array([i.rpartition("_")[2] for i in pred_ids])
+    w = np.array([LABEL_WEIGHTS[n] for n in names])
+    losses = _bce(labels, pred_values, eps)
+    per_class = {n: float(losses[names == n].mean()) for n in LABELS if (names == n).any()}
+    return {"weighted_log_loss": float((w * losses).sum() / w.sum()), "per_class": per_class,
+            "n_rows": int(len(losses))}
+
+
+def score_files(pred_path: str, labels_path: str, eps: float = EPS) -> dict:
+    """Score an ``ID,Label`` predictions file against an ``ID,Label`` labels file."""
+    pred = read_long_csv(pred_path)
+    truth = read_long_csv(labels_path)
+    if pred["Label"].isna().any():
+        raise InputError(f"{pred_path}: non-numeric or empty Label, e.g. {pred.loc[pred['Label'].isna(), 'ID'].head(5).tolist()}")
+    label_of = dict(zip(truth["ID"], truth["Label"]))
+    missing = ~pred["ID"].isin(label_of.keys())
+    if missing.any():
+        raise InputError(f"{pred_path}: {int(missing.sum())} predicted IDs have no label in {labels_path}, "
+                         f"e.g. {pred.loc[missing, 'ID'].head(5).tolist()}")
+    result = score_long(pred["ID"].tolist(), pred["Label"].to_numpy(), label_of, eps)
+    result["n_images"] = int(pred["image_id"].nunique())
+    return result
+
+
+def format_scores(result: dict) -> str:
+    lines = [f"weighted log loss: {result['weighted_log_loss']:.5f}  ({result['n_images']} images, {result['n_rows']} rows)"]
+    lines += [f"  {name:<17} {loss:.5f}" for name, loss in result["per_class"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ichpipe.metrics", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sc = sub.add_parser("score", help="score an ID,Label predictions file")
+    sc.add_argument("pred")
+    sc.add_argument("--labels", required=True, help="ID,Label truth file (stage_2_train.csv works as is)")
+    sc.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    sc.add_argument("--eps", type=float, default=EPS, help="clip predictions to [eps, 1-eps]")
+    args = parser.parse_args(argv)
+    try:
+        result = score_files(args.pred, args.labels, args.eps)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else format_scores(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

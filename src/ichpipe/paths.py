@@ -1,0 +1,47 @@
+"""Every path of the pipeline, derived from one data root (``DATA_DIR``, default ``data/``).
+
+The root holds the competition files exactly as Kaggle unzips them; each stage writes its outputs
+in a subfolder under it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    root: Path
+
+    def __init__(self, root: str | os.PathLike):
+        object.__setattr__(self, "root", Path(root))
+
+    # --- the competition's files -------------------------------------------------------------
+    @property
+    def train_dir(self) -> Path:
+        return self.root / "stage_2_train"
+
+    @property
+    def test_dir(self) -> Path:
+        return self.root / "stage_2_test"
+
+    @property
+    def train_csv(self) -> Path:
+        return self.root / "stage_2_train.csv"
+
+    @property
+    def sample_submission_csv(self) -> Path:
+        return self.root / "stage_2_sample_submission.csv"
+
+    # --- synthetic only ------------------------------------------------------------------------
+    @property
+    def test_labels_csv(self) -> Path:
+        """The synthetic test set's answer key; absent for the real data."""
+        return self.root / "synthetic_test_labels.csv"
+
+    # --- derived -------------------------------------------------------------------------------
+    @property
+    def processed(self) -> Path:
+        return self.root / "processed"

@@ -1,0 +1,109 @@
+"""Kaggle submission files: write them and validate them against the sample submission.
+
+    python -m ichpipe.submission validate FILE --sample data/stage_2_sample_submission.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ichpipe.io import InputError, atomic_path, wide_to_long
+from ichpipe.labels import LABELS
+
+N_EXAMPLES = 5  # offending IDs named per failure message
+
+
+class SubmissionError(InputError):
+    """A submission that Kaggle would reject; ``problems`` holds one line per failed check."""
+
+    def __init__(self, path, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{path}: " + "; ".join(problems))
+
+
+def write_submission(predictions: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write (image id × six labels) probabilities as Kaggle's ``ID,Label`` CSV (gzip if ``.gz``)."""
+    missing = [c for c in LABELS if c not in predictions.columns]
+    if missing:
+        raise ValueError(f"predictions lack label columns {missing}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        wide_to_long(predictions).to_csv(tmp, index=False, float_format="%.6g")
+    return path
+
+
+def _examples(ids) -> str:
+    ids = list(ids)
+    return ", ".join(map(str, ids[:N_EXAMPLES])) + (" ..." if len(ids) > N_EXAMPLES else "")
+
+
+def check_submission(path: str | os.PathLike, sample_path: str | os.PathLike) -> list[str]:
+    """Every reason Kaggle would reject ``path`` (empty list: valid), one line each."""
+    path, sample_path = Path(path), Path(sample_path)
+    for p in (path, sample_path):
+        if not p.exists():
+            raise InputError(f"{p}: file not found")
+    try:
+        sub = pd.read_csv(path, dtype={"ID": str}, keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError, OSError) as exc:
+        return [f"not a readable CSV ({str(exc).splitlines()[0]})"]
+    sample = pd.read_csv(sample_path, dtype={"ID": str})
+    problems: list[str] = []
+    if list(sub.columns) != ["ID", "Label"]:
+        return [f"header must be 'ID,Label', found {','.join(map(str, sub.columns))!r}"]
+    dup = sub["ID"][sub["ID"].duplicated()]
+    if len(dup):
+        problems.append(f"{len(dup)} duplicate IDs: {_examples(dup.unique())}")
+    values = pd.to_numeric(sub["Label"], errors="coerce")
+    nan = sub["ID"][values.isna()]
+    if len(nan):
+        problems.append(f"{len(nan)} empty, NaN or non-numeric labels: {_examples(nan)}")
+    out = sub["ID"][(values < 0) | (values > 1) | np.isinf(values)]
+    if len(out):
+        problems.append(f"{len(out)} labels outside [0, 1]: {_examples(out)}")
+    ids, expected = set(sub["ID"].dropna()), set(sample["ID"])
+    missing = sorted(expected - ids)
+    if missing:
+        problems.append(f"{len(missing)} IDs of the sample submission are missing: {_examples(missing)}")
+    extra = sorted(ids - expected)
+    if extra:
+        problems.append(f"{len(extra)} IDs are not in the sample submission: {_examples(extra)}")
+    return problems
+
+
+def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike) -> None:
+    """Raise :class:`SubmissionError` listing every problem; return quietly if ``path`` is valid."""
+    problems = check_submission(path, sample_path)
+    if problems:
+        raise SubmissionError(path, problems)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ichpipe.submission", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    val = sub.add_parser("validate", help="check a submission CSV against the sample submission")
+    val.add_argument("file")
+    val.add_argument("--sample", required=True, help="stage_2_sample_submission.csv")
+    args = parser.parse_args(argv)
+    try:
+        problems = check_submission(args.file, args.sample)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if problems:
+        for line in problems:
+            print(f"invalid: {args.file}: {line}", file=sys.stderr)
+        return 1
+    print(f"valid: {args.file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

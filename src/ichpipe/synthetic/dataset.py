@@ -1,0 +1,255 @@
+"""Write a synthetic dataset in the RSNA competition's exact layout.
+
+    <root>/stage_2_train/ID_<hex>.dcm        one axial CT slice per file, names in no slice order
+    <root>/stage_2_test/ID_<hex>.dcm
+    <root>/stage_2_train.csv                  ID_<hex>_<label>,0|1 (six rows per image, a few duplicated)
+    <root>/stage_2_sample_submission.csv      every test row, Label 0.5
+    <root>/synthetic_test_labels.csv          synthetic only: the test set's answer key (ID,Label)
+    <root>/synthetic_slices.csv               synthetic only: one row per file with its geometry and quirks
+
+The whole plan (patients, studies, bleeds, quirks) is drawn from one seeded generator in the main
+process; each series is then rendered and written by a worker from its own seed, so the bytes of
+every file depend on the seed alone, not on the number of workers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from tqdm import tqdm
+
+from ichpipe.config import SyntheticConfig
+from ichpipe.io import atomic_path, wide_to_long
+from ichpipe.labels import LABELS, SUBTYPES
+from ichpipe.paths import DataPaths
+from ichpipe.synthetic.phantom import Bleed, Patient, SliceGeometry, render_slice, sample_bleed, sample_patient
+
+_ID_BITS = {"image": 36, "patient": 32, "study": 40, "series": 40}  # 9, 8, 10, 10 hex digits as Kaggle's
+_ID_SALT = {"image": 0x9E3779B1, "patient": 0x85EBCA77, "study": 0xC2B2AE3D, "series": 0x27D4EB2F}
+
+
+def synthetic_id(kind: str, key: int, seed: int) -> str:
+    """``ID_<hex>`` from a bijective mix of ``key``: distinct keys never collide, and look random."""
+    bits = _ID_BITS[kind]
+    mask = (1 << bits) - 1
+    x = (key * 0x5851F42D + _ID_SALT[kind] + seed * 0x2545F491) & mask
+    for mult in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9):  # odd multipliers and xorshifts are bijections
+        x = (x * (mult & mask | 1)) & mask
+        x ^= x >> (bits // 2)
+    return f"ID_{x:0{bits // 4}x}"
+
+
+@dataclass
+class SeriesSpec:
+    """Everything a worker needs to render and write one series (picklable)."""
+
+    patient_index: int
+    study_index: int
+    split: str  # "train" or "test"
+    patient: Patient
+    bleeds: list[Bleed]
+    n_slices: int
+    z_start: float  # head-frame height of the first slice (mm)
+    spacing: float  # mm between slices
+    size: int
+    pixel_mm: float
+    center_px: tuple[float, float]
+    angle: float
+    noise_hu: float
+    storage: str  # "int16" | "uint12" | "quirk12"
+    multivalue_window: bool
+    fov_padding: bool
+    truncate_slices: list[int] = field(default_factory=list)
+    seed: int = 0
+    dataset_seed: int = 0
+
+    @property
+    def key(self) -> int:
+        return self.patient_index * 8 + self.study_index
+
+
+def plan_dataset(cfg: SyntheticConfig) -> list[SeriesSpec]:
+    """Draw every patient, study, bleed and quirk from ``cfg.seed``."""
+    rng = np.random.default_rng(cfg.seed)
+    n_test = int(round(cfg.n_patients * cfg.test_fraction))
+    test_patients = set(rng.choice(cfg.n_patients, size=n_test, replace=False).tolist())
+    specs: list[SeriesSpec] = []
+    for p in range(cfg.n_patients):
+        patient = sample_patient(rng)
+        control = rng.random() < cfg.control_rate
+        n_studies = 2 if rng.random() < cfg.second_study_rate else 1
+        for s in range(n_studies):
+            bleeds = []
+            if not control:
+                for sub in SUBTYPES:
+                    if rng.random() < cfg.bleed_rates.get(sub, 0.0):
+                        bleeds.append(sample_bleed(rng, sub, patient, faint=rng.random() < cfg.faint_rate))
+            n = int(rng.integers(cfg.slices_min, cfg.slices_max + 1))
+            c = patient.semi_axes[2]
+            z0, z1 = -rng.uniform(0.8, 0.9) * c, rng.uniform(0.88, 0.97) * c
+            size = int(rng.choice([640, 768])) if rng.random() < cfg.rate_non512 else cfg.size
+            quirk12 = rng.random() < cfg.rate_12bit_quirk
+            padding = not quirk12 and rng.random() < cfg.rate_fov_padding
+            storage = "quirk12" if quirk12 else ("int16" if padding or rng.random() < 0.5 else "uint12")
+            fov_mm = rng.uniform(220, 250)
+            specs.append(SeriesSpec(
+                patient_index=p, study_index=s, split="test" if p in test_patients else "train",
+                patient=patient, bleeds=bleeds, n_slices=n, z_start=z0, spacing=(z1 - z0) / (n - 1),
+                size=size, pixel_mm=fov_mm / size,
+                center_px=(size / 2 + rng.normal(0, 0.04 * size), size / 2 + rng.normal(0, 0.04 * size)),
+                angle=rng.normal(0, 0.12), noise_hu=rng.uniform(3.0, 6.0), storage=storage,
+                multivalue_window=bool(rng.random() < cfg.rate_multivalue_window), fov_padding=padding,
+                seed=int(rng.integers(2**31)), dataset_seed=cfg.seed,
+            ))
+    train = [sp for sp in specs if sp.split == "train"]
+    for i in rng.choice(len(train), size=min(cfg.n_truncated, len(train)), replace=False):
+        train[i].truncate_slices = [int(rng.integers(train[i].n_slices))]
+    return specs
+
+
+# Pixel storage styles: (PixelRepresentation, BitsStored, RescaleIntercept).
+_STORAGE = {"int16": (1, 16, -1024.0), "uint12": (0, 12, -1024.0), "quirk12": (0, 12, 0.0)}
+
+
+def encode_pixels(hu: np.ndarray, storage: str) -> np.ndarray:
+    """Stored pixel values whose modality LUT (or, for ``quirk12``, the known fix) gives back ``hu``."""
+    hu = np.rint(hu)
+    if storage == "int16":
+        return np.clip(hu + 1024, -32768, 32767).astype(np.int16)
+    if storage == "uint12":
+        return np.clip(hu + 1024, 0, 4095).astype(np.uint16)
+    if storage == "quirk12":  # the real data's broken files: HU wrapped into 12 bits, intercept 0
+        return (np.clip(hu, -1000, 3095).astype(np.int32) % 4096).astype(np.uint16)
+    raise ValueError(f"unknown storage {storage!r}")
+
+
+def make_dicom(pixels: np.ndarray, spec: SeriesSpec, ids: dict[str, str], z_patient: float) -> Dataset:
+    """A CT Image Storage dataset carrying the tags of the competition's files."""
+    pixel_rep, bits_stored, intercept = _STORAGE[spec.storage]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = ids["image"]
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ids["image"]
+    ds.Modality = "CT"
+    ds.PatientID = ids["patient"]
+    ds.StudyInstanceUID = ids["study"]
+    ds.SeriesInstanceUID = ids["series"]
+    ds.StudyID = ""
+    half = spec.size * spec.pixel_mm / 2
+    ds.ImagePositionPatient = [f"{-half:.6g}", f"{-half:.6g}", f"{z_patient:.6g}"]
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelSpacing = [f"{spec.pixel_mm:.6g}", f"{spec.pixel_mm:.6g}"]
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = pixel_rep
+    if spec.multivalue_window:
+        ds.WindowCenter, ds.WindowWidth = ["40", "600"], ["80", "2800"]
+    else:
+        ds.WindowCenter, ds.WindowWidth = "40", "80"
+    ds.RescaleIntercept = f"{intercept:g}"
+    ds.RescaleSlope = "1"
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def _write_series(spec: SeriesSpec, train_dir: str, test_dir: str, min_area_mm2: float) -> list[dict]:
+    """Render and write every slice of one series; return one metadata row per file."""
+    rng = np.random.default_rng(spec.seed)
+    out_dir = Path(train_dir if spec.split == "train" else test_dir)
+    seed = spec.dataset_seed
+    ids = {"patient": synthetic_id("patient", spec.patient_index, seed),
+           "study": synthetic_id("study", spec.key, seed), "series": synthetic_id("series", spec.key, seed)}
+    table_z = rng.uniform(-200, 100)  # the head's height in the scanner's frame
+    rows = []
+    min_px = min_area_mm2 / spec.pixel_mm**2
+    for i in range(spec.n_slices):
+        z = spec.z_start + i * spec.spacing
+        geo = SliceGeometry(spec.size, spec.pixel_mm, spec.center_px, spec.angle, z)
+        hu, _, masks = render_slice(spec.patient, spec.bleeds, geo, rng, spec.noise_hu, spec.fov_padding)
+        labels = {sub: int(sub in masks and masks[sub].sum() >= min_px) for sub in SUBTYPES}
+        labels["any"] = int(any(labels.values()))
+        image_id = synthetic_id("image", spec.key * 256 + i, seed)
+        ds = make_dicom(encode_pixels(hu, spec.storage), spec, {**ids, "image": image_id}, table_z + z)
+        path = out_dir / f"{image_id}.dcm"
+        with atomic_path(path) as tmp:
+            ds.save_as(tmp, enforce_file_format=True)
+        truncated = i in spec.truncate_slices
+        if truncated:  # the competition's one corrupt file: pixel data shorter than declared
+            os.truncate(path, path.stat().st_size - spec.size * spec.size)
+        rows.append({"image_id": image_id, "split": spec.split, "PatientID": ids["patient"],
+                     "StudyInstanceUID": ids["study"], "SeriesInstanceUID": ids["series"],
+                     "slice_index": i, "z": round(table_z + z, 6), "size": spec.size, "storage": spec.storage,
+                     "multivalue_window": spec.multivalue_window, "fov_padding": spec.fov_padding,
+                     "truncated": truncated, "faint": any(b.hu < 55 for b in spec.bleeds), **labels})
+    return rows
+
+
+def _write_series_star(args):
+    with pydicom.config.disable_value_validation():
+        return _write_series(*args)
+
+
+def generate_dataset(cfg: SyntheticConfig, root: str | os.PathLike, workers: int = 0,
+                     progress: bool = True) -> pd.DataFrame:
+    """Write the synthetic competition layout under ``root``; return the per-file table."""
+    paths = DataPaths(root)
+    paths.train_dir.mkdir(parents=True, exist_ok=True)
+    paths.test_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (*paths.train_dir.glob("*.dcm"), *paths.test_dir.glob("*.dcm")):
+        stale.unlink()  # a smaller dataset over a larger one must not leave extra files
+    specs = plan_dataset(cfg)
+    jobs = [(sp, str(paths.train_dir), str(paths.test_dir), cfg.min_label_area_mm2) for sp in specs]
+    workers = workers or os.cpu_count() or 1
+    n_files = sum(sp.n_slices for sp in specs)
+    bar = tqdm(total=n_files, unit="dcm", desc="synthetic", disable=not progress)
+    rows: list[dict] = []
+    if workers == 1:
+        results = map(_write_series_star, jobs)
+    else:
+        pool = get_context("spawn" if os.name == "nt" else "fork").Pool(workers)
+        results = pool.imap(_write_series_star, jobs)
+    for series_rows in results:
+        rows.extend(series_rows)
+        bar.update(len(series_rows))
+    bar.close()
+    if workers != 1:
+        pool.close()
+        pool.join()
+    table = pd.DataFrame(rows).sort_values("image_id", kind="stable").reset_index(drop=True)
+    _write_csvs(table, paths, cfg)
+    return table
+
+
+def _write_csvs(table: pd.DataFrame, paths: DataPaths, cfg: SyntheticConfig) -> None:
+    train = table[table.split == "train"].set_index("image_id")
+    test = table[table.split == "test"].set_index("image_id")
+    train_long = wide_to_long(train[list(LABELS)])
+    if cfg.n_duplicate_images:  # the real stage_2_train.csv repeats a few images' six rows
+        dup_images = train.index[np.linspace(0, len(train) - 1, min(cfg.n_duplicate_images, len(train))).astype(int)]
+        extra = train_long[train_long["ID"].str.rpartition("_")[0].isin(dup_images)]
+        train_long = pd.concat([train_long, extra], ignore_index=True)
+    with atomic_path(paths.train_csv) as tmp:
+        train_long.to_csv(tmp, index=False)
+    test_long = wide_to_long(test[list(LABELS)])
+    with atomic_path(paths.test_labels_csv) as tmp:
+        test_long.to_csv(tmp, index=False)
+    with atomic_path(paths.sample_submission_csv) as tmp:
+        test_long.assign(Label=0.5).to_csv(tmp, index=False)
+    with atomic_path(paths.root / "synthetic_slices.csv") as tmp:
+        table.to_csv(tmp, index=False)
