@@ -48,7 +48,7 @@ class SyntheticConfig:
     control_rate: float = 0.45  # patients with no bleed in any study
     bleed_rates: dict[str, float] = field(default_factory=lambda: {
         # chance that a non-control study holds a bleed of this subtype
-        "epidural": 0.04, "intraparenchymal": 0.5, "intraventricular": 0.3,
+        "epidural": 0.08, "intraparenchymal": 0.5, "intraventricular": 0.45,
         "subarachnoid": 0.3, "subdural": 0.2,
     })
     faint_rate: float = 0.25  # bleeds only ~10-25 HU above brain

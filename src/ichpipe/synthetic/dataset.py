@@ -132,7 +132,22 @@ def encode_pixels(hu: np.ndarray, storage: str) -> np.ndarray:
 
 
 def make_dicom(pixels: np.ndarray, spec: SeriesSpec, ids: dict[str, str], z_patient: float) -> Dataset:
-    """A CT Image Storage dataset carrying the tags of the competition's files."""
+    """A CT Image Storage dataset carrying the tags of the competition's files.
+
+    The UIDs are Kaggle's ``ID_<hex>`` strings, not valid DICOM UIDs, exactly as in the real files,
+    so value validation is off while they are set; ``save_as`` writes them unchecked.
+    """
+    with pydicom.config.disable_value_validation():
+        return _make_dicom(pixels, spec, ids, z_patient)
+
+
+def save_dicom(ds: Dataset, path: str | os.PathLike) -> None:
+    """Write ``ds`` as a DICOM file (preamble and file meta) without re-validating the ``ID_`` UIDs."""
+    with pydicom.config.disable_value_validation():
+        ds.save_as(path, enforce_file_format=True)
+
+
+def _make_dicom(pixels: np.ndarray, spec: SeriesSpec, ids: dict[str, str], z_patient: float) -> Dataset:
     pixel_rep, bits_stored, intercept = _STORAGE[spec.storage]
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
@@ -188,7 +203,7 @@ def _write_series(spec: SeriesSpec, train_dir: str, test_dir: str, min_area_mm2:
         ds = make_dicom(encode_pixels(hu, spec.storage), spec, {**ids, "image": image_id}, table_z + z)
         path = out_dir / f"{image_id}.dcm"
         with atomic_path(path) as tmp:
-            ds.save_as(tmp, enforce_file_format=True)
+            save_dicom(ds, tmp)
         truncated = i in spec.truncate_slices
         if truncated:  # the competition's one corrupt file: pixel data shorter than declared
             os.truncate(path, path.stat().st_size - spec.size * spec.size)
@@ -201,8 +216,7 @@ def _write_series(spec: SeriesSpec, train_dir: str, test_dir: str, min_area_mm2:
 
 
 def _write_series_star(args):
-    with pydicom.config.disable_value_validation():
-        return _write_series(*args)
+    return _write_series(*args)
 
 
 def generate_dataset(cfg: SyntheticConfig, root: str | os.PathLike, workers: int = 0,

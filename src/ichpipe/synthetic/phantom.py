@@ -163,7 +163,7 @@ def sample_bleed(rng: np.random.Generator, subtype: str, patient: Patient, faint
         side = int(rng.integers(0, 2))
         vent = patient.ventricles[side]
         p = dict(ventricle=side, level=rng.uniform(-0.2, 0.5) * vent.radii[1],
-                 zc=vent.center[2] + rng.uniform(-4, 4), half_height=rng.uniform(6, 13))
+                 zc=vent.center[2] + rng.uniform(-4, 4), half_height=rng.uniform(8, 16))
     else:
         raise ValueError(f"unknown subtype {subtype!r}; expected one of {SUBTYPES}")
     return Bleed(subtype=subtype, hu=float(hu), params=p)

@@ -1,0 +1,51 @@
+# ichpipe: the pipeline is this file. Every stage target takes
+#   DATA_DIR=...  the competition files as Kaggle unzips them (default: data, the synthetic set)
+#   WORKERS=N     worker processes (default 0 = every core)
+#   CONFIG=...    a YAML in configs/ (default configs/default.yaml)
+# and any dotted config override, e.g. `make preprocess preprocess.size=256`.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+DATA_DIR ?= data
+WORKERS  ?= 0
+CONFIG   ?= configs/default.yaml
+
+# Dotted overrides given on the make command line (lower-case keys) go to the scripts as they are.
+OVERRIDES := $(filter-out DATA_DIR=% WORKERS=% CONFIG=% PYTHON=% VENV=% GPUS=%,$(MAKEOVERRIDES))
+STAGE_ARGS = --config $(CONFIG) data.root=$(DATA_DIR) data.workers=$(WORKERS) $(OVERRIDES)
+
+.PHONY: help setup demo synthetic test lint bench clean-data
+
+help:
+	@echo "make demo        set up, generate the synthetic set and run the pipeline on it"
+	@echo "make test        run the test suite (sets up first)"
+	@echo "make setup       create $(VENV) and install the pinned requirements"
+	@echo "make synthetic   write the synthetic RSNA-format dataset under DATA_DIR"
+	@echo "make bench       print the benchmark figures"
+
+# The venv is rebuilt only when the requirements change.
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+synthetic: setup
+	$(PY) scripts/00_make_synthetic.py $(STAGE_ARGS)
+
+demo: synthetic
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(PY) -m ruff check src scripts tests eda
+
+bench: setup
+
+clean-data:
+	rm -rf $(DATA_DIR)/processed

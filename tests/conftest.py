@@ -1,0 +1,28 @@
+"""Shared fixtures: one tiny synthetic dataset per test session (written once, read by many tests)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ichpipe.config import load_config
+from ichpipe.synthetic.dataset import generate_dataset
+
+# Small but with every quirk: 8 patients, short series, quirk rates raised so each one occurs.
+TINY_OVERRIDES = [
+    "synthetic.n_patients=8", "synthetic.slices_min=12", "synthetic.slices_max=16",
+    "synthetic.control_rate=0.2", "synthetic.rate_12bit_quirk=0.3", "synthetic.rate_multivalue_window=0.4",
+    "synthetic.rate_non512=0.2", "synthetic.rate_fov_padding=0.4", "synthetic.seed=7",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return load_config(overrides=TINY_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_cfg):
+    """(root, per-file table) of a tiny synthetic dataset in the competition layout."""
+    root = tmp_path_factory.mktemp("tiny_rsna")
+    table = generate_dataset(tiny_cfg.synthetic, root, workers=2, progress=False)
+    return root, table

@@ -1,0 +1,51 @@
+import pytest
+import yaml
+
+from ichpipe.config import ConfigError, load_config, parse_overrides, save_config
+
+
+def test_defaults_and_dotted_overrides():
+    cfg = load_config(overrides=["fold=3", "data.root=/mnt/rsna", "synthetic.test_fraction=1", "synthetic.bleed_rates.epidural=0.5"])
+    assert cfg.fold == 3
+    assert cfg.data.root == "/mnt/rsna"
+    assert cfg.synthetic.test_fraction == 1.0 and isinstance(cfg.synthetic.test_fraction, float)
+    # a mapping override changes one entry and keeps the others
+    assert cfg.synthetic.bleed_rates["epidural"] == 0.5
+    assert cfg.synthetic.bleed_rates["subdural"] == load_config().synthetic.bleed_rates["subdural"]
+
+
+def test_parse_overrides_nests_and_parses_yaml_values():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]", "e=true"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2], "e": True}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("synthetic.n_patiens=3", "synthetic.n_patiens: unknown key"),
+    ("nope=1", "nope: unknown key"),
+    ("fold=abc", "fold: expected an integer"),
+    ("synthetic.n_patients=2.5", "synthetic.n_patients: expected an integer"),
+    ("synthetic.faint_rate=high", "synthetic.faint_rate: expected a number"),
+    ("data=3", "data: expected a section"),
+    ("fold", "overrides are key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_yaml_base_chain_and_unknown_key_in_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("experiment: base\nsynthetic:\n  n_patients: 11\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nexperiment: child\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.experiment, cfg.synthetic.n_patients) == ("child", 11)
+    (tmp_path / "bad.yaml").write_text("synthetic:\n  n_patient: 11\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: synthetic.n_patient: unknown key"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    cfg = load_config(overrides=["fold=2", "synthetic.seed=5"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert yaml.safe_load(path.read_text())["synthetic"]["seed"] == 5
+    assert load_config(path) == cfg

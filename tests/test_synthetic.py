@@ -1,0 +1,197 @@
+"""The synthetic RSNA-format dataset: layout, DICOM validity, HU per tissue, labels, quirks, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.pixels import apply_modality_lut
+
+from ichpipe.config import load_config
+from ichpipe.labels import LABELS, SUBTYPES
+from ichpipe.paths import DataPaths
+from ichpipe.synthetic import phantom as P
+from ichpipe.synthetic.dataset import encode_pixels, generate_dataset, make_dicom, plan_dataset, save_dicom, synthetic_id
+
+REQUIRED_TAGS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "ImagePositionPatient",
+                 "ImageOrientationPatient", "PixelSpacing", "RescaleSlope", "RescaleIntercept", "WindowCenter",
+                 "WindowWidth", "BitsStored", "PixelRepresentation", "Rows", "Columns", "Modality"]
+
+
+def test_layout_matches_the_competition(tiny_data, tiny_cfg):
+    root, table = tiny_data
+    paths = DataPaths(root)
+    train_files = sorted(p.stem for p in paths.train_dir.glob("*.dcm"))
+    test_files = sorted(p.stem for p in paths.test_dir.glob("*.dcm"))
+    assert train_files == sorted(table.loc[table.split == "train", "image_id"])
+    assert test_files == sorted(table.loc[table.split == "test", "image_id"])
+    assert all(len(s) == 12 and s.startswith("ID_") for s in train_files + test_files)  # ID_ + 9 hex
+    labels = pd.read_csv(paths.train_csv)
+    assert list(labels.columns) == ["ID", "Label"]
+    assert set(labels.Label.unique()) <= {0, 1}
+    n_dup = tiny_cfg.synthetic.n_duplicate_images
+    assert len(labels) == 6 * (len(train_files) + n_dup)
+    assert labels.duplicated().sum() == 6 * n_dup  # exact duplicate rows, as in the real file
+    assert set(labels.ID.str.rpartition("_")[0]) == set(train_files)
+    assert set(labels.ID.str.rpartition("_")[2]) == set(LABELS)
+    sample = pd.read_csv(paths.sample_submission_csv)
+    assert len(sample) == 6 * len(test_files) and (sample.Label == 0.5).all()
+    key = pd.read_csv(paths.test_labels_csv)
+    assert key.ID.tolist() == sample.ID.tolist()
+    # test patients are not train patients
+    assert not set(table.loc[table.split == "test", "PatientID"]) & set(table.loc[table.split == "train", "PatientID"])
+
+
+def test_dicom_tags_and_grouping(tiny_data):
+    root, table = tiny_data
+    row = table[~table.truncated].iloc[0]
+    ds = pydicom.dcmread(DataPaths(root).train_dir.parent / f"stage_2_{row.split}" / f"{row.image_id}.dcm")
+    for tag in REQUIRED_TAGS:
+        assert tag in ds, tag
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+    assert ds.SOPInstanceUID == row.image_id
+    assert (ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID) == (row.PatientID, row.StudyInstanceUID, row.SeriesInstanceUID)
+    assert float(ds.ImagePositionPatient[2]) == pytest.approx(row.z, abs=1e-3)
+    assert ds.pixel_array.shape == (row["size"], row["size"])
+    # 1-2 studies per patient, one series per study, 12-16 slices per series (tiny config)
+    per_patient = table.groupby("PatientID").StudyInstanceUID.nunique()
+    assert per_patient.between(1, 2).all() and (per_patient == 2).any()
+    assert (table.groupby("StudyInstanceUID").SeriesInstanceUID.nunique() == 1).all()
+    assert table.groupby("SeriesInstanceUID").size().between(12, 16).all()
+
+
+def test_file_names_do_not_give_slice_order(tiny_data):
+    _, table = tiny_data
+    series = table.groupby("SeriesInstanceUID")
+    in_order = [g.sort_values("z").image_id.is_monotonic_increasing for _, g in series]
+    assert not any(in_order)
+
+
+def test_labels_are_contiguous_along_z_and_any_is_the_union(tiny_data):
+    _, table = tiny_data
+    assert (table["any"] == table[list(SUBTYPES)].max(axis=1)).all()
+    assert table["any"].sum() > 0
+    for _, series in table.groupby("SeriesInstanceUID"):
+        series = series.sort_values("z")
+        for name in SUBTYPES:
+            positive = np.flatnonzero(series[name].to_numpy())
+            if len(positive):  # one bleed per subtype and series: one unbroken run of slices
+                assert positive[-1] - positive[0] + 1 == len(positive), (series.SeriesInstanceUID.iloc[0], name)
+
+
+@pytest.fixture(scope="module")
+def rendered():
+    """Slices of one patient with a bleed of every subtype, at several heights."""
+    rng = np.random.default_rng(11)
+    patient = P.sample_patient(rng)
+    bleeds = [P.sample_bleed(rng, s, patient, faint=False) for s in SUBTYPES]
+    c = patient.semi_axes[2]
+    out = []
+    for z in np.linspace(-0.6 * c, 0.8 * c, 15):
+        geo = P.SliceGeometry(512, 0.47, (256.0, 250.0), 0.1, float(z))
+        out.append(P.render_slice(patient, bleeds, geo, rng, noise_hu=4.0, fov_padding=True))
+    return out
+
+
+@pytest.mark.parametrize("tissue, low, high", [
+    (P.AIR, -1100, -995), (P.SCALP, 10, 50), (P.BONE, 700, 1500), (P.CSF, 0, 15), (P.BRAIN, 20, 45),
+    (P.BLOOD, 50, 90), (P.PADDING, -2000, -2000),
+])
+def test_hounsfield_ranges_per_tissue(rendered, tissue, low, high):
+    values = np.concatenate([hu[t == tissue] for hu, t, _ in rendered])
+    assert len(values) > 1000
+    lo, med, hi = np.percentile(values, [5, 50, 95])
+    assert low <= med <= high
+    assert lo >= low - 12 and hi <= high + 12  # noise (sigma 4 HU) blurs the edges only a little
+
+
+def test_every_subtype_appears_where_it_belongs(rendered):
+    seen = {name for _, _, masks in rendered for name in masks}
+    assert seen == set(SUBTYPES)
+    for hu, tissue, masks in rendered:
+        for name, mask in masks.items():
+            assert (tissue[mask] == P.BLOOD).all()
+            assert (tissue[mask] != P.BONE).all()
+
+
+@pytest.mark.parametrize("storage", ["int16", "uint12", "quirk12"])
+def test_dicom_pixels_give_back_the_hounsfield_units(rendered, tmp_path, storage):
+    hu = rendered[7][0]
+    spec = plan_dataset(load_config(overrides=["synthetic.n_patients=1"]).synthetic)[0]
+    spec.storage = storage
+    ds = make_dicom(encode_pixels(hu, storage), spec, {k: f"ID_{k}" for k in ("image", "patient", "study", "series")}, 0.0)
+    save_dicom(ds, tmp_path / "x.dcm")
+    back = pydicom.dcmread(tmp_path / "x.dcm")
+    lowest = {"int16": -32768, "uint12": -1024, "quirk12": -1000}[storage]  # what each storage can hold
+    expected = np.clip(np.rint(hu), lowest, None)
+    if storage == "quirk12":
+        assert back.PixelRepresentation == 0 and back.BitsStored == 12 and float(back.RescaleIntercept) > -100
+        naive = apply_modality_lut(back.pixel_array, back)
+        assert naive.max() > 3000  # read naively, air comes out as bright as bone
+        px = back.pixel_array.astype(np.int32) + 1000  # the known fix
+        px[px >= 4096] -= 4096
+        np.testing.assert_array_equal(px - 1000, expected)
+    else:
+        np.testing.assert_array_equal(apply_modality_lut(back.pixel_array, back), expected)
+
+
+def test_quirks_occur_at_their_configured_rates():
+    cfg = load_config(overrides=["synthetic.n_patients=3000", "synthetic.n_truncated=3"]).synthetic
+    specs = plan_dataset(cfg)
+    n = len(specs)
+    for observed, rate in [
+        (sum(s.storage == "quirk12" for s in specs), cfg.rate_12bit_quirk),
+        (sum(s.multivalue_window for s in specs), cfg.rate_multivalue_window),
+        (sum(s.size != 512 for s in specs), cfg.rate_non512),
+        (sum(s.split == "test" for s in specs if s.study_index == 0), cfg.test_fraction * cfg.n_patients / n),
+    ]:
+        assert abs(observed / n - rate) < 4 * np.sqrt(rate * (1 - rate) / n) + 1e-9
+    assert sum(len(s.truncate_slices) for s in specs) == 3
+    assert all(s.split == "train" for s in specs if s.truncate_slices)
+
+
+def test_every_quirk_is_in_the_files(tiny_data):
+    root, table = tiny_data
+    paths = DataPaths(root)
+    seen = {"quirk12": 0, "multivalue": 0, "non512": 0, "padding": 0}
+    for row in table[~table.truncated].groupby("SeriesInstanceUID").head(1).itertuples():
+        ds = pydicom.dcmread((paths.train_dir if row.split == "train" else paths.test_dir) / f"{row.image_id}.dcm")
+        if ds.BitsStored == 12 and ds.PixelRepresentation == 0 and float(ds.RescaleIntercept) > -100:
+            seen["quirk12"] += 1
+        if isinstance(ds.WindowCenter, pydicom.multival.MultiValue):
+            seen["multivalue"] += 1
+        seen["non512"] += ds.Rows != 512
+        seen["padding"] += int(apply_modality_lut(ds.pixel_array, ds).min() <= -2000)
+    assert all(seen.values()), seen
+    bad = table[table.truncated]
+    assert len(bad) == 1 and bad.split.item() == "train"
+    ds = pydicom.dcmread(paths.train_dir / f"{bad.image_id.item()}.dcm")
+    with pytest.raises(ValueError):
+        ds.pixel_array  # noqa: B018 - pixel data is shorter than Rows x Columns x 2 bytes
+
+
+def _digest(root) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
+    cfg = load_config(overrides=["synthetic.n_patients=3", "synthetic.slices_min=4", "synthetic.slices_max=6",
+                                 "synthetic.size=128"]).synthetic
+    generate_dataset(cfg, tmp_path / "a", workers=1, progress=False)
+    generate_dataset(cfg, tmp_path / "b", workers=2, progress=False)
+    a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
+    assert len(a) > 10 and a == b
+    cfg.seed += 1
+    generate_dataset(cfg, tmp_path / "c", workers=2, progress=False)
+    assert _digest(tmp_path / "c") != a
+
+
+def test_ids_are_unique_and_kaggle_shaped():
+    ids = {synthetic_id("image", k, seed=3) for k in range(200_000)}
+    assert len(ids) == 200_000
+    assert all(len(i) == 12 for i in list(ids)[:100])
+    assert synthetic_id("study", 5, 3) != synthetic_id("series", 5, 3)
