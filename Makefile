@@ -12,16 +12,18 @@ WORKERS  ?= 0
 CONFIG   ?= configs/default.yaml
 
 # Dotted overrides given on the make command line (lower-case keys) go to the scripts as they are.
-OVERRIDES := $(filter-out DATA_DIR=% WORKERS=% CONFIG=% PYTHON=% VENV=% GPUS=%,$(MAKEOVERRIDES))
+OVERRIDES := $(filter-out DATA_DIR=% WORKERS=% CONFIG=% PYTHON=% VENV=% GPUS=% SHARD=% N=%,$(MAKEOVERRIDES))
 STAGE_ARGS = --config $(CONFIG) data.root=$(DATA_DIR) data.workers=$(WORKERS) $(OVERRIDES)
 
-.PHONY: help setup demo synthetic test lint bench clean-data
+.PHONY: help setup demo synthetic preprocess eda test lint bench bench-preprocess clean-data
 
 help:
 	@echo "make demo        set up, generate the synthetic set and run the pipeline on it"
 	@echo "make test        run the test suite (sets up first)"
 	@echo "make setup       create $(VENV) and install the pinned requirements"
 	@echo "make synthetic   write the synthetic RSNA-format dataset under DATA_DIR"
+	@echo "make preprocess  DICOMs -> 3-window PNGs, metadata table, folds (DATA_DIR/processed)"
+	@echo "make eda         dataset overview figures from the metadata table (DATA_DIR/eda)"
 	@echo "make bench       print the benchmark figures"
 
 # The venv is rebuilt only when the requirements change.
@@ -37,7 +39,15 @@ setup: $(VENV)/.installed
 synthetic: setup
 	$(PY) scripts/00_make_synthetic.py $(STAGE_ARGS)
 
-demo: synthetic
+# SHARD=I/N runs one shard of the preprocessing chunks (cluster array jobs).
+SHARD ?= 0/1
+preprocess: setup
+	$(PY) scripts/01_preprocess.py --shard $(SHARD) $(STAGE_ARGS)
+
+eda: setup
+	$(PY) eda/01_dataset_overview.py $(STAGE_ARGS)
+
+demo: synthetic preprocess eda
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -45,7 +55,12 @@ test: setup
 lint: setup
 	$(PY) -m ruff check src scripts tests eda
 
-bench: setup
+bench: bench-preprocess
+
+# N generated 512x512 DICOMs, one core: our stage vs a Kaggle-kernel reference vs the decode+encode floor.
+N ?= 300
+bench-preprocess: setup
+	$(PY) benchmarks/bench_preprocess.py --n $(N)
 
 clean-data:
 	rm -rf $(DATA_DIR)/processed

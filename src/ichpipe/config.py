@@ -63,12 +63,29 @@ class SyntheticConfig:
 
 
 @dataclass
+class PreprocessConfig:
+    """DICOM → 3-window PNGs and the metadata table (``scripts/01_preprocess.py``)."""
+
+    size: int = 512  # PNG side; 256 for half-resolution training
+    # (center, width) per RGB channel: brain, subdural, bone (40/380 as the 2nd place; 600/2800 as the 1st)
+    windows: list[list[float]] = field(default_factory=lambda: [[40, 80], [80, 200], [40, 380]])
+    mode: str = "windows"  # "windows": one window per channel; "2.5d": brain window of slices s-1, s, s+1
+    name: str = ""  # output folder under processed/; empty = "<size>" (windows) or "<size>_2.5d"
+    png_level: int = 1  # zlib level: the encoder is the wall (see BENCHMARKS.md)
+    n_folds: int = 5
+    fold_seed: int = 42
+    max_bad_fraction: float = 0.01  # fail when more files than this are unreadable
+    chunk_size: int = 128  # files per task; a finished chunk is never redone on resume
+
+
+@dataclass
 class Config:
     experiment: str = "demo"
     fold: int = 0
     seed: int = 42
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
 def _type_name(tp: Any) -> str:

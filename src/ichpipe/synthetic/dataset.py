@@ -163,7 +163,7 @@ def _make_dicom(pixels: np.ndarray, spec: SeriesSpec, ids: dict[str, str], z_pat
     ds.SeriesInstanceUID = ids["series"]
     ds.StudyID = ""
     half = spec.size * spec.pixel_mm / 2
-    ds.ImagePositionPatient = [f"{-half:.6g}", f"{-half:.6g}", f"{z_patient:.6g}"]
+    ds.ImagePositionPatient = [f"{-half:.4f}", f"{-half:.4f}", f"{z_patient:.4f}"]
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -209,7 +209,8 @@ def _write_series(spec: SeriesSpec, train_dir: str, test_dir: str, min_area_mm2:
             os.truncate(path, path.stat().st_size - spec.size * spec.size)
         rows.append({"image_id": image_id, "split": spec.split, "PatientID": ids["patient"],
                      "StudyInstanceUID": ids["study"], "SeriesInstanceUID": ids["series"],
-                     "slice_index": i, "z": round(table_z + z, 6), "size": spec.size, "storage": spec.storage,
+                     "slice_index": i, "z": float(f"{table_z + z:.4f}"),  # z as written in the file
+                     "size": spec.size, "storage": spec.storage,
                      "multivalue_window": spec.multivalue_window, "fov_padding": spec.fov_padding,
                      "truncated": truncated, "faint": any(b.hu < 55 for b in spec.bleeds), **labels})
     return rows

@@ -1,0 +1,150 @@
+"""Reading competition DICOMs: header fields, pixels and Hounsfield units, with the known quirks fixed.
+
+- HU = stored · RescaleSlope + RescaleIntercept (pydicom's modality LUT), except for the real data's
+  broken 12-bit files (BitsStored 12, PixelRepresentation 0, RescaleIntercept > -100) whose values
+  are HU wrapped into 12 bits: add 1000, subtract 4096 from values ≥ 4096, use intercept -1000.
+- WindowCenter/WindowWidth may be multi-valued: the first value is used.
+- Slice position is ImagePositionPatient projected on the slice normal (z for axial series).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+REQUIRED_TAGS = ("SOPInstanceUID", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
+                 "ImagePositionPatient", "Rows", "Columns")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Kaggle's "ID_<hex>" UIDs are not valid DICOM UIDs: read without pydicom's warnings and logs."""
+    with pydicom.config.disable_value_validation(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+class DicomError(ValueError):
+    """A file that cannot be used; the message is the one-line reason for the bad-files report."""
+
+
+def first_value(value, default=None):
+    """First element of a multi-valued DICOM element (or the value itself), as float."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, (pydicom.multival.MultiValue, list, tuple)):
+        value = value[0] if len(value) else default
+    return float(value) if value is not None else default
+
+
+def needs_12bit_fix(ds) -> bool:
+    """The real data's broken files: unsigned 12-bit with an intercept far above -1000."""
+    return (int(ds.get("BitsStored", 16)) == 12 and int(ds.get("PixelRepresentation", 0)) == 0
+            and first_value(ds.get("RescaleIntercept"), 0.0) > -100 and ds.get("Modality", "CT") == "CT")
+
+
+def hounsfield(stored: np.ndarray, ds) -> np.ndarray:
+    """Hounsfield units (float64) of stored pixel values of ``ds``; applies the 12-bit fix."""
+    slope = first_value(ds.get("RescaleSlope"), 1.0)
+    intercept = first_value(ds.get("RescaleIntercept"), 0.0)
+    px = np.asarray(stored)
+    if needs_12bit_fix(ds):
+        px = px.astype(np.int32) + 1000
+        px = np.where(px >= 4096, px - 4096, px)
+        intercept = -1000.0
+    return px * slope + intercept
+
+
+def slice_position(ds) -> float:
+    """Position along the slice normal (mm): z for an axial series, correct for tilted ones too."""
+    ipp = np.array([float(x) for x in ds.ImagePositionPatient], dtype=np.float64)
+    iop = ds.get("ImageOrientationPatient")
+    if iop is None or len(iop) != 6:
+        return float(ipp[2])
+    row, col = np.array([float(x) for x in iop[:3]]), np.array([float(x) for x in iop[3:]])
+    normal = np.cross(row, col)
+    return float(ipp @ normal) if np.linalg.norm(normal) > 0.5 else float(ipp[2])
+
+
+@dataclass
+class DicomSlice:
+    """One slice: its stored pixels and the header fields the pipeline uses."""
+
+    image_id: str
+    stored: np.ndarray
+    meta: dict
+    ds: pydicom.Dataset
+
+    def hounsfield(self) -> np.ndarray:
+        return hounsfield(self.stored, self.ds)
+
+
+def read_header(path: str | os.PathLike, ds=None) -> dict:
+    """The metadata row of one file (header only unless ``ds`` is given)."""
+    with _quiet():  # values are validated lazily, on access: keep the whole read quiet
+        return _read_header(path, ds)
+
+
+def _read_header(path, ds) -> dict:
+    try:
+        if ds is None:
+            with _quiet():
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, OSError) as exc:
+        raise DicomError(f"not a readable DICOM file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    missing = [t for t in REQUIRED_TAGS if t not in ds]
+    if missing:
+        raise DicomError(f"missing required tag(s) {', '.join(missing)}")
+    try:
+        z = slice_position(ds)
+    except (ValueError, TypeError) as exc:
+        raise DicomError(f"bad ImagePositionPatient/ImageOrientationPatient ({exc})") from None
+    spacing = ds.get("PixelSpacing")
+    return {
+        "image_id": str(ds.SOPInstanceUID),
+        "PatientID": str(ds.PatientID),
+        "StudyInstanceUID": str(ds.StudyInstanceUID),
+        "SeriesInstanceUID": str(ds.SeriesInstanceUID),
+        "z": z,
+        "rows": int(ds.Rows),
+        "cols": int(ds.Columns),
+        "pixel_spacing": first_value(spacing, np.nan),
+        "window_center": first_value(ds.get("WindowCenter"), np.nan),
+        "window_width": first_value(ds.get("WindowWidth"), np.nan),
+        "multivalue_window": isinstance(ds.get("WindowCenter"), pydicom.multival.MultiValue),
+        "fixed_12bit": needs_12bit_fix(ds),
+    }
+
+
+def read_slice(path: str | os.PathLike) -> DicomSlice:
+    """Read one file once (header and pixels); raise :class:`DicomError` naming what is wrong."""
+    with _quiet():
+        return _read_slice(path)
+
+
+def _read_slice(path) -> DicomSlice:
+    try:
+        with _quiet():
+            ds = pydicom.dcmread(path)
+    except (InvalidDicomError, EOFError, OSError) as exc:
+        raise DicomError(f"not a readable DICOM file ({type(exc).__name__})") from None
+    if "PixelData" not in ds:
+        raise DicomError("not an image: no PixelData")
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        raise DicomError("not a single-frame greyscale image")
+    meta = read_header(path, ds)
+    try:
+        with _quiet():
+            stored = ds.pixel_array
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DicomError(f"pixel data cannot be decoded: {reason}") from None
+    if stored.shape != (meta["rows"], meta["cols"]):
+        raise DicomError(f"pixel array {stored.shape} does not match Rows x Columns {meta['rows']}x{meta['cols']}")
+    return DicomSlice(meta["image_id"], stored, meta, ds)

@@ -1,0 +1,284 @@
+"""Stage 1: every DICOM → a 3-window PNG, plus one metadata table with labels and patient folds.
+
+Outputs, under ``<data root>/processed/``::
+
+    <name>/ID_<hex>.png          RGB = brain, subdural, bone windows (or, in 2.5D mode, the brain
+                                 window of slices s-1, s, s+1 in z order); <name> = "<size>" by default
+    <name>/bad_files.csv         file, reason: every input left out, and why
+    <name>/preprocess_config.yaml the resolved config of the run
+    <name>/parts/chunk<S>/chunk_*.parquet  per-chunk metadata, written as chunks finish (resume bookkeeping)
+    metadata.parquet             one row per usable image: ids, z, slice index, series length,
+                                 size, window tags, quirk flags, the six labels (train), fold (train)
+
+Work is split into fixed chunks of the sorted input list. Each finished chunk writes its part file
+atomically; each PNG is written to a temporary name and renamed. A killed run therefore leaves no
+half-written file, and a rerun skips finished chunks and finished PNGs. ``shard=(i, n)`` runs only
+chunks ``k`` with ``k % n == i``, for cluster array jobs; the table is assembled by whichever run
+finds every chunk done.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import yaml
+from tqdm import tqdm
+
+from ichpipe.config import Config, PreprocessConfig, save_config
+from ichpipe.dicom import DicomError, read_header, read_slice
+from ichpipe.folds import assign_folds
+from ichpipe.io import InputError, atomic_path, long_to_wide, read_long_csv
+from ichpipe.labels import LABELS
+from ichpipe.paths import DataPaths
+from ichpipe.windowing import window_stored
+
+SPLITS = ("train", "test")
+META_COLUMNS = ["image_id", "split", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "z", "slice_index",
+                "series_length", "rows", "cols", "pixel_spacing", "window_center", "window_width",
+                "multivalue_window", "fixed_12bit"]
+
+
+class PreprocessError(InputError):
+    """The stage cannot finish (too many bad files, inconsistent outputs); one line."""
+
+
+def output_name(cfg: PreprocessConfig) -> str:
+    return cfg.name or (f"{cfg.size}" if cfg.mode == "windows" else f"{cfg.size}_2.5d")
+
+
+def check_settings(cfg: PreprocessConfig) -> None:
+    if cfg.mode not in ("windows", "2.5d"):
+        raise PreprocessError(f"preprocess.mode: expected 'windows' or '2.5d', got {cfg.mode!r}")
+    if cfg.mode == "windows" and len(cfg.windows) != 3:
+        raise PreprocessError(f"preprocess.windows: need three [center, width] pairs (R, G, B), got {cfg.windows}")
+    for w in cfg.windows:
+        if len(w) != 2 or w[1] <= 0:
+            raise PreprocessError(f"preprocess.windows: each window is [center, width > 0], got {w}")
+    if not 0 <= cfg.png_level <= 9:
+        raise PreprocessError(f"preprocess.png_level: zlib level 0-9, got {cfg.png_level}")
+
+
+def encode_png(img: np.ndarray, level: int) -> bytes:
+    """PNG bytes of an (H, W) or (H, W, 3) RGB uint8 image (OpenCV wants BGR, hence the flip)."""
+    bgr = img[..., ::-1] if img.ndim == 3 else img
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(bgr), [cv2.IMWRITE_PNG_COMPRESSION, level])
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def read_png(path: str | os.PathLike) -> np.ndarray:
+    """RGB (or greyscale) uint8 array of a PNG written by this stage."""
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise InputError(f"{path}: not a readable PNG")
+    return img[..., ::-1] if img.ndim == 3 else img
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def resize_to(img: np.ndarray, size: int) -> np.ndarray:
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    shrink = img.shape[0] > size
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def render_file(path: Path, windows, size: int) -> tuple[dict, np.ndarray]:
+    """(metadata row, windowed uint8 image at ``size``) of one DICOM, read once."""
+    sl = read_slice(path)
+    img = window_stored(sl.stored, sl.ds, windows)
+    return sl.meta, resize_to(img, size)
+
+
+@dataclass
+class ChunkJob:
+    index: int
+    files: list[tuple[str, str]]  # (split, path)
+    out_dir: str  # where this pass writes its PNGs
+    part_path: str
+    windows: list[list[float]]
+    size: int
+    png_level: int
+
+
+def process_chunk(job: ChunkJob) -> tuple[int, int, int]:
+    """Process one chunk; write its part file last. Returns (files, bad, skipped)."""
+    rows, bad, skipped = [], 0, 0
+    out_dir = Path(job.out_dir)
+    for split, path in job.files:
+        path = Path(path)
+        out = out_dir / f"{path.stem}.png"
+        try:
+            if out.exists():  # written by an interrupted run: only the header is needed
+                meta = read_header(path)
+                skipped += 1
+            else:
+                meta, img = render_file(path, job.windows, job.size)
+                write_bytes_atomic(out, encode_png(img[..., 0] if img.shape[-1] == 1 else img, job.png_level))
+            if meta["image_id"] != path.stem:
+                raise DicomError(f"SOPInstanceUID {meta['image_id']} differs from the file name")
+            rows.append({**meta, "split": split, "file": str(path), "error": ""})
+        except DicomError as exc:
+            bad += 1
+            rows.append({"image_id": path.stem, "split": split, "file": str(path), "error": str(exc)})
+    with atomic_path(job.part_path) as tmp:
+        pd.DataFrame(rows).to_parquet(tmp, index=False)
+    return len(job.files), bad, skipped
+
+
+def list_inputs(paths: DataPaths) -> list[tuple[str, str]]:
+    """Every (split, path) of the competition layout, sorted (chunks depend on this order)."""
+    files = []
+    for split, folder in zip(SPLITS, (paths.train_dir, paths.test_dir)):
+        if folder.exists():
+            files += [(split, str(p)) for p in sorted(folder.glob("*.dcm"))]
+    if not files:
+        raise PreprocessError(f"{paths.root}: no stage_2_train/*.dcm or stage_2_test/*.dcm files "
+                              f"(run `make synthetic` or set DATA_DIR to the Kaggle data)")
+    return files
+
+
+def _run_pool(jobs, fn, workers: int, total: int, desc: str, progress: bool):
+    bar = tqdm(total=total, unit="img", desc=desc, disable=not progress, smoothing=0.05)
+    results = []
+    if workers == 1 or len(jobs) <= 1:
+        iterator = map(fn, jobs)
+        pool = None
+    else:
+        pool = get_context("fork").Pool(min(workers, len(jobs)))
+        iterator = pool.imap_unordered(fn, jobs)
+    try:
+        for res in iterator:
+            results.append(res)
+            bar.update(res[0])
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return results
+
+
+def _check_previous_run(out_dir: Path, cfg: PreprocessConfig) -> None:
+    saved = out_dir / "preprocess_config.yaml"
+    if not saved.exists():
+        return
+    prev = yaml.safe_load(saved.read_text()).get("preprocess", {})
+    for key in ("size", "windows", "mode"):
+        if prev.get(key) != getattr(cfg, key):
+            raise PreprocessError(f"{out_dir}: written with preprocess.{key}={prev.get(key)}, now {getattr(cfg, key)}; "
+                                  f"set preprocess.name=<new folder> or delete {out_dir}")
+
+
+def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool = True) -> dict:
+    """Run (or resume) the stage; returns a summary. See the module docstring for the outputs."""
+    pcfg = cfg.preprocess
+    check_settings(pcfg)
+    paths = DataPaths(cfg.data.root)
+    out_dir = paths.processed / output_name(pcfg)
+    _check_previous_run(out_dir, pcfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "preprocess_config.yaml")
+    # In 2.5D mode the first pass writes single brain-window slices; the second stacks neighbours.
+    pass_dir = out_dir / "brain" if pcfg.mode == "2.5d" else out_dir
+    pass_dir.mkdir(parents=True, exist_ok=True)
+    windows = pcfg.windows[:1] if pcfg.mode == "2.5d" else pcfg.windows
+    # Chunks are defined by the chunk size: a rerun with another size keeps none of the old parts
+    # (finished PNGs are still skipped, at the cost of a header read each).
+    parts_dir = out_dir / "parts" / f"chunk{pcfg.chunk_size}"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    files = list_inputs(paths)
+    n_chunks = (len(files) + pcfg.chunk_size - 1) // pcfg.chunk_size
+    jobs = []
+    for k in range(shard[0], n_chunks, shard[1]):
+        part = parts_dir / f"chunk_{k:06d}.parquet"
+        if not part.exists():
+            chunk = files[k * pcfg.chunk_size:(k + 1) * pcfg.chunk_size]
+            jobs.append(ChunkJob(k, chunk, str(pass_dir), str(part), windows, pcfg.size, pcfg.png_level))
+    workers = cfg.data.workers or os.cpu_count() or 1
+    start = time.perf_counter()
+    results = _run_pool(jobs, process_chunk, workers, sum(len(j.files) for j in jobs), "preprocess", progress)
+    summary = {"files": len(files), "processed": sum(r[0] - r[2] for r in results),
+               "skipped": len(files) - sum(r[0] - r[2] for r in results), "seconds": time.perf_counter() - start,
+               "out_dir": str(out_dir), "complete": False}
+    done = sum((parts_dir / f"chunk_{k:06d}.parquet").exists() for k in range(n_chunks))
+    if done < n_chunks:
+        summary["pending_chunks"] = n_chunks - done
+        return summary
+    meta, bad = _merge(cfg, paths, out_dir, parts_dir, n_chunks)
+    if pcfg.mode == "2.5d":
+        _stack_neighbours(meta, pass_dir, out_dir, pcfg, workers, progress)
+    summary.update(complete=True, images=len(meta), bad=len(bad), metadata=str(paths.processed / "metadata.parquet"))
+    if len(bad) > pcfg.max_bad_fraction * len(files):
+        raise PreprocessError(f"{len(bad)} of {len(files)} files are unusable, more than preprocess.max_bad_fraction="
+                              f"{pcfg.max_bad_fraction}; see {out_dir / 'bad_files.csv'}")
+    return summary
+
+
+def _merge(cfg: Config, paths: DataPaths, out_dir: Path, parts_dir: Path, n_chunks: int):
+    """Assemble the metadata table from the parts: z order, labels, folds; write the bad-files report."""
+    parts = pd.concat([pd.read_parquet(parts_dir / f"chunk_{k:06d}.parquet") for k in range(n_chunks)],
+                      ignore_index=True)
+    bad = parts[parts.error != ""][["file", "error"]].rename(columns={"error": "reason"})
+    meta = parts[parts.error == ""].drop(columns=["error", "file"])
+    if paths.train_csv.exists():
+        labels = long_to_wide(read_long_csv(paths.train_csv), paths.train_csv)
+    else:
+        labels = pd.DataFrame(columns=list(LABELS), dtype=float)
+    is_train = meta.split == "train"
+    unlabelled = is_train & ~meta.image_id.isin(labels.index)
+    if unlabelled.any():
+        files = str(paths.train_dir) + "/" + meta.loc[unlabelled, "image_id"] + ".dcm"
+        bad = pd.concat([bad, pd.DataFrame({"file": files, "reason": f"no labels in {paths.train_csv.name}"})])
+        meta = meta[~unlabelled]
+    dup = meta.image_id.duplicated(keep=False)
+    if dup.any():
+        raise PreprocessError(f"{paths.root}: SOPInstanceUID used by more than one file, e.g. {meta.image_id[dup].head(3).tolist()}")
+    meta = meta.sort_values(["SeriesInstanceUID", "z", "image_id"], kind="stable")
+    meta["slice_index"] = meta.groupby("SeriesInstanceUID").cumcount()
+    meta["series_length"] = meta.groupby("SeriesInstanceUID")["image_id"].transform("size")
+    meta = meta[META_COLUMNS].astype({"rows": "int32", "cols": "int32", "multivalue_window": bool, "fixed_12bit": bool})
+    meta = meta.join(labels.astype("float32"), on="image_id")
+    meta["fold"] = assign_folds(meta, cfg.preprocess.n_folds, cfg.preprocess.fold_seed)
+    meta = meta.sort_values(["split", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "slice_index"],
+                            ascending=[False, True, True, True, True], kind="stable").reset_index(drop=True)
+    with atomic_path(paths.processed / "metadata.parquet") as tmp:
+        meta.to_parquet(tmp, index=False)
+    with atomic_path(out_dir / "bad_files.csv") as tmp:
+        bad.to_csv(tmp, index=False)
+    return meta, bad
+
+
+def _stack_job(job) -> tuple[int, int, int]:
+    series_ids, brain_dir, out_dir, level = job
+    written = 0
+    for ids in series_ids:
+        slices = [read_png(Path(brain_dir) / f"{i}.png") for i in ids]
+        for s, image_id in enumerate(ids):
+            out = Path(out_dir) / f"{image_id}.png"
+            if out.exists():
+                continue
+            rgb = np.dstack([slices[max(s - 1, 0)], slices[s], slices[min(s + 1, len(ids) - 1)]])
+            write_bytes_atomic(out, encode_png(rgb, level))
+            written += 1
+    return sum(len(i) for i in series_ids), 0, 0
+
+
+def _stack_neighbours(meta: pd.DataFrame, brain_dir: Path, out_dir: Path, pcfg: PreprocessConfig,
+                      workers: int, progress: bool) -> None:
+    """2.5D: RGB = brain window of slices s-1, s, s+1 (edges repeat themselves), series in z order."""
+    series = [g.image_id.tolist() for _, g in meta.sort_values("slice_index").groupby("SeriesInstanceUID", sort=True)]
+    per_job = max(1, pcfg.chunk_size // 32)
+    jobs = [(series[i:i + per_job], str(brain_dir), str(out_dir), pcfg.png_level) for i in range(0, len(series), per_job)]
+    _run_pool(jobs, _stack_job, workers, len(meta), "2.5d stack", progress)

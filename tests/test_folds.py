@@ -1,0 +1,50 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from ichpipe.folds import assign_folds, fold_summary
+from ichpipe.labels import LABELS
+
+
+@pytest.fixture()
+def meta():
+    """300 patients of 10-40 slices; 4% of patients carry epidural, 35% some bleed; 20 test patients."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(320):
+        n = int(rng.integers(10, 40))
+        bleed = rng.random() < 0.35
+        epi = rng.random() < 0.04
+        lab = np.zeros((n, 6))
+        if bleed:
+            lab[n // 3: n // 2, 4] = 1
+        if epi:
+            lab[n // 2: n // 2 + 3, 0] = 1
+        lab[:, 5] = lab[:, :5].max(axis=1)
+        if p >= 300:
+            lab[:] = np.nan
+        rows.append(pd.DataFrame(lab, columns=list(LABELS)).assign(PatientID=f"P{p}"))
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_no_patient_in_two_folds_and_test_rows_have_none(meta):
+    meta["fold"] = assign_folds(meta, 5, seed=1)
+    train = meta[meta["any"].notna()]
+    assert train.fold.notna().all() and set(train.fold) == {0, 1, 2, 3, 4}
+    assert (train.groupby("PatientID").fold.nunique() == 1).all()
+    assert meta.loc[meta["any"].isna(), "fold"].isna().all()
+
+
+def test_rare_epidural_and_slices_are_balanced(meta):
+    meta["fold"] = assign_folds(meta, 5, seed=1)
+    train = meta[meta["any"].notna()]
+    epi_patients = train[train.epidural == 1].groupby("fold").PatientID.nunique()
+    assert len(epi_patients) == 5 and epi_patients.max() - epi_patients.min() <= 1
+    summary = fold_summary(meta)
+    assert summary.slices.max() / summary.slices.min() < 1.1
+    assert summary["any"].max() - summary["any"].min() < 2.0  # percentage points
+
+
+def test_folds_are_seeded(meta):
+    a, b, c = (assign_folds(meta, 5, seed=s) for s in (1, 1, 2))
+    assert a.equals(b) and not a.equals(c)

@@ -1,0 +1,181 @@
+"""Stage 1 on the tiny synthetic set: PNG contents, metadata, z order, bad files, resume, shards, 2.5D."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from ichpipe.config import load_config
+from ichpipe.dicom import hounsfield
+from ichpipe.labels import LABELS
+from ichpipe.preprocess import PreprocessError, read_png, run_preprocess
+from ichpipe.windowing import apply_window
+
+from .conftest import TINY_OVERRIDES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(root, *extra):
+    return load_config(overrides=[*TINY_OVERRIDES, f"data.root={root}", "data.workers=2", *extra])
+
+
+@pytest.fixture(scope="module")
+def processed(tiny_data):
+    root, _ = tiny_data
+    summary = run_preprocess(_cfg(root), progress=False)
+    return root, summary, pd.read_parquet(root / "processed" / "metadata.parquet")
+
+
+def test_metadata_table(processed, tiny_data):
+    root, summary, meta = processed
+    _, truth = tiny_data
+    assert summary["complete"] and summary["bad"] == 1  # the truncated file
+    usable = truth[~truth.truncated]
+    assert sorted(meta.image_id) == sorted(usable.image_id)
+    merged = meta.merge(usable, on="image_id", suffixes=("", "_truth"))
+    for col in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "split"):
+        assert (merged[col] == merged[f"{col}_truth"]).all()
+    np.testing.assert_allclose(merged.z, merged.z_truth, atol=1e-4)
+    # order within a series comes from ImagePositionPatient; the generator wrote slices bottom to top,
+    # so the expected index is the generation order among the usable files
+    expected = merged.groupby("SeriesInstanceUID").slice_index_truth.rank(method="first").astype(int) - 1
+    assert (merged.slice_index == expected).all()
+    assert (merged.series_length == merged.groupby("SeriesInstanceUID").image_id.transform("size")).all()
+    train = merged[merged.split == "train"]
+    for name in LABELS:
+        assert (train[name] == train[f"{name}_truth"]).all()
+    assert merged.loc[merged.split == "test", list(LABELS)].isna().all().all()
+    assert (merged.fixed_12bit == (merged.storage == "quirk12")).all()
+    assert (merged.multivalue_window == merged.multivalue_window_truth).all()
+    assert (merged.rows == merged["size"]).all()
+
+
+def test_png_channels_are_the_three_windows(processed):
+    root, _, meta = processed
+    row = meta[(meta.rows == 512) & meta.fixed_12bit].iloc[0]  # a broken 12-bit file, fixed
+    ds = pydicom.dcmread(root / f"stage_2_{row.split}" / f"{row.image_id}.dcm")
+    hu = hounsfield(ds.pixel_array, ds)
+    assert hu.min() >= -1000 and np.percentile(hu, 1) == -1000  # air is air after the fix
+    png = read_png(root / "processed" / "512" / f"{row.image_id}.png")
+    assert png.shape == (512, 512, 3)
+    for i, (c, w) in enumerate([(40, 80), (80, 200), (40, 380)]):
+        np.testing.assert_array_equal(png[..., i], apply_window(hu, c, w))
+
+
+def test_non_512_inputs_are_resized(processed):
+    root, _, meta = processed
+    row = meta[meta.rows != 512].iloc[0]
+    assert read_png(root / "processed" / "512" / f"{row.image_id}.png").shape == (512, 512, 3)
+
+
+def test_bad_files_are_reported_and_left_out(tiny_data, tmp_path):
+    src, truth = tiny_data
+    root = tmp_path / "data"
+    train_dir = root / "stage_2_train"
+    train_dir.mkdir(parents=True)
+    keep = truth[(truth.split == "train") & ~truth.truncated].head(30).image_id.tolist()
+    truncated = truth[truth.truncated].image_id.item()
+    for image_id in [*keep, truncated]:
+        shutil.copy(src / "stage_2_train" / f"{image_id}.dcm", train_dir)
+    shutil.copy(src / "stage_2_train.csv", root)
+    (train_dir / "ID_000000bad.dcm").write_text("this is not a DICOM file")
+    template = train_dir / f"{keep[0]}.dcm"
+    for stem, change in [("ID_00000nopx", lambda d: d.__delattr__("PixelData")),
+                         ("ID_00000nopt", lambda d: d.__delattr__("PatientID")),
+                         ("ID_00000nolb", lambda d: None)]:
+        ds = pydicom.dcmread(template)
+        ds.SOPInstanceUID = stem
+        change(ds)
+        ds.save_as(train_dir / f"{stem}.dcm")
+    with pytest.raises(PreprocessError, match=r"^5 of 35 files are unusable, more than preprocess.max_bad_fraction=0.05; see .*bad_files.csv$"):
+        run_preprocess(_cfg(root, "preprocess.max_bad_fraction=0.05"), progress=False)
+    report = pd.read_csv(root / "processed" / "512" / "bad_files.csv")
+    reasons = dict(zip(report.file.map(lambda f: Path(f).stem), report.reason))
+    assert reasons.pop("ID_000000bad").startswith("not a readable DICOM file")
+    assert reasons.pop("ID_00000nopx") == "not an image: no PixelData"
+    assert reasons.pop("ID_00000nopt") == "missing required tag(s) PatientID"
+    assert reasons.pop("ID_00000nolb") == "no labels in stage_2_train.csv"
+    assert reasons.pop(truncated).startswith("pixel data cannot be decoded: The number of bytes of pixel data is less")
+    assert not reasons
+    meta = pd.read_parquet(root / "processed" / "metadata.parquet")
+    assert sorted(meta.image_id) == sorted(keep)
+    summary = run_preprocess(_cfg(root, "preprocess.max_bad_fraction=0.2"), progress=False)  # tolerated
+    assert summary["complete"] and summary["bad"] == 5 and summary["processed"] == 0
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.png"))}
+
+
+def test_resume_after_kill_gives_the_uninterrupted_result(processed, tmp_path):
+    root, _, meta = processed
+    reference = _digests(root / "processed" / "512")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("stage_2_train", "stage_2_test", "stage_2_train.csv"):
+        os.symlink(root / name, data / name)
+    cmd = [sys.executable, str(REPO / "scripts" / "01_preprocess.py"), *TINY_OVERRIDES, f"data.root={data}",
+           "data.workers=1", "preprocess.chunk_size=8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    out = data / "processed" / "512"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.png"))) < 20:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (data / "processed" / "metadata.parquet").exists(), "the run ended before it was killed"
+    assert 20 <= len(list(out.glob("*.png"))) < len(reference)
+    # resume with the default chunk size: the killed run's chunks of 8 do not count as done,
+    # but its finished PNGs are kept
+    summary = run_preprocess(_cfg(data), progress=False)
+    assert summary["complete"] and summary["skipped"] >= 20
+    assert _digests(out) == reference
+    assert not list(out.glob(".*.tmp*"))
+    pd.testing.assert_frame_equal(pd.read_parquet(data / "processed" / "metadata.parquet"), meta)
+
+
+def test_shards_split_the_work_and_the_last_one_assembles(processed, tmp_path):
+    root, _, meta = processed
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("stage_2_train", "stage_2_test", "stage_2_train.csv"):
+        os.symlink(root / name, data / name)
+    first = run_preprocess(_cfg(data, "preprocess.chunk_size=16"), shard=(0, 2), progress=False)
+    assert not first["complete"] and first["pending_chunks"] > 0
+    assert 0 < len(list((data / "processed" / "512").glob("*.png"))) < len(meta)
+    second = run_preprocess(_cfg(data, "preprocess.chunk_size=16"), shard=(1, 2), progress=False)
+    assert second["complete"]
+    assert first["processed"] + second["processed"] == first["files"]
+    pd.testing.assert_frame_equal(pd.read_parquet(data / "processed" / "metadata.parquet"), meta)
+
+
+def test_changed_windows_need_a_new_folder(processed):
+    root, _, _ = processed
+    with pytest.raises(PreprocessError, match=r"preprocess.windows=.*set preprocess.name"):
+        run_preprocess(_cfg(root, "preprocess.windows=[[40,80],[80,200],[600,2800]]"), progress=False)
+
+
+def test_25d_mode_stacks_neighbouring_brain_windows(processed):
+    root, _, meta = processed
+    run_preprocess(_cfg(root, "preprocess.mode=2.5d", "preprocess.size=128"), progress=False)
+    series = meta[meta.SeriesInstanceUID == meta.SeriesInstanceUID.iloc[0]].sort_values("slice_index")
+    ids = series.image_id.tolist()
+    folder = root / "processed" / "128_2.5d"
+    brain = [read_png(folder / "brain" / f"{i}.png") for i in ids]
+    mid = read_png(folder / f"{ids[3]}.png")
+    for channel, neighbour in enumerate((2, 3, 4)):
+        np.testing.assert_array_equal(mid[..., channel], brain[neighbour])
+    first = read_png(folder / f"{ids[0]}.png")
+    np.testing.assert_array_equal(first[..., 0], brain[0])  # the edge repeats itself
