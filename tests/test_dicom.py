@@ -81,3 +81,15 @@ def test_unusable_files_raise_one_line_reasons(tmp_path):
     ds.save_as(tmp_path / "nopixels.dcm")
     with pytest.raises(DicomError, match="not an image: no PixelData"):
         read_slice(tmp_path / "nopixels.dcm")
+
+
+@pytest.mark.parametrize("storage", ["int16", "uint12", "quirk12"])
+def test_fast_native_read_equals_pydicom_pixel_array(tiny_data, storage):
+    root, table = tiny_data
+    row = table[(table.storage == storage) & ~table.truncated].iloc[0]
+    path = root / f"stage_2_{row.split}" / f"{row.image_id}.dcm"
+    with pydicom.config.disable_value_validation():
+        expected = pydicom.dcmread(path).pixel_array
+    stored = read_slice(path).stored
+    assert stored.dtype == expected.dtype
+    np.testing.assert_array_equal(stored, expected)

@@ -71,7 +71,11 @@ class PreprocessConfig:
     windows: list[list[float]] = field(default_factory=lambda: [[40, 80], [80, 200], [40, 380]])
     mode: str = "windows"  # "windows": one window per channel; "2.5d": brain window of slices s-1, s, s+1
     name: str = ""  # output folder under processed/; empty = "<size>" (windows) or "<size>_2.5d"
-    png_level: int = 1  # zlib level: the encoder is the wall (see BENCHMARKS.md)
+    # PNG encoder: the wall of this stage. Chosen by `make bench-preprocess` (BENCHMARKS.md): no
+    # row filter at zlib level 1 is ~2.5x faster than libpng's adaptive filters and smaller too.
+    png_level: int = 1
+    png_filter: str = "none"  # none | sub | up | paeth | adaptive
+    png_strategy: str = "filtered"  # filtered | default | rle
     n_folds: int = 5
     fold_seed: int = 42
     max_bad_fraction: float = 0.01  # fail when more files than this are unreadable

@@ -32,3 +32,9 @@ def split_row_id(rid: str) -> tuple[str, str]:
     if not sep or not image_id or label not in LABEL_WEIGHTS:
         raise ValueError(f"not an '<image id>_<label>' row id: {rid!r}")
     return image_id, label
+
+# Clinical abbreviations, for figure annotations.
+ABBREVIATIONS: dict[str, str] = {
+    "epidural": "EDH", "intraparenchymal": "IPH", "intraventricular": "IVH",
+    "subarachnoid": "SAH", "subdural": "SDH", "any": "any",
+}

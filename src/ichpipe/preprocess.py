@@ -53,6 +53,10 @@ def output_name(cfg: PreprocessConfig) -> str:
     return cfg.name or (f"{cfg.size}" if cfg.mode == "windows" else f"{cfg.size}_2.5d")
 
 
+def png_settings(cfg: PreprocessConfig) -> tuple[int, str, str]:
+    return cfg.png_level, cfg.png_filter, cfg.png_strategy
+
+
 def check_settings(cfg: PreprocessConfig) -> None:
     if cfg.mode not in ("windows", "2.5d"):
         raise PreprocessError(f"preprocess.mode: expected 'windows' or '2.5d', got {cfg.mode!r}")
@@ -63,12 +67,29 @@ def check_settings(cfg: PreprocessConfig) -> None:
             raise PreprocessError(f"preprocess.windows: each window is [center, width > 0], got {w}")
     if not 0 <= cfg.png_level <= 9:
         raise PreprocessError(f"preprocess.png_level: zlib level 0-9, got {cfg.png_level}")
+    if cfg.png_filter not in PNG_FILTERS:
+        raise PreprocessError(f"preprocess.png_filter: one of {', '.join(PNG_FILTERS)}, got {cfg.png_filter!r}")
+    if cfg.png_strategy not in PNG_STRATEGIES:
+        raise PreprocessError(f"preprocess.png_strategy: one of {', '.join(PNG_STRATEGIES)}, got {cfg.png_strategy!r}")
 
 
-def encode_png(img: np.ndarray, level: int) -> bytes:
-    """PNG bytes of an (H, W) or (H, W, 3) RGB uint8 image (OpenCV wants BGR, hence the flip)."""
-    bgr = img[..., ::-1] if img.ndim == 3 else img
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(bgr), [cv2.IMWRITE_PNG_COMPRESSION, level])
+PNG_FILTERS = {"none": cv2.IMWRITE_PNG_FILTER_NONE, "sub": cv2.IMWRITE_PNG_FILTER_SUB,
+               "up": cv2.IMWRITE_PNG_FILTER_UP, "paeth": cv2.IMWRITE_PNG_FILTER_PAETH,
+               "adaptive": cv2.IMWRITE_PNG_ALL_FILTERS}
+PNG_STRATEGIES = {"default": cv2.IMWRITE_PNG_STRATEGY_DEFAULT, "filtered": cv2.IMWRITE_PNG_STRATEGY_FILTERED,
+                  "rle": cv2.IMWRITE_PNG_STRATEGY_RLE}
+
+
+def encode_png(img: np.ndarray, level: int = 1, png_filter: str = "none", strategy: str = "filtered") -> bytes:
+    """PNG bytes of an (H, W) or (H, W, 3) RGB uint8 image.
+
+    The defaults come from ``make bench-preprocess``: on noisy CT windows, libpng's per-row filters
+    cost more time than they save bytes, so no filter at zlib level 1 is both faster and smaller.
+    """
+    bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else img  # OpenCV writes BGR
+    params = [cv2.IMWRITE_PNG_COMPRESSION, level, cv2.IMWRITE_PNG_FILTER, PNG_FILTERS[png_filter],
+              cv2.IMWRITE_PNG_STRATEGY, PNG_STRATEGIES[strategy]]
+    ok, buf = cv2.imencode(".png", bgr, params)
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
@@ -109,7 +130,7 @@ class ChunkJob:
     part_path: str
     windows: list[list[float]]
     size: int
-    png_level: int
+    png: tuple[int, str, str]  # zlib level, filter, strategy
 
 
 def process_chunk(job: ChunkJob) -> tuple[int, int, int]:
@@ -125,7 +146,7 @@ def process_chunk(job: ChunkJob) -> tuple[int, int, int]:
                 skipped += 1
             else:
                 meta, img = render_file(path, job.windows, job.size)
-                write_bytes_atomic(out, encode_png(img[..., 0] if img.shape[-1] == 1 else img, job.png_level))
+                write_bytes_atomic(out, encode_png(img[..., 0] if img.shape[-1] == 1 else img, *job.png))
             if meta["image_id"] != path.stem:
                 raise DicomError(f"SOPInstanceUID {meta['image_id']} differs from the file name")
             rows.append({**meta, "split": split, "file": str(path), "error": ""})
@@ -205,7 +226,7 @@ def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool 
         part = parts_dir / f"chunk_{k:06d}.parquet"
         if not part.exists():
             chunk = files[k * pcfg.chunk_size:(k + 1) * pcfg.chunk_size]
-            jobs.append(ChunkJob(k, chunk, str(pass_dir), str(part), windows, pcfg.size, pcfg.png_level))
+            jobs.append(ChunkJob(k, chunk, str(pass_dir), str(part), windows, pcfg.size, png_settings(pcfg)))
     workers = cfg.data.workers or os.cpu_count() or 1
     start = time.perf_counter()
     results = _run_pool(jobs, process_chunk, workers, sum(len(j.files) for j in jobs), "preprocess", progress)
@@ -261,7 +282,7 @@ def _merge(cfg: Config, paths: DataPaths, out_dir: Path, parts_dir: Path, n_chun
 
 
 def _stack_job(job) -> tuple[int, int, int]:
-    series_ids, brain_dir, out_dir, level = job
+    series_ids, brain_dir, out_dir, png = job
     written = 0
     for ids in series_ids:
         slices = [read_png(Path(brain_dir) / f"{i}.png") for i in ids]
@@ -270,7 +291,7 @@ def _stack_job(job) -> tuple[int, int, int]:
             if out.exists():
                 continue
             rgb = np.dstack([slices[max(s - 1, 0)], slices[s], slices[min(s + 1, len(ids) - 1)]])
-            write_bytes_atomic(out, encode_png(rgb, level))
+            write_bytes_atomic(out, encode_png(rgb, *png))
             written += 1
     return sum(len(i) for i in series_ids), 0, 0
 
@@ -280,5 +301,5 @@ def _stack_neighbours(meta: pd.DataFrame, brain_dir: Path, out_dir: Path, pcfg: 
     """2.5D: RGB = brain window of slices s-1, s, s+1 (edges repeat themselves), series in z order."""
     series = [g.image_id.tolist() for _, g in meta.sort_values("slice_index").groupby("SeriesInstanceUID", sort=True)]
     per_job = max(1, pcfg.chunk_size // 32)
-    jobs = [(series[i:i + per_job], str(brain_dir), str(out_dir), pcfg.png_level) for i in range(0, len(series), per_job)]
+    jobs = [(series[i:i + per_job], str(brain_dir), str(out_dir), png_settings(pcfg)) for i in range(0, len(series), per_job)]
     _run_pool(jobs, _stack_job, workers, len(meta), "2.5d stack", progress)
