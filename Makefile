@@ -53,7 +53,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(PY) -m ruff check src scripts tests eda
+	$(PY) -m ruff check src scripts tests eda benchmarks
 
 bench: bench-preprocess
 

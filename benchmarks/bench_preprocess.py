@@ -111,8 +111,8 @@ def main() -> None:
             job = ChunkJob(0, [("train", str(f)) for f in files], str(dirs["a"]), str(work / f"part{rep}.parquet"),
                            WINDOWS, 512, png)
             best["a"] = min(best["a"], timed(process_chunk, [job]))
-            best["b"] = min(best["b"], timed(lambda f: reference_kernel(f, dirs["b"]), files))
-            best["c"] = min(best["c"], timed(lambda f: floor(f, dirs["c"]), files))
+            best["b"] = min(best["b"], timed(lambda f, out=dirs["b"]: reference_kernel(f, out), files))
+            best["c"] = min(best["c"], timed(lambda f, out=dirs["c"]: floor(f, out), files))
         t_a, t_b, t_c = best["a"], best["b"], best["c"]
         size = {k: np.mean([p.stat().st_size for p in d.glob("*.png")]) / 1024 for k, d in dirs.items()}
         n = len(files)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from ichpipe.config import load_config
+from ichpipe.preprocess import run_preprocess
 from ichpipe.synthetic.dataset import generate_dataset
 
 # Small but with every quirk: 8 patients, short series, quirk rates raised so each one occurs.
@@ -26,3 +28,16 @@ def tiny_data(tmp_path_factory, tiny_cfg):
     root = tmp_path_factory.mktemp("tiny_rsna")
     table = generate_dataset(tiny_cfg.synthetic, root, workers=2, progress=False)
     return root, table
+
+
+def _cfg(root, *extra):
+    """The tiny config pointed at ``root``."""
+    return load_config(overrides=[*TINY_OVERRIDES, f"data.root={root}", "data.workers=2", *extra])
+
+
+@pytest.fixture(scope="session")
+def processed(tiny_data):
+    """(root, summary, metadata table) of the tiny set after `preprocess` with the default config."""
+    root, _ = tiny_data
+    summary = run_preprocess(_cfg(root), progress=False)
+    return root, summary, pd.read_parquet(root / "processed" / "metadata.parquet")

@@ -6,7 +6,14 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
-from ichpipe.dicom import DicomError, first_value, hounsfield, needs_12bit_fix, read_header, read_slice
+from ichpipe.dicom import (
+    DicomError,
+    first_value,
+    hounsfield,
+    needs_12bit_fix,
+    read_header,
+    read_slice,
+)
 from ichpipe.windowing import apply_window, window_stored
 
 # pydicom's bundled test files and, from the pydicom-data package, real CT/MR files in several

@@ -16,26 +16,14 @@ import pandas as pd
 import pydicom
 import pytest
 
-from ichpipe.config import load_config
 from ichpipe.dicom import hounsfield
 from ichpipe.labels import LABELS
 from ichpipe.preprocess import PreprocessError, read_png, run_preprocess
 from ichpipe.windowing import apply_window
 
-from .conftest import TINY_OVERRIDES
+from .conftest import TINY_OVERRIDES, _cfg
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _cfg(root, *extra):
-    return load_config(overrides=[*TINY_OVERRIDES, f"data.root={root}", "data.workers=2", *extra])
-
-
-@pytest.fixture(scope="module")
-def processed(tiny_data):
-    root, _ = tiny_data
-    summary = run_preprocess(_cfg(root), progress=False)
-    return root, summary, pd.read_parquet(root / "processed" / "metadata.parquet")
 
 
 def test_metadata_table(processed, tiny_data):
@@ -102,7 +90,7 @@ def test_bad_files_are_reported_and_left_out(tiny_data, tmp_path):
     with pytest.raises(PreprocessError, match=r"^5 of 35 files are unusable, more than preprocess.max_bad_fraction=0.05; see .*bad_files.csv$"):
         run_preprocess(_cfg(root, "preprocess.max_bad_fraction=0.05"), progress=False)
     report = pd.read_csv(root / "processed" / "512" / "bad_files.csv")
-    reasons = dict(zip(report.file.map(lambda f: Path(f).stem), report.reason))
+    reasons = dict(zip(report.file.map(lambda f: Path(f).stem), report.reason, strict=True))
     assert reasons.pop("ID_000000bad").startswith("not a readable DICOM file")
     assert reasons.pop("ID_00000nopx") == "not an image: no PixelData"
     assert reasons.pop("ID_00000nopt") == "missing required tag(s) PatientID"

@@ -3,7 +3,13 @@ import pandas as pd
 import pytest
 
 from ichpipe.labels import LABELS
-from ichpipe.submission import SubmissionError, check_submission, main, validate_submission, write_submission
+from ichpipe.submission import (
+    SubmissionError,
+    check_submission,
+    main,
+    validate_submission,
+    write_submission,
+)
 
 
 @pytest.fixture()

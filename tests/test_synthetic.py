@@ -14,7 +14,14 @@ from ichpipe.config import load_config
 from ichpipe.labels import LABELS, SUBTYPES
 from ichpipe.paths import DataPaths
 from ichpipe.synthetic import phantom as P
-from ichpipe.synthetic.dataset import encode_pixels, generate_dataset, make_dicom, plan_dataset, save_dicom, synthetic_id
+from ichpipe.synthetic.dataset import (
+    encode_pixels,
+    generate_dataset,
+    make_dicom,
+    plan_dataset,
+    save_dicom,
+    synthetic_id,
+)
 
 REQUIRED_TAGS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "ImagePositionPatient",
                  "ImageOrientationPatient", "PixelSpacing", "RescaleSlope", "RescaleIntercept", "WindowCenter",
@@ -111,8 +118,8 @@ def test_hounsfield_ranges_per_tissue(rendered, tissue, low, high):
 def test_every_subtype_appears_where_it_belongs(rendered):
     seen = {name for _, _, masks in rendered for name in masks}
     assert seen == set(SUBTYPES)
-    for hu, tissue, masks in rendered:
-        for name, mask in masks.items():
+    for _, tissue, masks in rendered:
+        for mask in masks.values():
             assert (tissue[mask] == P.BLOOD).all()
             assert (tissue[mask] != P.BONE).all()
 

@@ -13,7 +13,6 @@ import pandas as pd
 
 from ichpipe.labels import LABELS
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

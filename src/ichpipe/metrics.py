@@ -48,7 +48,7 @@ def score_long(pred_ids, pred_values, label_of: dict[str, float], eps: float = E
     losses = _bce(labels, pred_values, eps)
     per_class = {n: float(losses[names == n].mean()) for n in LABELS if (names == n).any()}
     return {"weighted_log_loss": float((w * losses).sum() / w.sum()), "per_class": per_class,
-            "n_rows": int(len(losses))}
+            "n_rows": len(losses)}
 
 
 def score_files(pred_path: str, labels_path: str, eps: float = EPS) -> dict:
@@ -57,7 +57,7 @@ def score_files(pred_path: str, labels_path: str, eps: float = EPS) -> dict:
     truth = read_long_csv(labels_path)
     if pred["Label"].isna().any():
         raise InputError(f"{pred_path}: non-numeric or empty Label, e.g. {pred.loc[pred['Label'].isna(), 'ID'].head(5).tolist()}")
-    label_of = dict(zip(truth["ID"], truth["Label"]))
+    label_of = dict(zip(truth["ID"], truth["Label"], strict=True))
     missing = ~pred["ID"].isin(label_of.keys())
     if missing.any():
         raise InputError(f"{pred_path}: {int(missing.sum())} predicted IDs have no label in {labels_path}, "

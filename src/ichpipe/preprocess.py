@@ -161,7 +161,7 @@ def process_chunk(job: ChunkJob) -> tuple[int, int, int]:
 def list_inputs(paths: DataPaths) -> list[tuple[str, str]]:
     """Every (split, path) of the competition layout, sorted (chunks depend on this order)."""
     files = []
-    for split, folder in zip(SPLITS, (paths.train_dir, paths.test_dir)):
+    for split, folder in zip(SPLITS, (paths.train_dir, paths.test_dir), strict=True):
         if folder.exists():
             files += [(split, str(p)) for p in sorted(folder.glob("*.dcm"))]
     if not files:

@@ -30,7 +30,14 @@ from ichpipe.config import SyntheticConfig
 from ichpipe.io import atomic_path, wide_to_long
 from ichpipe.labels import LABELS, SUBTYPES
 from ichpipe.paths import DataPaths
-from ichpipe.synthetic.phantom import Bleed, Patient, SliceGeometry, render_slice, sample_bleed, sample_patient
+from ichpipe.synthetic.phantom import (
+    Bleed,
+    Patient,
+    SliceGeometry,
+    render_slice,
+    sample_bleed,
+    sample_patient,
+)
 
 _ID_BITS = {"image": 36, "patient": 32, "study": 40, "series": 40}  # 9, 8, 10, 10 hex digits as Kaggle's
 _ID_SALT = {"image": 0x9E3779B1, "patient": 0x85EBCA77, "study": 0xC2B2AE3D, "series": 0x27D4EB2F}
