@@ -12,10 +12,10 @@ WORKERS  ?= 0
 CONFIG   ?= configs/default.yaml
 
 # Dotted overrides given on the make command line (lower-case keys) go to the scripts as they are.
-OVERRIDES := $(filter-out DATA_DIR=% WORKERS=% CONFIG=% PYTHON=% VENV=% GPUS=% SHARD=% N=%,$(MAKEOVERRIDES))
+OVERRIDES := $(filter-out DATA_DIR=% WORKERS=% CONFIG=% TRAIN_CONFIG=% PYTHON=% VENV=% GPUS=% SHARD=% N=%,$(MAKEOVERRIDES))
 STAGE_ARGS = --config $(CONFIG) data.root=$(DATA_DIR) data.workers=$(WORKERS) $(OVERRIDES)
 
-.PHONY: help setup demo synthetic preprocess eda test lint bench bench-preprocess clean-data
+.PHONY: help setup demo synthetic preprocess train eda test lint bench bench-preprocess clean-data
 
 help:
 	@echo "make demo        set up, generate the synthetic set and run the pipeline on it"
@@ -23,6 +23,7 @@ help:
 	@echo "make setup       create $(VENV) and install the pinned requirements"
 	@echo "make synthetic   write the synthetic RSNA-format dataset under DATA_DIR"
 	@echo "make preprocess  DICOMs -> 3-window PNGs, metadata table, folds (DATA_DIR/processed)"
+	@echo "make train fold=0   train the CNN of one fold (all folds without fold=; GPUS=N for torchrun)"
 	@echo "make eda         dataset overview figures from the metadata table (DATA_DIR/eda)"
 	@echo "make bench       print the benchmark figures"
 
@@ -43,6 +44,24 @@ synthetic: setup
 SHARD ?= 0/1
 preprocess: setup
 	$(PY) scripts/01_preprocess.py --shard $(SHARD) $(STAGE_ARGS)
+
+# make train fold=0 (one fold) or make train (every fold); GPUS=4 runs torchrun with 4 processes.
+TRAIN_CONFIG ?= configs/cnn/cpu_small.yaml
+GPUS ?= 1
+N_FOLDS = $(shell $(PY) -c "from ichpipe.config import load_config as l; print(l('$(TRAIN_CONFIG)').preprocess.n_folds)" 2>/dev/null || echo 5)
+TRAIN_ARGS = --config $(TRAIN_CONFIG) data.root=$(DATA_DIR) data.workers=$(WORKERS) $(filter-out fold=%,$(OVERRIDES))
+ifeq ($(GPUS),1)
+TRAIN_CMD = $(PY) scripts/02_train_cnn.py
+else
+TRAIN_CMD = $(PY) -m torch.distributed.run --standalone --nproc_per_node $(GPUS) scripts/02_train_cnn.py
+endif
+
+train: setup
+ifdef fold
+	$(TRAIN_CMD) $(TRAIN_ARGS) fold=$(fold)
+else
+	for k in $$(seq 0 $$(($(N_FOLDS) - 1))); do $(TRAIN_CMD) $(TRAIN_ARGS) fold=$$k || exit 1; done
+endif
 
 eda: setup
 	$(PY) eda/01_dataset_overview.py $(STAGE_ARGS)

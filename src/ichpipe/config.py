@@ -83,13 +83,47 @@ class PreprocessConfig:
 
 
 @dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # any timm model name
+    pretrained: bool = True  # ImageNet weights through timm (needs the network or timm's cache)
+    weights: str = ""  # a local ImageNet weights file for the backbone, instead of downloading
+    init_from: str = ""  # an ichpipe checkpoint to start from (half-res -> full-size fine-tuning)
+    drop_rate: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The CNN stage (``scripts/02_train_cnn.py``); one run per fold."""
+
+    image_size: int = 256  # network input; PNGs are resized on the fly when they differ
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 1e-2
+    warmup_steps: int = 50
+    accumulate: int = 1  # micro-batches per optimizer step
+    clip_grad: float = 1.0  # max gradient norm; 0 = off
+    loss: str = "weighted_bce"  # weighted_bce (the metric: any x2) | mse (on probabilities)
+    amp: str = "auto"  # auto (fp16 + GradScaler on CUDA, off on CPU) | bf16 | fp16 | off
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model
+    loader_workers: int = 2  # DataLoader processes per GPU
+    augment: list[dict[str, Any]] = field(default_factory=list)  # empty = ichpipe.data.DEFAULT_AUGMENT
+    log_every: int = 20  # steps between TensorBoard points
+    stop_after_epochs: int = 0  # stop early as if killed (for resume tests); 0 = run every epoch
+
+
+@dataclass
 class Config:
     experiment: str = "demo"
     fold: int = 0
     seed: int = 42
+    resume: bool = False  # continue the fold's run from its last checkpoint
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def _type_name(tp: Any) -> str:

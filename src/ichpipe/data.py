@@ -1,0 +1,79 @@
+"""Training data: preprocessed PNGs and their labels, augmented by an albumentations pipeline from config.
+
+Augmentation randomness is a pure function of (seed, epoch, sample index): a resumed run, any number
+of loader workers and any number of GPUs see exactly the same augmented images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from ichpipe.io import InputError
+from ichpipe.labels import LABELS
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# The 2nd-place recipe. ShiftScaleRotate is spelled Affine in albumentations 2.x.
+DEFAULT_AUGMENT = [
+    {"name": "HorizontalFlip", "p": 0.5},
+    {"name": "Affine", "translate_percent": [-0.0625, 0.0625], "scale": [0.9, 1.1], "rotate": [-20, 20],
+     "border_mode": cv2.BORDER_REPLICATE, "p": 0.7},
+    {"name": "Transpose", "p": 0.5},
+]
+
+
+def build_transform(augment: list[dict], image_size: int, train: bool) -> A.Compose:
+    """Resize (if needed) + the configured augmentations (train only) + ImageNet normalisation."""
+    steps = [A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)]
+    if train:
+        for spec in augment:
+            spec = dict(spec)
+            name = spec.pop("name", None)
+            if not name or not hasattr(A, name):
+                raise InputError(f"train.augment: unknown albumentations transform {name!r}")
+            for key, value in spec.items():  # YAML lists → tuples for range arguments
+                if isinstance(value, list):
+                    spec[key] = tuple(value)
+            try:
+                steps.append(getattr(A, name)(**spec))
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"train.augment: {name}: {str(exc).splitlines()[0]}") from None
+    steps.append(A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    return A.Compose(steps)
+
+
+class SliceDataset(Dataset):
+    """(image tensor, six labels, row index) per metadata row, from ``png_dir/<image_id>.png``."""
+
+    def __init__(self, meta: pd.DataFrame, png_dir: str | Path, transform: A.Compose, seed: int = 0):
+        self.ids = meta.image_id.to_numpy()
+        cols = [c for c in LABELS if c in meta.columns]
+        labels = meta[cols].to_numpy(dtype=np.float32) if len(cols) == len(LABELS) else None
+        self.labels = np.nan_to_num(labels, nan=0.0) if labels is not None else np.zeros((len(meta), len(LABELS)), np.float32)
+        self.png_dir = Path(png_dir)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        path = self.png_dir / f"{self.ids[i]}.png"
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if img is None:
+            raise InputError(f"{path}: missing or unreadable PNG (run `make preprocess`)")
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
+        x = self.transform(image=img)["image"]
+        return torch.from_numpy(x.transpose(2, 0, 1).copy()), torch.from_numpy(self.labels[i]), i
