@@ -15,6 +15,8 @@ from ichpipe.train import train_fold
 
 def run(cfg, args):
     m = train_fold(cfg)
+    if m["rank"] != 0:  # under torchrun, rank 0 reports for all
+        return
     if "val_loss" in m:
         print(f"fold {cfg.fold}: validation weighted log loss {m['val_loss']:.4f} after epoch {m['epoch'] + 1} "
               f"(prior-only baseline {m['prior_loss']:.4f}); run folder {m['run_dir']}")

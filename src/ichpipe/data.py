@@ -6,6 +6,7 @@ of loader workers and any number of GPUs see exactly the same augmented images.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import albumentations as A
@@ -38,11 +39,16 @@ def build_transform(augment: list[dict], image_size: int, train: bool) -> A.Comp
             name = spec.pop("name", None)
             if not name or not hasattr(A, name):
                 raise InputError(f"train.augment: unknown albumentations transform {name!r}")
+            cls = getattr(A, name)
+            accepted = inspect.signature(cls.__init__).parameters
+            unknown = [k for k in spec if k not in accepted]
+            if unknown:  # albumentations 2.x only warns; a typo in an experiment must not pass silently
+                raise InputError(f"train.augment: {name}: unknown argument(s) {', '.join(unknown)}")
             for key, value in spec.items():  # YAML lists → tuples for range arguments
                 if isinstance(value, list):
                     spec[key] = tuple(value)
             try:
-                steps.append(getattr(A, name)(**spec))
+                steps.append(cls(**spec))
             except (TypeError, ValueError) as exc:
                 raise InputError(f"train.augment: {name}: {str(exc).splitlines()[0]}") from None
     steps.append(A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD))

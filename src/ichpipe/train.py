@@ -292,6 +292,5 @@ def _train(cfg: Config, rt: Runtime, progress: bool) -> dict:
             dist.barrier()
     if writer is not None:
         writer.close()
-    metrics["run_dir"] = str(out)
-    metrics["prior_loss"] = baseline
+    metrics.update(run_dir=str(out), prior_loss=baseline, rank=rt.rank)
     return metrics

@@ -1,0 +1,136 @@
+"""Stage 2 on the tiny set: artifacts, exact resume, DDP (gloo, 2 processes), weights, loss = metric."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+
+from ichpipe.data import build_transform
+from ichpipe.io import InputError
+from ichpipe.labels import LABELS
+from ichpipe.metrics import weighted_log_loss
+from ichpipe.models import ModelError, create_model
+from ichpipe.train import EpochSampler, make_loss, train_fold
+
+from .conftest import TINY_OVERRIDES, _cfg
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_TRAIN = ["model.backbone=test_resnet", "model.pretrained=false", "train.image_size=32", "train.epochs=2",
+              "train.batch_size=16", "train.warmup_steps=2", "train.loader_workers=0", "train.log_every=1"]
+
+
+def _train_cfg(root, experiment, *extra):
+    return _cfg(root, *TINY_TRAIN, f"experiment={experiment}", *extra)
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_a_fold_run_folder_has_everything(processed):
+    root, _, meta = processed
+    m = train_fold(_train_cfg(root, "artifacts"), progress=False)
+    out = Path(m["run_dir"])
+    assert out == root / "runs" / "artifacts" / "fold0"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch00.pt", "epoch01.pt"]
+    assert (out / "last.pt").exists() and (out / "config.yaml").exists()
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    history = pd.read_csv(out / "history.csv")
+    assert history.epoch.tolist() == [0, 1] and np.isfinite(history.val_loss).all()
+    oof = pd.read_parquet(out / "oof_epoch01.parquet")
+    val = meta[meta.fold == 0]
+    assert sorted(oof.image_id) == sorted(val.image_id) and list(oof.columns) == ["image_id", *LABELS]
+    truth = val.set_index("image_id").loc[oof.image_id, list(LABELS)].to_numpy()
+    assert history.val_loss.iloc[-1] == pytest.approx(weighted_log_loss(truth, oof[list(LABELS)].to_numpy()), rel=1e-6)
+    with pytest.raises(InputError, match="a run exists; add resume=true"):
+        train_fold(_train_cfg(root, "artifacts"), progress=False)
+
+
+def test_resume_after_a_stop_ends_with_the_same_weights(processed):
+    root, _, _ = processed
+    train_fold(_train_cfg(root, "straight", "train.epochs=3"), progress=False)
+    train_fold(_train_cfg(root, "stopped", "train.epochs=3", "train.stop_after_epochs=1"), progress=False)
+    stopped = root / "runs" / "stopped" / "fold0"
+    assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["epoch00.pt"]
+    train_fold(_train_cfg(root, "stopped", "train.epochs=3", "resume=true"), progress=False)
+    a = _state(root / "runs" / "straight" / "fold0" / "checkpoints" / "epoch02.pt")
+    b = _state(stopped / "checkpoints" / "epoch02.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    h1 = pd.read_csv(root / "runs" / "straight" / "fold0" / "history.csv")
+    h2 = pd.read_csv(stopped / "history.csv")
+    pd.testing.assert_frame_equal(h1, h2)
+
+
+def test_ddp_with_gloo_on_two_processes(processed):
+    root, _, _ = processed
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "scripts" / "02_train_cnn.py"), *TINY_OVERRIDES, *TINY_TRAIN, f"data.root={root}",
+           "experiment=ddp", "train.epochs=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = root / "runs" / "ddp" / "fold0"
+    assert res.stdout.count("validation weighted log loss") == 1 and "nothing to do" not in res.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch00.pt"]
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+    assert np.isfinite(pd.read_csv(out / "history.csv").val_loss).all()
+
+
+def test_sampler_splits_each_epoch_across_ranks_without_overlap():
+    shards = [list(EpochSampler(10, seed=1, rank=r, world_size=3)) for r in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4]
+    indices = sorted(i for s in shards for i in s)
+    assert set(indices) == set(range(10)) and len(indices) == 12  # padded with 2 repeats
+    s = EpochSampler(10, seed=1)
+    first = list(s)
+    s.set_epoch(1)
+    second = list(s)
+    assert sorted(i - 10 for i in second) == list(range(10)) and [i % 10 for i in second] != first
+
+
+def test_weighted_bce_loss_is_the_competition_metric():
+    y = np.array([[0, 0, 0, 0, 1, 1], [0] * 6], dtype=np.float32)
+    p = np.array([[0.1, 0.2, 0.3, 0.4, 0.5, 0.9], [0.05] * 6])
+    logits = torch.logit(torch.tensor(p, dtype=torch.float32))
+    loss = make_loss("weighted_bce", torch.device("cpu"))(logits, torch.tensor(y))
+    assert loss.item() == pytest.approx(weighted_log_loss(y, p), rel=1e-5)
+
+
+def test_offline_pretrained_fails_with_advice(monkeypatch):
+    import huggingface_hub.constants
+
+    # no network in tests: the hub client reads HF_HUB_OFFLINE at import, so patch its constant
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match=r"cannot load ImageNet weights for resnet18 .*model.pretrained=false or model.weights=PATH"):
+        create_model("resnet18", pretrained=True)
+
+
+def test_local_weights_file_is_accepted(tmp_path):
+    donor = timm.create_model("test_resnet", num_classes=1000)
+    torch.save(donor.state_dict(), tmp_path / "imagenet.pth")
+    model = create_model("test_resnet", weights=str(tmp_path / "imagenet.pth"))
+    got, want = model.state_dict(), donor.state_dict()
+    backbone = [k for k in want if not k.startswith("fc.")]
+    assert backbone and all(torch.equal(got[k], want[k]) for k in backbone)
+    assert got["fc.weight"].shape[0] == 6  # a fresh six-way head
+    with pytest.raises(ModelError, match="model.weights: .*missing.pth: file not found"):
+        create_model("test_resnet", weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(ModelError, match="unknown timm model 'resnet_nope'"):
+        create_model("resnet_nope", pretrained=False)
+
+
+def test_augment_config_errors_name_the_transform():
+    with pytest.raises(InputError, match="train.augment: unknown albumentations transform 'Flipz'"):
+        build_transform([{"name": "Flipz"}], 64, train=True)
+    with pytest.raises(InputError, match="train.augment: HorizontalFlip: unknown argument.s. q"):
+        build_transform([{"name": "HorizontalFlip", "q": 1}], 64, train=True)
