@@ -15,7 +15,7 @@ CONFIG   ?= configs/default.yaml
 OVERRIDES := $(filter-out DATA_DIR=% WORKERS=% CONFIG=% TRAIN_CONFIG=% PYTHON=% VENV=% GPUS=% SHARD=% N=%,$(MAKEOVERRIDES))
 STAGE_ARGS = --config $(CONFIG) data.root=$(DATA_DIR) data.workers=$(WORKERS) $(OVERRIDES)
 
-.PHONY: help setup demo synthetic preprocess train eda test lint bench bench-preprocess clean-data
+.PHONY: help setup demo synthetic preprocess train eda test lint bench bench-preprocess bench-train clean-data
 
 help:
 	@echo "make demo        set up, generate the synthetic set and run the pipeline on it"
@@ -74,7 +74,11 @@ test: setup
 lint: setup
 	$(PY) -m ruff check src scripts tests eda benchmarks
 
-bench: bench-preprocess
+bench: bench-preprocess bench-train
+
+# img/s of the configured backbone: tensors on the device vs the PNG loader, fp32 vs AMP.
+bench-train: setup
+	$(PY) benchmarks/bench_train.py --config $(TRAIN_CONFIG) data.root=$(DATA_DIR) $(OVERRIDES)
 
 # N generated 512x512 DICOMs, one core: our stage vs a Kaggle-kernel reference vs the decode+encode floor.
 N ?= 300

@@ -134,3 +134,15 @@ def test_augment_config_errors_name_the_transform():
         build_transform([{"name": "Flipz"}], 64, train=True)
     with pytest.raises(InputError, match="train.augment: HorizontalFlip: unknown argument.s. q"):
         build_transform([{"name": "HorizontalFlip", "q": 1}], 64, train=True)
+
+
+def test_half_resolution_weights_start_a_full_size_run(processed):
+    root, _, _ = processed
+    train_fold(_train_cfg(root, "half", "train.epochs=1"), progress=False)
+    ckpt = root / "runs" / "half" / "fold0" / "checkpoints" / "epoch00.pt"
+    model = create_model("test_resnet", pretrained=False, init_from=str(ckpt))
+    saved = _state(ckpt)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    m = train_fold(_train_cfg(root, "full", "train.epochs=1", "train.image_size=48", f"model.init_from={ckpt}"),
+                   progress=False)
+    assert np.isfinite(m["val_loss"])

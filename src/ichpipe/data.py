@@ -31,7 +31,10 @@ DEFAULT_AUGMENT = [
 
 
 def build_transform(augment: list[dict], image_size: int, train: bool) -> A.Compose:
-    """Resize (if needed) + the configured augmentations (train only) + ImageNet normalisation."""
+    """Resize (if needed) + the configured augmentations (train only); uint8 out.
+
+    Normalisation happens on the device (:func:`normalize`): workers ship uint8, 4x less data.
+    """
     steps = [A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)]
     if train:
         for spec in augment:
@@ -51,12 +54,18 @@ def build_transform(augment: list[dict], image_size: int, train: bool) -> A.Comp
                 steps.append(cls(**spec))
             except (TypeError, ValueError) as exc:
                 raise InputError(f"train.augment: {name}: {str(exc).splitlines()[0]}") from None
-    steps.append(A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD))
     return A.Compose(steps)
 
 
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) batch → float, ImageNet mean/std, on the batch's device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
+    return (x.float() - mean) / std
+
+
 class SliceDataset(Dataset):
-    """(image tensor, six labels, row index) per metadata row, from ``png_dir/<image_id>.png``."""
+    """(uint8 CHW image, six labels, row index) per metadata row, from ``png_dir/<image_id>.png``."""
 
     def __init__(self, meta: pd.DataFrame, png_dir: str | Path, transform: A.Compose, seed: int = 0):
         self.ids = meta.image_id.to_numpy()
@@ -82,4 +91,4 @@ class SliceDataset(Dataset):
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
         x = self.transform(image=img)["image"]
-        return torch.from_numpy(x.transpose(2, 0, 1).copy()), torch.from_numpy(self.labels[i]), i
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))), torch.from_numpy(self.labels[i]), i

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from ichpipe.config import Config, save_config
-from ichpipe.data import DEFAULT_AUGMENT, SliceDataset, build_transform
+from ichpipe.data import DEFAULT_AUGMENT, SliceDataset, build_transform, normalize
 from ichpipe.device import Runtime, amp_settings, autocast, close_runtime, init_runtime
 from ichpipe.io import InputError, atomic_path
 from ichpipe.labels import LABELS, WEIGHTS
@@ -131,7 +131,7 @@ def predict(model: nn.Module, loader: DataLoader, rt: Runtime, amp: tuple, progr
     model.eval()
     out = []
     for x, _, _ in tqdm(loader, desc="validate", leave=False, disable=not progress):
-        x = x.to(rt.device, non_blocking=True)
+        x = normalize(x.to(rt.device, non_blocking=True))
         with autocast(rt.device, amp[0], amp[1]):
             out.append(torch.sigmoid(model(x).float()).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, len(LABELS)), np.float32)
@@ -235,7 +235,7 @@ def _train(cfg: Config, rt: Runtime, progress: bool) -> dict:
         running, seen, tick, tick_images = 0.0, 0, time.perf_counter(), 0
         optimizer.zero_grad(set_to_none=True)
         for i, (x, y, _) in enumerate(train_loader):
-            x = x.to(rt.device, non_blocking=True)
+            x = normalize(x.to(rt.device, non_blocking=True))
             if tcfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(rt.device, non_blocking=True)
