@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 
-from ichpipe.data import build_transform
+from ichpipe.data import build_transform, crop_border
 from ichpipe.io import InputError
 from ichpipe.labels import LABELS
 from ichpipe.metrics import weighted_log_loss
@@ -143,6 +143,18 @@ def test_half_resolution_weights_start_a_full_size_run(processed):
     model = create_model("test_resnet", pretrained=False, init_from=str(ckpt))
     saved = _state(ckpt)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
-    m = train_fold(_train_cfg(root, "full", "train.epochs=1", "train.image_size=48", f"model.init_from={ckpt}"),
+    m = train_fold(_train_cfg(root, "full", "train.epochs=1", "train.image_size=48", f"model.init_from={ckpt}",
+                              "train.crop_border=true"),
                    progress=False)
     assert np.isfinite(m["val_loss"])
+
+
+def test_crop_border_keeps_the_head_and_drops_black():
+    img = np.zeros((100, 120, 3), np.uint8)
+    img[20:60, 30:90] = 200  # the "head": rows 20-59, columns 30-89
+    tight = crop_border(img, np.random.default_rng(0), 0.0)
+    assert tight.shape == (40, 60, 3) and (tight == 200).all()
+    loose = crop_border(img, np.random.default_rng(0), 0.25)
+    assert 40 <= loose.shape[0] <= 60 and 60 <= loose.shape[1] <= 90
+    assert (loose == 200).sum() == 40 * 60 * 3  # the whole head is inside
+    assert crop_border(np.zeros((8, 8, 3), np.uint8), np.random.default_rng(0), 0.1).shape == (8, 8, 3)

@@ -109,6 +109,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     loader_workers: int = 2  # DataLoader processes per GPU
     augment: list[dict[str, Any]] = field(default_factory=list)  # empty = ichpipe.data.DEFAULT_AUGMENT
+    crop_border: bool = False  # crop the black border around the head before resizing (2nd place)
+    crop_margin: float = 0.1  # with crop_border: random margin per side in training, up to this x box size
     log_every: int = 20  # steps between TensorBoard points
     stop_after_epochs: int = 0  # stop early as if killed (for resume tests); 0 = run every epoch
 

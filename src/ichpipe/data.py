@@ -64,10 +64,29 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x.float() - mean) / std
 
 
+def crop_border(img: np.ndarray, rng: np.random.Generator, max_margin: float) -> np.ndarray:
+    """Crop to the head's bounding box (pixels not black in any window) plus a random margin.
+
+    The margin on each side is drawn from [0, max_margin] x the box size; an all-black image is
+    returned as it is.
+    """
+    mask = img.max(axis=2) > 0
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return img
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    h, w = r1 - r0, c1 - c0
+    m = rng.uniform(0, max_margin, 4)
+    r0, r1 = max(0, int(r0 - m[0] * h)), min(img.shape[0], int(r1 + m[1] * h))
+    c0, c1 = max(0, int(c0 - m[2] * w)), min(img.shape[1], int(c1 + m[3] * w))
+    return img[r0:r1, c0:c1]
+
+
 class SliceDataset(Dataset):
     """(uint8 CHW image, six labels, row index) per metadata row, from ``png_dir/<image_id>.png``."""
 
-    def __init__(self, meta: pd.DataFrame, png_dir: str | Path, transform: A.Compose, seed: int = 0):
+    def __init__(self, meta: pd.DataFrame, png_dir: str | Path, transform: A.Compose, seed: int = 0,
+                 crop_margin: float | None = None):
         self.ids = meta.image_id.to_numpy()
         cols = [c for c in LABELS if c in meta.columns]
         labels = meta[cols].to_numpy(dtype=np.float32) if len(cols) == len(LABELS) else None
@@ -75,6 +94,7 @@ class SliceDataset(Dataset):
         self.png_dir = Path(png_dir)
         self.transform = transform
         self.seed = seed
+        self.crop_margin = crop_margin  # None: no border crop; 0: tight box; > 0: random margin
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -89,6 +109,9 @@ class SliceDataset(Dataset):
         if img is None:
             raise InputError(f"{path}: missing or unreadable PNG (run `make preprocess`)")
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
+        if self.crop_margin is not None:
+            img = crop_border(img, np.random.default_rng(seed), self.crop_margin)
+        self.transform.set_random_seed(seed)
         x = self.transform(image=img)["image"]
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))), torch.from_numpy(self.labels[i]), i

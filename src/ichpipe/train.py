@@ -183,8 +183,10 @@ def _train(cfg: Config, rt: Runtime, progress: bool) -> dict:
         save_config(cfg, out / "config.yaml")
 
     augment = tcfg.augment or DEFAULT_AUGMENT
-    train_ds = SliceDataset(train_meta, png_dir, build_transform(augment, tcfg.image_size, train=True), cfg.seed)
-    val_ds = SliceDataset(val_meta, png_dir, build_transform([], tcfg.image_size, train=False), cfg.seed)
+    train_ds = SliceDataset(train_meta, png_dir, build_transform(augment, tcfg.image_size, train=True), cfg.seed,
+                            tcfg.crop_margin if tcfg.crop_border else None)
+    val_ds = SliceDataset(val_meta, png_dir, build_transform([], tcfg.image_size, train=False), cfg.seed,
+                          0.0 if tcfg.crop_border else None)
     micro = tcfg.batch_size // (tcfg.accumulate * rt.world_size)
     if micro < 1:
         raise InputError(f"train.batch_size={tcfg.batch_size} is smaller than accumulate x processes")
