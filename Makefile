@@ -15,7 +15,7 @@ CONFIG   ?= configs/default.yaml
 OVERRIDES := $(filter-out DATA_DIR=% WORKERS=% CONFIG=% TRAIN_CONFIG=% PYTHON=% VENV=% GPUS=% SHARD=% N=%,$(MAKEOVERRIDES))
 STAGE_ARGS = --config $(CONFIG) data.root=$(DATA_DIR) data.workers=$(WORKERS) $(OVERRIDES)
 
-.PHONY: help setup demo synthetic preprocess train eda test lint bench bench-preprocess bench-train clean-data
+.PHONY: help setup demo synthetic preprocess train embed eda test lint bench bench-preprocess bench-train clean-data
 
 help:
 	@echo "make demo        set up, generate the synthetic set and run the pipeline on it"
@@ -24,6 +24,7 @@ help:
 	@echo "make synthetic   write the synthetic RSNA-format dataset under DATA_DIR"
 	@echo "make preprocess  DICOMs -> 3-window PNGs, metadata table, folds (DATA_DIR/processed)"
 	@echo "make train fold=0   train the CNN of one fold (all folds without fold=; GPUS=N for torchrun)"
+	@echo "make embed fold=0   embeddings and logits of OOF and test slices per checkpoint, with TTA"
 	@echo "make eda         dataset overview figures from the metadata table (DATA_DIR/eda)"
 	@echo "make bench       print the benchmark figures"
 
@@ -61,6 +62,14 @@ ifdef fold
 	$(TRAIN_CMD) $(TRAIN_ARGS) fold=$(fold)
 else
 	for k in $$(seq 0 $$(($(N_FOLDS) - 1))); do $(TRAIN_CMD) $(TRAIN_ARGS) fold=$$k || exit 1; done
+endif
+
+# make embed fold=0 (one fold) or make embed (every fold): embeddings + logits per epoch checkpoint.
+embed: setup
+ifdef fold
+	$(PY) scripts/03_embed.py $(TRAIN_ARGS) fold=$(fold)
+else
+	for k in $$(seq 0 $$(($(N_FOLDS) - 1))); do $(PY) scripts/03_embed.py $(TRAIN_ARGS) fold=$$k || exit 1; done
 endif
 
 eda: setup

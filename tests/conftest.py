@@ -35,6 +35,14 @@ def _cfg(root, *extra):
     return load_config(overrides=[*TINY_OVERRIDES, f"data.root={root}", "data.workers=2", *extra])
 
 
+TINY_TRAIN = ["model.backbone=test_resnet", "model.pretrained=false", "train.image_size=32", "train.epochs=2",
+              "train.batch_size=16", "train.warmup_steps=2", "train.loader_workers=0", "train.log_every=1"]
+
+
+def _train_cfg(root, experiment, *extra):
+    return _cfg(root, *TINY_TRAIN, f"experiment={experiment}", *extra)
+
+
 @pytest.fixture(scope="session")
 def processed(tiny_data):
     """(root, summary, metadata table) of the tiny set after `preprocess` with the default config."""

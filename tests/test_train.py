@@ -20,17 +20,9 @@ from ichpipe.metrics import weighted_log_loss
 from ichpipe.models import ModelError, create_model
 from ichpipe.train import EpochSampler, make_loss, train_fold
 
-from .conftest import TINY_OVERRIDES, _cfg
+from .conftest import TINY_OVERRIDES, TINY_TRAIN, _train_cfg
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_TRAIN = ["model.backbone=test_resnet", "model.pretrained=false", "train.image_size=32", "train.epochs=2",
-              "train.batch_size=16", "train.warmup_steps=2", "train.loader_workers=0", "train.log_every=1"]
-
-
-def _train_cfg(root, experiment, *extra):
-    return _cfg(root, *TINY_TRAIN, f"experiment={experiment}", *extra)
-
-
 def _state(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 

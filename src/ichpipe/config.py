@@ -116,6 +116,16 @@ class TrainConfig:
 
 
 @dataclass
+class EmbedConfig:
+    """Per-slice embeddings and logits from each bagged checkpoint (``scripts/03_embed.py``)."""
+
+    tta: list[str] = field(default_factory=lambda: ["none", "hflip", "transpose"])  # views, averaged
+    keep_views: bool = False  # also save every view separately
+    epochs: list[int] = field(default_factory=list)  # checkpoints to embed; empty = every epoch
+    batch_size: int = 64
+
+
+@dataclass
 class Config:
     experiment: str = "demo"
     fold: int = 0
@@ -126,6 +136,7 @@ class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
 
 
 def _type_name(tp: Any) -> str:
