@@ -103,8 +103,13 @@ def test_bad_files_are_reported_and_left_out(tiny_data, tmp_path):
     assert summary["complete"] and summary["bad"] == 5 and summary["processed"] == 0
 
 
+def _pngs(folder: Path) -> list[Path]:
+    """Finished PNGs only: a kill can leave a hidden temporary '.<name>.png.<random>.tmp.png'."""
+    return sorted(p for p in folder.glob("*.png") if not p.name.startswith("."))
+
+
 def _digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.png"))}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in _pngs(folder)}
 
 
 def test_resume_after_kill_gives_the_uninterrupted_result(processed, tmp_path):
@@ -119,18 +124,18 @@ def test_resume_after_kill_gives_the_uninterrupted_result(processed, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     out = data / "processed" / "512"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("*.png"))) < 20:
+    while time.time() < deadline and len(_pngs(out)) < 20:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (data / "processed" / "metadata.parquet").exists(), "the run ended before it was killed"
-    assert 20 <= len(list(out.glob("*.png"))) < len(reference)
+    assert 20 <= len(_pngs(out)) < len(reference)
     # resume with the default chunk size: the killed run's chunks of 8 do not count as done,
     # but its finished PNGs are kept
     summary = run_preprocess(_cfg(data), progress=False)
     assert summary["complete"] and summary["skipped"] >= 20
     assert _digests(out) == reference
-    assert not list(out.glob(".*.tmp*"))
+    assert not list(out.glob(".*.tmp*"))  # a temp file the kill left mid-write is swept
     pd.testing.assert_frame_equal(pd.read_parquet(data / "processed" / "metadata.parquet"), meta)
 
 
@@ -142,7 +147,7 @@ def test_shards_split_the_work_and_the_last_one_assembles(processed, tmp_path):
         os.symlink(root / name, data / name)
     first = run_preprocess(_cfg(data, "preprocess.chunk_size=16"), shard=(0, 2), progress=False)
     assert not first["complete"] and first["pending_chunks"] > 0
-    assert 0 < len(list((data / "processed" / "512").glob("*.png"))) < len(meta)
+    assert 0 < len(_pngs(data / "processed" / "512")) < len(meta)
     second = run_preprocess(_cfg(data, "preprocess.chunk_size=16"), shard=(1, 2), progress=False)
     assert second["complete"]
     assert first["processed"] + second["processed"] == first["files"]
@@ -167,3 +172,17 @@ def test_25d_mode_stacks_neighbouring_brain_windows(processed):
         np.testing.assert_array_equal(mid[..., channel], brain[neighbour])
     first = read_png(folder / f"{ids[0]}.png")
     np.testing.assert_array_equal(first[..., 0], brain[0])  # the edge repeats itself
+
+
+def test_stray_temp_files_of_a_killed_write_are_swept(processed, tmp_path):
+    root, _, _ = processed
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("stage_2_train", "stage_2_test", "stage_2_train.csv"):
+        os.symlink(root / name, data / name)
+    out = data / "processed" / "512"
+    out.mkdir(parents=True)
+    stray = out / ".ID_000000000.png.abc123.tmp.png"  # what atomic_path leaves when killed mid-write
+    stray.write_bytes(b"half a png")
+    run_preprocess(_cfg(data), progress=False)
+    assert not stray.exists()

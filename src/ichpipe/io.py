@@ -43,6 +43,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def sweep_temp_files(folder: str | os.PathLike) -> int:
+    """Delete the temporary files :func:`atomic_path` leaves when a process is killed mid-write.
+
+    Only call this when no other process is writing into ``folder``. Returns how many were removed.
+    """
+    removed = 0
+    for p in Path(folder).glob(".*.tmp*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

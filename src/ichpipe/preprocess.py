@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ichpipe.config import Config, PreprocessConfig, save_config
 from ichpipe.dicom import DicomError, read_header, read_slice
 from ichpipe.folds import assign_folds
-from ichpipe.io import InputError, atomic_path, long_to_wide, read_long_csv
+from ichpipe.io import InputError, atomic_path, long_to_wide, read_long_csv, sweep_temp_files
 from ichpipe.labels import LABELS
 from ichpipe.paths import DataPaths
 from ichpipe.windowing import window_stored
@@ -237,6 +237,7 @@ def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool 
     if done < n_chunks:
         summary["pending_chunks"] = n_chunks - done
         return summary
+    sweep_temp_files(pass_dir)  # every chunk is done: no writer left, so stray temp files are a kill's
     meta, bad = _merge(cfg, paths, out_dir, parts_dir, n_chunks)
     if pcfg.mode == "2.5d":
         _stack_neighbours(meta, pass_dir, out_dir, pcfg, workers, progress)
