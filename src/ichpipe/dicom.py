@@ -44,7 +44,11 @@ def first_value(value, default=None):
 
 
 def needs_12bit_fix(ds) -> bool:
-    """The real data's broken files: unsigned 12-bit with an intercept far above -1000."""
+    """The real data's broken files: unsigned 12-bit with an intercept far above -1000.
+
+    Only for CT (or files without Modality): an MR or other image stored as unsigned 12-bit with
+    intercept 0 is ordinary, and is left exactly as pydicom's modality LUT gives it.
+    """
     return (int(ds.get("BitsStored", 16)) == 12 and int(ds.get("PixelRepresentation", 0)) == 0
             and first_value(ds.get("RescaleIntercept"), 0.0) > -100 and ds.get("Modality", "CT") == "CT")
 
