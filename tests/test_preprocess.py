@@ -103,6 +103,15 @@ def test_bad_files_are_reported_and_left_out(tiny_data, tmp_path):
     assert summary["complete"] and summary["bad"] == 5 and summary["processed"] == 0
 
 
+def _linked_root(root: Path, tmp_path: Path) -> Path:
+    """A fresh data root whose competition files are links to the tiny set's (no processed/ yet)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("stage_2_train", "stage_2_test", "stage_2_train.csv"):
+        os.symlink(root / name, data / name)
+    return data
+
+
 def _pngs(folder: Path) -> list[Path]:
     """Finished PNGs only: a kill can leave a hidden temporary '.<name>.png.<random>.tmp.png'."""
     return sorted(p for p in folder.glob("*.png") if not p.name.startswith("."))
@@ -115,10 +124,7 @@ def _digests(folder: Path) -> dict[str, str]:
 def test_resume_after_kill_gives_the_uninterrupted_result(processed, tmp_path):
     root, _, meta = processed
     reference = _digests(root / "processed" / "512")
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("stage_2_train", "stage_2_test", "stage_2_train.csv"):
-        os.symlink(root / name, data / name)
+    data = _linked_root(root, tmp_path)
     cmd = [sys.executable, str(REPO / "scripts" / "01_preprocess.py"), *TINY_OVERRIDES, f"data.root={data}",
            "data.workers=1", "preprocess.chunk_size=8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -141,10 +147,7 @@ def test_resume_after_kill_gives_the_uninterrupted_result(processed, tmp_path):
 
 def test_shards_split_the_work_and_the_last_one_assembles(processed, tmp_path):
     root, _, meta = processed
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("stage_2_train", "stage_2_test", "stage_2_train.csv"):
-        os.symlink(root / name, data / name)
+    data = _linked_root(root, tmp_path)
     first = run_preprocess(_cfg(data, "preprocess.chunk_size=16"), shard=(0, 2), progress=False)
     assert not first["complete"] and first["pending_chunks"] > 0
     assert 0 < len(_pngs(data / "processed" / "512")) < len(meta)
@@ -176,13 +179,25 @@ def test_25d_mode_stacks_neighbouring_brain_windows(processed):
 
 def test_stray_temp_files_of_a_killed_write_are_swept(processed, tmp_path):
     root, _, _ = processed
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("stage_2_train", "stage_2_test", "stage_2_train.csv"):
-        os.symlink(root / name, data / name)
+    data = _linked_root(root, tmp_path)
     out = data / "processed" / "512"
     out.mkdir(parents=True)
     stray = out / ".ID_000000000.png.abc123.tmp.png"  # what atomic_path leaves when killed mid-write
     stray.write_bytes(b"half a png")
     run_preprocess(_cfg(data), progress=False)
     assert not stray.exists()
+
+
+def test_a_file_named_unlike_its_sop_instance_uid_is_reported_and_leaves_no_png(tiny_data, tmp_path):
+    src, truth = tiny_data
+    root = tmp_path / "data"
+    (root / "stage_2_train").mkdir(parents=True)
+    good = truth[(truth.split == "train") & ~truth.truncated].image_id.iloc[0]
+    shutil.copy(src / "stage_2_train" / f"{good}.dcm", root / "stage_2_train")
+    shutil.copy(src / "stage_2_train" / f"{good}.dcm", root / "stage_2_train" / "ID_0000renamed.dcm")
+    shutil.copy(src / "stage_2_train.csv", root)
+    summary = run_preprocess(_cfg(root, "preprocess.max_bad_fraction=0.6"), progress=False)
+    assert summary["complete"] and summary["bad"] == 1
+    report = pd.read_csv(root / "processed" / "512" / "bad_files.csv")
+    assert report.reason.tolist() == [f"SOPInstanceUID {good} differs from the file name"]
+    assert _pngs(root / "processed" / "512") == [root / "processed" / "512" / f"{good}.png"]

@@ -141,14 +141,16 @@ def process_chunk(job: ChunkJob) -> tuple[int, int, int]:
         path = Path(path)
         out = out_dir / f"{path.stem}.png"
         try:
+            img = None
             if out.exists():  # written by an interrupted run: only the header is needed
                 meta = read_header(path)
                 skipped += 1
             else:
                 meta, img = render_file(path, job.windows, job.size)
-                write_bytes_atomic(out, encode_png(img[..., 0] if img.shape[-1] == 1 else img, *job.png))
-            if meta["image_id"] != path.stem:
+            if meta["image_id"] != path.stem:  # checked before writing: a bad file leaves no PNG
                 raise DicomError(f"SOPInstanceUID {meta['image_id']} differs from the file name")
+            if img is not None:
+                write_bytes_atomic(out, encode_png(img[..., 0] if img.shape[-1] == 1 else img, *job.png))
             rows.append({**meta, "split": split, "file": str(path), "error": ""})
         except DicomError as exc:
             bad += 1
