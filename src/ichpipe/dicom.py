@@ -126,8 +126,7 @@ def read_header(path: str | os.PathLike, ds=None) -> dict:
 def _read_header(path, ds) -> dict:
     try:
         if ds is None:
-            with _quiet():
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, EOFError, OSError) as exc:
         raise DicomError(f"not a readable DICOM file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     missing = [t for t in REQUIRED_TAGS if t not in ds]
@@ -162,8 +161,7 @@ def read_slice(path: str | os.PathLike) -> DicomSlice:
 
 def _read_slice(path) -> DicomSlice:
     try:
-        with _quiet():
-            ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path)
     except (InvalidDicomError, EOFError, OSError) as exc:
         raise DicomError(f"not a readable DICOM file ({type(exc).__name__})") from None
     if "PixelData" not in ds:
