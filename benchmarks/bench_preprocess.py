@@ -28,7 +28,7 @@ import pydicom
 
 from ichpipe.config import load_config
 from ichpipe.dicom import read_slice
-from ichpipe.preprocess import ChunkJob, encode_png, png_settings, process_chunk, resize_to
+from ichpipe.preprocess import ChunkJob, encode_png, png_settings, process_chunk, render_file, resize_to
 from ichpipe.synthetic.dataset import generate_dataset
 from ichpipe.windowing import window_stored
 
@@ -95,7 +95,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ichpipe_bench_out_"))
     try:
         png = png_settings(pcfg)
-        images = {f: resize_to(window_stored(read_slice(f).stored, read_slice(f).ds, WINDOWS), 512) for f in files}
+        images = {f: render_file(f, WINDOWS, 512)[1] for f in files}
 
         def floor(f, out):
             with pydicom.config.disable_value_validation():

@@ -219,7 +219,7 @@ def _write_series(spec: SeriesSpec, train_dir: str, test_dir: str, min_area_mm2:
                      "slice_index": i, "z": float(f"{table_z + z:.4f}"),  # z as written in the file
                      "size": spec.size, "storage": spec.storage,
                      "multivalue_window": spec.multivalue_window, "fov_padding": spec.fov_padding,
-                     "truncated": truncated, "faint": any(b.hu < 55 for b in spec.bleeds), **labels})
+                     "truncated": truncated, "faint": any(b.faint for b in spec.bleeds), **labels})
     return rows
 
 

@@ -87,6 +87,7 @@ class Bleed:
     subtype: str
     hu: float
     params: dict = field(default_factory=dict)
+    faint: bool = False  # only ~10-25 HU above brain
 
 
 def section_scale(t: float) -> float:
@@ -166,7 +167,7 @@ def sample_bleed(rng: np.random.Generator, subtype: str, patient: Patient, faint
                  zc=vent.center[2] + rng.uniform(-4, 4), half_height=rng.uniform(8, 16))
     else:
         raise ValueError(f"unknown subtype {subtype!r}; expected one of {SUBTYPES}")
-    return Bleed(subtype=subtype, hu=float(hu), params=p)
+    return Bleed(subtype=subtype, hu=float(hu), params=p, faint=faint)
 
 
 @dataclass
