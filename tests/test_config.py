@@ -14,6 +14,13 @@ def test_defaults_and_dotted_overrides():
     assert cfg.synthetic.bleed_rates["subdural"] == load_config().synthetic.bleed_rates["subdural"]
 
 
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    # YAML 1.1 reads 3e-4 as a string; the guide's own example `train.lr=3e-4` must work
+    assert load_config(overrides=["train.lr=3e-4"]).train.lr == 3e-4
+    (tmp_path / "lr.yaml").write_text("train:\n  lr: 2e-5\n")
+    assert load_config(tmp_path / "lr.yaml").train.lr == 2e-5
+
+
 def test_parse_overrides_nests_and_parses_yaml_values():
     assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]", "e=true"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2], "e": True}
 

@@ -126,6 +126,34 @@ class EmbedConfig:
 
 
 @dataclass
+class LstmConfig:
+    """The sequence model over each series' slices (``scripts/lstm_train.py``); one run per fold."""
+
+    inner_folds: int = 4  # patient groups inside the fold: each inner model predicts one (leakage-free OOF)
+    reduce_dim: int = 64  # Linear+ReLU from the CNN embedding to this size first; 0 = use it as is
+    hidden: int = 64  # LSTM units per direction
+    layers: int = 2
+    dropout: float = 0.2
+    epochs: int = 30
+    bag_last: int = 10  # predictions averaged over the last this many epochs
+    batch_size: int = 8  # series per batch
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+
+
+@dataclass
+class BlendConfig:
+    """Folds x bags x TTA averaged into a submission (``scripts/05_blend.py``)."""
+
+    epoch_weights: dict[int, float] = field(default_factory=dict)  # CNN epoch -> weight; missing = 1
+    fold_weights: dict[int, float] = field(default_factory=dict)  # fold -> weight for the test set; missing = 1
+    lstm_weight: float = 1.0  # final = lstm_weight x LSTM + (1 - lstm_weight) x CNN bagged
+    clip: float = 1e-5  # probabilities clipped to [clip, 1 - clip], as the top teams did
+    out_dir: str = "submissions"  # relative to the repository root unless absolute
+    competition: str = "rsna-intracranial-hemorrhage-detection"  # for `make submit`
+
+
+@dataclass
 class Config:
     experiment: str = "demo"
     fold: int = 0
@@ -137,6 +165,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    lstm: LstmConfig = field(default_factory=LstmConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -168,6 +198,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()} if args else value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
