@@ -1,0 +1,242 @@
+"""Stage 4: a bidirectional LSTM over each series' slices, on the CNN's per-slice embeddings.
+
+One sequence per series (PatientID, StudyInstanceUID, SeriesInstanceUID), slices in z order
+(``slice_index`` of the metadata, from ImagePositionPatient). Input per slice: the embedding
+(standardised, optionally reduced by Linear+ReLU), its differences to the previous and the next
+slice, and the CNN's six logits; a two-layer BiLSTM; its output is added to the CNN logits (a skip
+connection: an untrained head predicts exactly what the CNN did). Series are padded to the longest
+in the batch and packed, so padding reaches neither the LSTM, the loss nor the predictions.
+
+How leakage is avoided. Embedding spaces of different fold CNNs are not aligned, so the LSTM of
+fold k uses CNN_k's embeddings only: those of fold k's patients, whom CNN_k never saw, and of the
+test set. Fold k's patients are split again, by patient, into ``lstm.inner_folds`` groups; each
+inner LSTM trains on the other groups and predicts its own group and the test set. Every OOF
+prediction therefore comes from an LSTM that never saw the patient, over features from a CNN
+that never saw the patient. Test predictions are the mean of the inner LSTMs.
+
+For fold k and each embedded checkpoint ``embeddings/epoch<NN>/``, writes
+``runs/<experiment>/fold<k>/lstm/epoch<NN>/``::
+
+    oof.parquet, test.parquet    image_id + six probabilities (bagged over the last epochs)
+    history.csv                  inner fold, epoch, train loss, inner-validation loss (one model per epoch)
+    config.yaml                  the resolved config
+    done                         written last: a folder without it is redone
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from tqdm import tqdm
+
+from ichpipe.config import Config, LstmConfig, save_config
+from ichpipe.folds import assign_folds
+from ichpipe.io import InputError, atomic_path, write_text_atomic
+from ichpipe.labels import LABELS, N_LABELS
+from ichpipe.metrics import weighted_log_loss
+from ichpipe.paths import DataPaths
+from ichpipe.train import make_loss, run_dir
+
+SERIES_KEYS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID"]
+
+
+class SequenceModel(nn.Module):
+    def __init__(self, emb_dim: int, reduce_dim: int = 64, hidden: int = 64, layers: int = 2, dropout: float = 0.2):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Linear(emb_dim, reduce_dim), nn.ReLU()) if reduce_dim else nn.Identity()
+        d = reduce_dim or emb_dim
+        self.lstm = nn.LSTM(3 * d + N_LABELS, hidden, num_layers=layers, batch_first=True, bidirectional=True,
+                            dropout=dropout if layers > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * hidden, N_LABELS)
+        nn.init.zeros_(self.head.weight)  # start as the CNN: the LSTM learns a correction
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, emb: torch.Tensor, logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) embeddings, (B, T, 6) CNN logits, (B,) lengths → (B, T, 6) logits (padding: 0)."""
+        e = self.reduce(emb)
+        b, t, d = e.shape
+        steps = torch.arange(t, device=e.device).expand(b, t)
+        last = (lengths.to(e.device) - 1).clamp(min=0)[:, None]
+        prev = e.gather(1, (steps - 1).clamp(min=0)[..., None].expand(b, t, d))  # first slice: itself
+        nxt = e.gather(1, torch.minimum(steps + 1, last)[..., None].expand(b, t, d))  # last slice: itself
+        x = torch.cat([e, e - prev, e - nxt, logits], dim=-1)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=t)
+        mask = (steps < lengths.to(e.device)[:, None]).unsqueeze(-1)
+        return (logits + self.head(self.drop(out))) * mask
+
+
+@dataclass
+class SliceFeatures:
+    """Per-slice arrays of one set (OOF or test) in a common row order, plus the series that group them."""
+
+    ids: np.ndarray  # (N,) image ids
+    emb: np.ndarray  # (N, D)
+    logits: np.ndarray  # (N, 6)
+    labels: np.ndarray | None  # (N, 6) or None for the test set
+    patients: np.ndarray  # (N,) PatientID
+    series: list[np.ndarray]  # row indices of each series, in z order
+
+    def batch(self, which: list[int], mean: np.ndarray, std: np.ndarray):
+        """Padded tensors of the series ``which``: emb, logits, labels (or None), lengths, row indices."""
+        rows = [self.series[i] for i in which]
+        lengths = torch.tensor([len(r) for r in rows])
+        t = int(lengths.max())
+        emb = np.zeros((len(rows), t, self.emb.shape[1]), np.float32)
+        logits = np.zeros((len(rows), t, N_LABELS), np.float32)
+        labels = np.zeros((len(rows), t, N_LABELS), np.float32)
+        for j, r in enumerate(rows):
+            emb[j, :len(r)] = (self.emb[r] - mean) / std
+            logits[j, :len(r)] = self.logits[r]
+            if self.labels is not None:
+                labels[j, :len(r)] = self.labels[r]
+        return (torch.from_numpy(emb), torch.from_numpy(logits),
+                torch.from_numpy(labels) if self.labels is not None else None, lengths, rows)
+
+
+def load_features(folder: Path, name: str, meta: pd.DataFrame) -> SliceFeatures:
+    """Embeddings + logits of ``folder/<name>_*`` joined with the metadata, grouped into z-ordered series."""
+    ids_path = folder / f"{name}_ids.csv"
+    if not ids_path.exists():
+        raise InputError(f"{ids_path}: not found; run `make embed` first")
+    ids = pd.read_csv(ids_path).image_id.to_numpy()
+    emb, logits = np.load(folder / f"{name}_emb.npy"), np.load(folder / f"{name}_logits.npy")
+    if len(emb) != len(ids) or len(logits) != len(ids):
+        raise InputError(f"{folder}: {name} arrays have {len(emb)}/{len(logits)} rows for {len(ids)} ids")
+    rows = meta.set_index("image_id").reindex(ids)
+    if rows.PatientID.isna().any():
+        raise InputError(f"{folder}: {int(rows.PatientID.isna().sum())} {name} ids are not in the metadata, "
+                         f"e.g. {ids[rows.PatientID.isna().to_numpy()][0]}; embed again after preprocessing")
+    order = rows.reset_index(drop=True).assign(row=np.arange(len(ids)))
+    series = [g.sort_values("slice_index").row.to_numpy() for _, g in order.groupby(SERIES_KEYS, sort=True)]
+    labels = rows[list(LABELS)].to_numpy(np.float32)
+    return SliceFeatures(ids, emb, logits, None if np.isnan(labels).any() else labels,
+                         rows.PatientID.to_numpy(), series)
+
+
+def _predict(model: SequenceModel, feats: SliceFeatures, series: list[int], mean, std, batch_size: int) -> np.ndarray:
+    """(N, 6) probabilities for the rows of ``series`` (others stay NaN)."""
+    out = np.full((len(feats.ids), N_LABELS), np.nan, np.float32)
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(series), batch_size):
+            emb, logits, _, lengths, rows = feats.batch(series[i:i + batch_size], mean, std)
+            probs = torch.sigmoid(model(emb, logits, lengths)).numpy()
+            for j, r in enumerate(rows):
+                out[r] = probs[j, :len(r)]
+    return out
+
+
+def fit_predict(feats: SliceFeatures, train_series: list[int], targets: list[tuple[SliceFeatures, list[int]]],
+                cfg: LstmConfig, seed: int) -> tuple[list[np.ndarray], list[dict]]:
+    """Train one LSTM on ``train_series`` of ``feats``; probabilities for each target, bagged over the last epochs.
+
+    Returns one (N, 6) array per target (rows outside its series: NaN) and the per-epoch history (train
+    loss, and the first target's loss when it has labels).
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    train_rows = np.concatenate([feats.series[i] for i in train_series])
+    mean = feats.emb[train_rows].mean(axis=0)
+    std = feats.emb[train_rows].std(axis=0) + 1e-6
+    model = SequenceModel(feats.emb.shape[1], cfg.reduce_dim, cfg.hidden, cfg.layers, cfg.dropout)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = make_loss("weighted_bce", torch.device("cpu"))
+    bags = [np.zeros((len(f.ids), N_LABELS), np.float64) for f, _ in targets]
+    n_bagged = 0
+    history = []
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = rng.permutation(train_series)
+        total, count = 0.0, 0
+        for i in range(0, len(order), cfg.batch_size):
+            emb, logits, labels, lengths, _ = feats.batch(list(order[i:i + cfg.batch_size]), mean, std)
+            mask = torch.arange(emb.shape[1])[None, :] < lengths[:, None]
+            loss = loss_fn(model(emb, logits, lengths)[mask], labels[mask])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * int(mask.sum())
+            count += int(mask.sum())
+        record = {"epoch": epoch, "train_loss": total / count}
+        bagging = epoch >= cfg.epochs - cfg.bag_last
+        for k, (bag, (target, series)) in enumerate(zip(bags, targets, strict=True)):
+            if not bagging and k > 0:
+                break
+            probs = _predict(model, target, series, mean, std, cfg.batch_size)
+            if k == 0 and target.labels is not None:  # the first target's loss per epoch, for the curves
+                rows = np.concatenate([target.series[i] for i in series])
+                record["val_loss"] = weighted_log_loss(target.labels[rows], probs[rows])
+            if bagging:
+                bag += probs
+        n_bagged += bagging
+        history.append(record)
+    return [bag / n_bagged for bag in bags], history
+
+
+def _inner_groups(feats: SliceFeatures, n: int, seed: int) -> np.ndarray:
+    """Inner fold of each series: fold k's patients split again by patient, stratified like the outer folds."""
+    frame = pd.DataFrame(feats.labels, columns=list(LABELS)).assign(PatientID=feats.patients)
+    n = min(n, frame.PatientID.nunique())
+    if n < 2:
+        raise InputError(f"lstm.inner_folds: the fold holds {frame.PatientID.nunique()} patient(s); need at least 2")
+    inner = assign_folds(frame, n, seed).to_numpy()
+    return np.array([inner[s[0]] for s in feats.series])
+
+
+def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
+    """Nested-CV LSTMs of ``cfg.fold`` on every embedded checkpoint; returns per-checkpoint OOF losses."""
+    lcfg = cfg.lstm
+    if not 0 < lcfg.bag_last <= lcfg.epochs:
+        raise InputError(f"lstm.bag_last={lcfg.bag_last}: must be between 1 and lstm.epochs={lcfg.epochs}")
+    out = run_dir(cfg)
+    folders = sorted(p.parent for p in (out / "embeddings").glob("epoch*/done"))
+    if not folders:
+        raise InputError(f"{out}/embeddings: no finished embeddings; run `make embed fold={cfg.fold}` first")
+    meta = pd.read_parquet(DataPaths(cfg.data.root).processed / "metadata.parquet")
+    results = {}
+    for folder in folders:
+        target = out / "lstm" / folder.name
+        oof_feats = load_features(folder, "oof", meta)
+        if oof_feats.labels is None:
+            raise InputError(f"{folder}: OOF rows without labels; the embeddings do not match the metadata")
+        cnn_loss = weighted_log_loss(oof_feats.labels, 1 / (1 + np.exp(-oof_feats.logits)))
+        if (target / "done").exists():
+            oof = pd.read_parquet(target / "oof.parquet").set_index("image_id").loc[oof_feats.ids, list(LABELS)]
+            results[folder.name] = {"cnn": cnn_loss, "lstm": weighted_log_loss(oof_feats.labels, oof.to_numpy())}
+            continue
+        test_feats = load_features(folder, "test", meta)
+        groups = _inner_groups(oof_feats, lcfg.inner_folds, cfg.seed)
+        all_series = np.arange(len(oof_feats.series))
+        oof = np.full((len(oof_feats.ids), N_LABELS), np.nan)
+        test = np.zeros((len(test_feats.ids), N_LABELS))
+        history = []
+        inner_folds = np.unique(groups)
+        for j in tqdm(inner_folds, desc=f"fold {cfg.fold} {folder.name} LSTM", leave=False, disable=not progress):
+            train_series, val_series = list(all_series[groups != j]), list(all_series[groups == j])
+            (val_pred, test_pred), hist = fit_predict(
+                oof_feats, train_series, [(oof_feats, val_series), (test_feats, list(range(len(test_feats.series))))],
+                lcfg, cfg.seed * 1000 + int(j))
+            rows = np.concatenate([oof_feats.series[i] for i in val_series])
+            oof[rows] = val_pred[rows]
+            test += test_pred / len(inner_folds)
+            history += [{"inner_fold": int(j), **h} for h in hist]
+        target.mkdir(parents=True, exist_ok=True)
+        for name, ids, probs in (("oof", oof_feats.ids, oof), ("test", test_feats.ids, test)):
+            with atomic_path(target / f"{name}.parquet") as tmp:
+                pd.DataFrame(probs.astype(np.float32), columns=list(LABELS)).assign(image_id=ids)[
+                    ["image_id", *LABELS]].to_parquet(tmp, index=False)
+        with atomic_path(target / "history.csv") as tmp:
+            pd.DataFrame(history).to_csv(tmp, index=False)
+        save_config(cfg, target / "config.yaml")
+        write_text_atomic(target / "done", f"{len(inner_folds)} inner folds\n")
+        results[folder.name] = {"cnn": cnn_loss, "lstm": weighted_log_loss(oof_feats.labels, oof)}
+    return results

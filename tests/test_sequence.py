@@ -1,0 +1,168 @@
+"""Stage 4: the sequence model's masking and neighbours, series order, nested folds without leakage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ichpipe import sequence
+from ichpipe.config import LstmConfig
+from ichpipe.embed import embed_fold
+from ichpipe.io import InputError
+from ichpipe.labels import LABELS
+from ichpipe.metrics import weighted_log_loss
+from ichpipe.sequence import SequenceModel, SliceFeatures, fit_predict, load_features, train_sequence_fold
+from ichpipe.train import train_fold
+
+from .conftest import _train_cfg
+
+
+def _model(seed=0, emb_dim=5):
+    torch.manual_seed(seed)
+    model = SequenceModel(emb_dim, reduce_dim=4, hidden=6, dropout=0.0).eval()
+    torch.nn.init.normal_(model.head.weight)  # trained-looking head: the LSTM output matters
+    return model
+
+
+def test_untrained_head_returns_the_cnn_logits():
+    torch.manual_seed(0)
+    model = SequenceModel(5, reduce_dim=4, hidden=6).eval()
+    emb, logits = torch.randn(2, 7, 5), torch.randn(2, 7, 6)
+    out = model(emb, logits, torch.tensor([7, 4]))
+    torch.testing.assert_close(out[0], logits[0])
+    torch.testing.assert_close(out[1, :4], logits[1, :4])
+    assert (out[1, 4:] == 0).all()  # padding gives zeros, not predictions
+
+
+def test_padding_never_changes_a_series_prediction():
+    model = _model()
+    emb, logits = torch.randn(1, 4, 5), torch.randn(1, 4, 6)
+    alone = model(emb, logits, torch.tensor([4]))
+    # The same series in a batch with a longer one, its padding filled with garbage.
+    emb2, logits2 = torch.randn(2, 9, 5) * 100, torch.randn(2, 9, 6) * 100
+    emb2[0, :4], logits2[0, :4] = emb[0], logits[0]
+    batched = model(emb2, logits2, torch.tensor([4, 9]))
+    torch.testing.assert_close(batched[0, :4], alone[0], rtol=1e-5, atol=1e-5)
+    assert (batched[0, 4:] == 0).all()
+
+
+def test_each_slice_sees_both_neighbours():
+    model = _model()
+    emb, logits, lengths = torch.randn(1, 6, 5), torch.randn(1, 6, 6), torch.tensor([6])
+    base = model(emb, logits, lengths)
+    for changed in (1, 4):  # a change at one slice moves the slices before and after it
+        emb2 = emb.clone()
+        emb2[0, changed] += 1.0
+        out = model(emb2, logits, lengths)
+        assert not torch.allclose(out[0, changed - 1], base[0, changed - 1])
+        assert not torch.allclose(out[0, changed + 1], base[0, changed + 1])
+
+
+def _series_features(rng, n_series=48, dim=8):
+    """Series with bleeds over consecutive slices; the 'CNN' sees each slice with independent noise."""
+    ids, emb, logits, labels, patients, series = [], [], [], [], [], []
+    row = 0
+    for s in range(n_series):
+        n = int(rng.integers(10, 20))
+        y = np.zeros((n, 6), np.float32)
+        if s % 2:
+            start = int(rng.integers(0, n - 5))
+            y[start:start + 5, [1, 5]] = 1  # intraparenchymal + any over five slices
+        noisy = y[:, 5] * 2 - 1 + rng.normal(0, 1.5, n)  # a weak per-slice signal
+        e = rng.normal(0, 1, (n, dim)).astype(np.float32)
+        e[:, 0] = noisy
+        lg = np.tile(noisy[:, None] * 1.2 - 1.5, (1, 6)).astype(np.float32)
+        ids += [f"ID_{row + i:09x}" for i in range(n)]
+        emb.append(e)
+        logits.append(lg)
+        labels.append(y)
+        patients += [f"P{s}"] * n
+        series.append(np.arange(row, row + n))
+        row += n
+    return SliceFeatures(np.array(ids), np.concatenate(emb), np.concatenate(logits), np.concatenate(labels),
+                         np.array(patients), series)
+
+
+def test_lstm_learns_from_neighbouring_slices():
+    feats = _series_features(np.random.default_rng(0))
+    train, val = list(range(36)), list(range(36, 48))
+    cfg = LstmConfig(reduce_dim=8, hidden=16, epochs=25, bag_last=5, batch_size=4, lr=5e-3, dropout=0.1)
+    (pred,), history = fit_predict(feats, train, [(feats, val)], cfg, seed=1)
+    rows = np.concatenate([feats.series[i] for i in val])
+    assert np.isnan(pred[np.concatenate([feats.series[i] for i in train])]).all()  # only the targets are predicted
+    cnn = weighted_log_loss(feats.labels[rows], 1 / (1 + np.exp(-feats.logits[rows])))
+    lstm = weighted_log_loss(feats.labels[rows], pred[rows])
+    assert lstm < 0.7 * cnn, (lstm, cnn)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert len(history) == 25 and "val_loss" in history[0]
+
+
+@pytest.fixture(scope="module")
+def embedded(processed):
+    """A fold with at least two patients (the tiny set has 1-2 per fold), trained and embedded."""
+    root, _, meta = processed
+    patients = meta.groupby("fold").PatientID.nunique()
+    assert patients.max() >= 2
+    fold = int(patients.idxmax())
+    cfg = _train_cfg(root, "lstm", "train.epochs=1", "embed.tta=[none]", "lstm.epochs=3", "lstm.bag_last=2",
+                     "lstm.inner_folds=2", f"fold={fold}")
+    train_fold(cfg, progress=False)
+    embed_fold(cfg, progress=False)
+    return root, meta, cfg
+
+
+def test_features_are_series_in_z_order(embedded):
+    root, meta, cfg = embedded
+    feats = load_features(root / "runs" / "lstm" / f"fold{cfg.fold}" / "embeddings" / "epoch00", "oof", meta)
+    rows = np.concatenate(feats.series)
+    assert sorted(rows) == list(range(len(feats.ids)))  # every slice in exactly one series
+    by_id = meta.set_index("image_id")
+    for s in feats.series:
+        part = by_id.loc[feats.ids[s]]
+        assert part.SeriesInstanceUID.nunique() == 1
+        assert (np.diff(part.z.to_numpy()) > 0).all()  # ordered by position, not by file name
+        assert len(s) == part.series_length.iloc[0]
+
+
+def test_nested_folds_never_train_on_the_predicted_patient(embedded, monkeypatch):
+    root, meta, cfg = embedded
+    calls = []
+    real = sequence.fit_predict
+
+    def spy(feats, train_series, targets, lcfg, seed):
+        train_patients = {feats.patients[feats.series[i][0]] for i in train_series}
+        val_patients = {feats.patients[feats.series[i][0]] for i in targets[0][1]}
+        calls.append((train_patients, val_patients))
+        return real(feats, train_series, targets, lcfg, seed)
+
+    monkeypatch.setattr(sequence, "fit_predict", spy)
+    results = train_sequence_fold(cfg, progress=False)
+    fold_patients = set(meta[meta.fold == cfg.fold].PatientID)
+    assert len(calls) == 2
+    for train_patients, val_patients in calls:
+        assert train_patients and val_patients and not train_patients & val_patients
+        assert train_patients | val_patients == fold_patients  # only the fold's own (held-out) patients
+    out = root / "runs" / "lstm" / f"fold{cfg.fold}" / "lstm" / "epoch00"
+    oof = pd.read_parquet(out / "oof.parquet")
+    assert sorted(oof.image_id) == sorted(meta[meta.fold == cfg.fold].image_id)
+    assert not oof[list(LABELS)].isna().any().any()
+    test = pd.read_parquet(out / "test.parquet")
+    assert sorted(test.image_id) == sorted(meta[meta.split == "test"].image_id)
+    truth = meta.set_index("image_id").loc[oof.image_id, list(LABELS)].to_numpy()
+    assert results["epoch00"]["lstm"] == pytest.approx(weighted_log_loss(truth, oof[list(LABELS)].to_numpy()))
+    history = pd.read_csv(out / "history.csv")
+    assert sorted(history.inner_fold.unique()) == [0, 1] and len(history) == 6
+    calls.clear()
+    again = train_sequence_fold(cfg, progress=False)["epoch00"]  # done: read back, not retrained
+    assert again == pytest.approx(results["epoch00"], rel=1e-6)
+    assert calls == []
+
+
+def test_missing_embeddings_and_bad_bagging_are_clear_errors(processed):
+    root, _, _ = processed
+    with pytest.raises(InputError, match="no finished embeddings; run `make embed fold=0` first"):
+        train_sequence_fold(_train_cfg(root, "never_embedded"), progress=False)
+    with pytest.raises(InputError, match="lstm.bag_last=9: must be between 1 and lstm.epochs=3"):
+        train_sequence_fold(_train_cfg(root, "x", "lstm.epochs=3", "lstm.bag_last=9"), progress=False)
