@@ -1,4 +1,4 @@
-"""Kaggle submission files: write them and validate them against the sample submission.
+"""Kaggle submission files: write them, validate them against the sample submission, upload them.
 
     python -m ichpipe.submission validate FILE --sample data/stage_2_sample_submission.csv
 """
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,6 +84,46 @@ def validate_submission(path: str | os.PathLike, sample_path: str | os.PathLike)
     problems = check_submission(path, sample_path)
     if problems:
         raise SubmissionError(path, problems)
+
+
+def kaggle_credentials(env: dict | None = None) -> str | None:
+    """Where the official ``kaggle`` CLI would find an API token (never its value), or None.
+
+    Same order as the CLI: ``KAGGLE_USERNAME`` + ``KAGGLE_KEY`` in the environment, else
+    ``kaggle.json`` in ``$KAGGLE_CONFIG_DIR``, ``~/.kaggle`` or ``$XDG_CONFIG_HOME/kaggle``.
+    """
+    env = os.environ if env is None else env
+    if env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY"):
+        return "the KAGGLE_USERNAME and KAGGLE_KEY environment variables"
+    home = Path(env.get("HOME") or Path.home())
+    if env.get("KAGGLE_CONFIG_DIR"):
+        candidates = [Path(env["KAGGLE_CONFIG_DIR"])]
+    else:
+        candidates = [home / ".kaggle", Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "kaggle"]
+    for folder in candidates:
+        if (folder / "kaggle.json").is_file():
+            return str(folder / "kaggle.json")
+    return None
+
+
+NO_CREDENTIALS = ("no Kaggle API token: create one at kaggle.com > Settings > API > Create New Token and save "
+                  "kaggle.json as ~/.kaggle/kaggle.json (chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY")
+
+
+def submit_to_kaggle(path: str | os.PathLike, sample_path: str | os.PathLike, competition: str,
+                     message: str) -> int:
+    """Validate ``path``, then upload it with ``kaggle competitions submit``; returns the CLI's exit code.
+
+    The CLI reads the token itself: this function only checks that one exists, and never reads,
+    prints or copies it.
+    """
+    validate_submission(path, sample_path)
+    if kaggle_credentials() is None:
+        raise InputError(NO_CREDENTIALS)
+    exe = shutil.which("kaggle") or shutil.which("kaggle", path=str(Path(sys.executable).parent))
+    if exe is None:
+        raise InputError("the kaggle CLI is not installed; run `make setup`")
+    return subprocess.run([exe, "competitions", "submit", "-c", competition, "-f", str(path), "-m", message]).returncode
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Upload a submission to Kaggle with the official CLI (`kaggle competitions submit`).
+
+    python scripts/06_submit.py --config configs/cnn/cpu_small.yaml [--file submissions/X.csv.gz]
+
+Default file: the newest final-blend submission of the experiment in blend.out_dir. The message
+names the experiment, the model, the OOF score and the git commit (from the YAML beside the file).
+The file is validated first; the API token is read by the kaggle CLI only.
+"""
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from ichpipe.blend import submissions_dir
+from ichpipe.cli import stage_main
+from ichpipe.io import InputError
+from ichpipe.paths import DataPaths
+from ichpipe.submission import submit_to_kaggle
+
+
+def add_arguments(parser):
+    parser.add_argument("--file", help="the submission to upload (default: the experiment's newest)")
+
+
+def run(cfg, args):
+    if args.file:
+        path = Path(args.file)
+    else:
+        found = sorted(p for p in submissions_dir(cfg).glob(f"*_{cfg.experiment}_cv*.csv.gz"))
+        if not found:
+            raise InputError(f"{submissions_dir(cfg)}: no submission of experiment {cfg.experiment!r}; "
+                             "run `make submission` first")
+        path = max(found, key=lambda p: p.stat().st_mtime)
+    info_path = path.with_name(path.name.removesuffix(".csv.gz").removesuffix(".csv") + ".yaml")
+    info = yaml.safe_load(info_path.read_text()) if info_path.exists() else {}
+    cv = info.get("cv", {}).get("oof", {}).get("weighted")
+    message = f"ichpipe {info.get('experiment', cfg.experiment)}: {info.get('model', 'submission')}" + (
+        f", OOF {cv:.4f}" if cv is not None else "") + (
+        f", git {info['git']['commit'][:10]}" if info.get("git", {}).get("commit") else "")
+    print(f"uploading {path} to {cfg.blend.competition}: {message!r}")
+    code = submit_to_kaggle(path, DataPaths(cfg.data.root).sample_submission_csv, cfg.blend.competition, message)
+    if code:
+        print(f"error: kaggle competitions submit exited with {code}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main(__doc__, run, add_arguments))

@@ -1,0 +1,243 @@
+"""Stage 5: average TTA views, bags (epoch checkpoints) and folds; score out-of-fold; write submissions.
+
+Reads, per fold k of ``runs/<experiment>/``: the CNN logits of ``fold<k>/embeddings/epoch<NN>/``
+(already averaged over the TTA views by stage 3) and the LSTM probabilities of
+``fold<k>/lstm/epoch<NN>/``. Probabilities are averaged over epochs with ``blend.epoch_weights``
+(OOF: each row comes from its own fold; test: averaged over folds with ``blend.fold_weights``) and
+clipped to ``[blend.clip, 1 - blend.clip]``.
+
+Rows of the CV table: ``prior`` (each fold's training prevalence for every slice), ``cnn_single``
+(the last epoch only), ``cnn_bagged``, ``lstm`` and ``blend`` (``lstm_weight`` x LSTM + the rest x
+CNN bagged). Writes::
+
+    runs/<experiment>/cv.md, cv.json          the CV table (OOF; test too when an answer key exists)
+    runs/<experiment>/oof_predictions.parquet image_id, model, six probabilities (for the report)
+    submissions/<date>_<experiment>_cv<oof>.csv.gz      the final blend, validated; .yaml beside it
+    submissions/<date>_<experiment>-cnn_cv<oof>.csv.gz  the CNN-only blend, to compare
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from ichpipe.config import REPO_ROOT, Config, to_dict
+from ichpipe.io import InputError, atomic_path, long_to_wide, read_long_csv, write_text_atomic
+from ichpipe.labels import ABBREVIATIONS, LABELS
+from ichpipe.metrics import per_class_log_loss, weighted_log_loss
+from ichpipe.paths import DataPaths
+from ichpipe.submission import SubmissionError, check_submission, write_submission
+from ichpipe.train import run_dir
+
+MODELS = ("prior", "cnn_single", "cnn_bagged", "lstm", "blend")
+
+
+@dataclass
+class Predictions:
+    """OOF and test probabilities (image_id index, six label columns) of each model."""
+
+    oof: dict[str, pd.DataFrame] = field(default_factory=dict)
+    test: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _cnn_probs(folder: Path, name: str) -> pd.DataFrame:
+    ids = pd.read_csv(folder / f"{name}_ids.csv").image_id
+    return pd.DataFrame(_sigmoid(np.load(folder / f"{name}_logits.npy").astype(np.float64)),
+                        index=pd.Index(ids, name="image_id"), columns=list(LABELS))
+
+
+def _lstm_probs(folder: Path, name: str) -> pd.DataFrame:
+    return pd.read_parquet(folder / f"{name}.parquet").set_index("image_id")[list(LABELS)].astype(np.float64)
+
+
+def weighted_mean(frames: list[pd.DataFrame], weights: list[float]) -> pd.DataFrame:
+    """Row-aligned weighted mean of frames that hold the same image ids."""
+    if sum(weights) <= 0:
+        raise InputError(f"blend: weights {weights} must sum to more than 0")
+    base = frames[0]
+    total = sum(w * f.loc[base.index].to_numpy() for f, w in zip(frames, weights, strict=True))
+    return pd.DataFrame(total / sum(weights), index=base.index, columns=base.columns)
+
+
+def _finished(folder: Path) -> list[Path]:
+    return sorted(p.parent for p in folder.glob("epoch*/done"))
+
+
+def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
+    """Every model's OOF and test probabilities from the experiment's run folders, and what was used."""
+    bcfg = cfg.blend
+    folds = sorted(int(k) for k in meta.fold.dropna().unique())
+    per_fold: dict[str, list[pd.DataFrame]] = {m: [] for m in MODELS}
+    tests: dict[str, list[pd.DataFrame]] = {m: [] for m in MODELS}
+    used: dict = {"folds": folds, "cnn_epochs": {}, "lstm_epochs": {}}
+    labelled = meta[meta.fold.notna()].set_index("image_id")
+    has_lstm = [bool(_finished(run_dir(cfg, k) / "lstm")) for k in folds]
+    if any(has_lstm) and not all(has_lstm):
+        missing = [k for k, h in zip(folds, has_lstm, strict=True) if not h]
+        raise InputError(f"{run_dir(cfg, missing[0]).parent}: no LSTM output for fold(s) {missing}; "
+                         f"run `make lstm fold={missing[0]}` (or remove every fold's lstm/ for a CNN-only blend)")
+    for k in folds:
+        emb_dirs = _finished(run_dir(cfg, k) / "embeddings")
+        if not emb_dirs:
+            raise InputError(f"{run_dir(cfg, k)}/embeddings: no finished embeddings; run `make embed fold={k}`")
+        epochs = [int(d.name[5:]) for d in emb_dirs]
+        weights = [bcfg.epoch_weights.get(e, 1.0) for e in epochs]
+        used["cnn_epochs"][k] = epochs
+        for name, bucket in (("oof", per_fold), ("test", tests)):
+            cnn = [_cnn_probs(d, name) for d in emb_dirs]
+            bucket["cnn_single"].append(cnn[-1])
+            bucket["cnn_bagged"].append(weighted_mean(cnn, weights))
+        train_rows = labelled[labelled.fold != k]
+        prior = train_rows[list(LABELS)].mean().to_numpy()
+        for bucket in (per_fold, tests):
+            index = bucket["cnn_single"][-1].index
+            bucket["prior"].append(pd.DataFrame(np.tile(prior, (len(index), 1)), index=index, columns=list(LABELS)))
+        if all(has_lstm):
+            lstm_dirs = _finished(run_dir(cfg, k) / "lstm")
+            lstm_epochs = [int(d.name[5:]) for d in lstm_dirs]
+            used["lstm_epochs"][k] = lstm_epochs
+            lweights = [bcfg.epoch_weights.get(e, 1.0) for e in lstm_epochs]
+            for name, bucket in (("oof", per_fold), ("test", tests)):
+                bucket["lstm"].append(weighted_mean([_lstm_probs(d, name) for d in lstm_dirs], lweights))
+    preds = Predictions()
+    fold_w = [bcfg.fold_weights.get(k, 1.0) for k in folds]
+    models = [m for m in MODELS if m != "blend" and per_fold[m]]
+    for m in models:
+        preds.oof[m] = pd.concat(per_fold[m])
+        preds.test[m] = weighted_mean(tests[m], fold_w)
+    for where in (preds.oof, preds.test):
+        if "lstm" in where:
+            w = bcfg.lstm_weight
+            where["blend"] = w * where["lstm"] + (1 - w) * where["cnn_bagged"].loc[where["lstm"].index]
+        else:
+            where["blend"] = where["cnn_bagged"]
+        for m in where:
+            where[m] = where[m].clip(bcfg.clip, 1 - bcfg.clip)
+    return preds, used
+
+
+def score(preds: dict[str, pd.DataFrame], truth: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Weighted log loss and per-class loss of each model on the images of ``truth``."""
+    out = {}
+    for name, p in preds.items():
+        common = truth.index.intersection(p.index)
+        y, q = truth.loc[common, list(LABELS)].to_numpy(), p.loc[common].to_numpy()
+        out[name] = {"weighted": weighted_log_loss(y, q), **per_class_log_loss(y, q), "n_images": len(common)}
+    return out
+
+
+def format_table(scores: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The CV table as Markdown: one block per scored set, one row per model."""
+    header = "| model | weighted | " + " | ".join(ABBREVIATIONS[c] for c in LABELS) + " | images |"
+    lines = []
+    for where, rows in scores.items():
+        lines += [f"**{where}**", "", header, "|" + "---|" * (len(LABELS) + 3)]
+        for model, s in rows.items():
+            cells = " | ".join(f"{s[c]:.4f}" for c in LABELS)
+            lines.append(f"| {model} | {s['weighted']:.4f} | {cells} | {s['n_images']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def git_state() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+def _run_configs(cfg: Config, folds: list[int]) -> dict:
+    """The resolved CNN and LSTM configs of the runs: one copy when the folds differ only in ``fold``."""
+    out = {}
+    for kind in ("cnn", "lstm"):
+        per_fold = {}
+        for k in folds:
+            folder = run_dir(cfg, k)
+            if kind == "lstm":
+                folder = next(iter(_finished(folder / "lstm")), None)
+            if folder is not None and (folder / "config.yaml").exists():
+                per_fold[k] = yaml.safe_load((folder / "config.yaml").read_text())
+        stripped = [{key: v for key, v in c.items() if key not in ("fold", "resume")} for c in per_fold.values()]
+        if stripped and all(s == stripped[0] for s in stripped):
+            out[kind] = stripped[0]
+        elif per_fold:
+            out[kind] = {f"fold{k}": c for k, c in per_fold.items()}
+    return out
+
+
+def submissions_dir(cfg: Config) -> Path:
+    out = Path(cfg.blend.out_dir)
+    return out if out.is_absolute() else REPO_ROOT / out
+
+
+def _write_checked(pred: pd.DataFrame, path: Path, sample: Path) -> None:
+    """Write ``pred`` as a submission; the file only appears under ``path`` if it passes validation."""
+    with atomic_path(path) as tmp:
+        write_submission(pred, tmp)
+        problems = check_submission(tmp, sample)
+        if problems:
+            raise SubmissionError(path, problems)
+
+
+def _test_frame(pred: pd.DataFrame, sample_ids: pd.Index, fill: np.ndarray) -> tuple[pd.DataFrame, int]:
+    """Predictions for every image of the sample submission; images without one get ``fill`` (the prior)."""
+    out = pred.reindex(sample_ids)
+    missing = ~sample_ids.isin(pred.index)  # a NaN prediction stays NaN: validation must refuse it
+    out.loc[missing] = fill
+    return out, int(missing.sum())
+
+
+def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
+    """Blend, score, write the CV table and both submissions; returns paths and scores."""
+    paths = DataPaths(cfg.data.root)
+    meta_path = paths.processed / "metadata.parquet"
+    if not meta_path.exists():
+        raise InputError(f"{meta_path}: not found; run `make preprocess` first")
+    meta = pd.read_parquet(meta_path)
+    preds, used = collect(cfg, meta)
+    truth_oof = meta[meta.fold.notna()].set_index("image_id")[list(LABELS)]
+    scores = {"oof": score(preds.oof, truth_oof)}
+    if paths.test_labels_csv.exists():  # the synthetic set's answer key
+        truth_test = long_to_wide(read_long_csv(paths.test_labels_csv), paths.test_labels_csv)
+        scores["test"] = score(preds.test, truth_test)
+    exp_dir = run_dir(cfg, 0).parent
+    write_text_atomic(exp_dir / "cv.md", f"# CV: {cfg.experiment}\n\n" + format_table(scores))
+    write_text_atomic(exp_dir / "cv.json", json.dumps({**scores, "used": used}, indent=2) + "\n")
+    with atomic_path(exp_dir / "oof_predictions.parquet") as tmp:
+        pd.concat([p.assign(model=m) for m, p in preds.oof.items()]).reset_index()[
+            ["image_id", "model", *LABELS]].to_parquet(tmp, index=False)
+
+    if not paths.sample_submission_csv.exists():
+        raise InputError(f"{paths.sample_submission_csv}: not found; it lists the test images to predict")
+    sample_ids = pd.Index(read_long_csv(paths.sample_submission_csv).image_id.unique(), name="image_id")
+    out_dir = submissions_dir(cfg)
+    date = (today or dt.date.today()).isoformat()
+    prior = truth_oof.mean().to_numpy()
+    written = {}
+    for model, suffix in (("blend", ""), ("cnn_bagged", "-cnn")):
+        cv = scores["oof"][model]["weighted"]
+        path = out_dir / f"{date}_{cfg.experiment}{suffix}_cv{cv:.4f}.csv.gz"
+        test, filled = _test_frame(preds.test[model], sample_ids, prior)
+        _write_checked(test, path, paths.sample_submission_csv)
+        info = {"file": path.name, "experiment": cfg.experiment, "model": model, "created": dt.datetime.now().isoformat(
+            timespec="seconds"), "git": git_state(), "cv": {w: s[model] for w, s in scores.items()},
+            "cv_table": {w: {m: s[m]["weighted"] for m in s} for w, s in scores.items()},
+            "images_filled_with_prior": filled, "used": used,
+            "configs": {"blend": to_dict(cfg), **_run_configs(cfg, used["folds"])}}
+        write_text_atomic(path.with_name(path.name.removesuffix(".csv.gz") + ".yaml"),
+                          yaml.safe_dump(info, sort_keys=False))
+        written[model] = {"path": str(path), "cv": cv, "filled": filled}
+    return {"scores": scores, "written": written, "table": format_table(scores), "cv_dir": str(exp_dir)}

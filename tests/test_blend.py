@@ -1,0 +1,228 @@
+"""Stage 5: fold/bag averaging, the CV table, validated submissions with their YAML, `make submit`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from ichpipe.blend import run_blend, weighted_mean
+from ichpipe.config import load_config, save_config
+from ichpipe.io import InputError, wide_to_long
+from ichpipe.labels import LABELS
+from ichpipe.metrics import weighted_log_loss
+from ichpipe.submission import NO_CREDENTIALS, SubmissionError, kaggle_credentials, submit_to_kaggle
+
+REPO = Path(__file__).resolve().parents[1]
+L = list(LABELS)
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def _frame(ids, values):
+    return pd.DataFrame(values, index=pd.Index(ids, name="image_id"), columns=L)
+
+
+def _experiment(root: Path, rng, n_folds=2, epochs=(0, 1), lstm=True, extra_sample_ids=()):
+    """A fake experiment: metadata, per-fold CNN logits and LSTM probabilities with known values."""
+    rows = []
+    for p in range(8):
+        split = "test" if p >= 6 else "train"
+        for s in range(5):
+            y = rng.integers(0, 2, 6).astype(float) if split == "train" else [np.nan] * 6
+            rows.append({"image_id": f"ID_{p:04x}{s:05x}", "split": split, "PatientID": f"P{p}", "slice_index": s,
+                         **dict(zip(L, y, strict=True)), "fold": p % n_folds if split == "train" else pd.NA})
+    meta = pd.DataFrame(rows)
+    meta["fold"] = meta.fold.astype("Int64")
+    (root / "processed").mkdir(parents=True)
+    meta.to_parquet(root / "processed" / "metadata.parquet")
+    test_ids = meta[meta.split == "test"].image_id.tolist()
+    truth = _frame(test_ids, rng.integers(0, 2, (len(test_ids), 6)).astype(float))
+    wide_to_long(truth).to_csv(root / "synthetic_test_labels.csv", index=False)
+    sample = wide_to_long(_frame([*test_ids, *extra_sample_ids], 0.5))
+    sample.to_csv(root / "stage_2_sample_submission.csv", index=False)
+    cfg = load_config(overrides=[f"data.root={root}", "experiment=exp", f"blend.out_dir={root / 'subs'}"])
+    known = {"cnn": {}, "lstm": {}}
+    for k in range(n_folds):
+        run = root / "runs" / "exp" / f"fold{k}"
+        run.mkdir(parents=True)
+        cfg.fold = k
+        save_config(cfg, run / "config.yaml")
+        sets = {"oof": meta[meta.fold == k].image_id.tolist(), "test": test_ids}
+        for e in epochs:
+            folder = run / "embeddings" / f"epoch{e:02d}"
+            folder.mkdir(parents=True)
+            for name, ids in sets.items():
+                logits = rng.normal(0, 2, (len(ids), 6)).astype(np.float32)
+                pd.DataFrame({"image_id": ids}).to_csv(folder / f"{name}_ids.csv", index=False)
+                np.save(folder / f"{name}_logits.npy", logits)
+                known["cnn"][k, e, name] = _frame(ids, _sigmoid(logits.astype(np.float64)))
+            (folder / "done").write_text("none\n")
+            if lstm:
+                folder = run / "lstm" / f"epoch{e:02d}"
+                folder.mkdir(parents=True)
+                for name, ids in sets.items():
+                    probs = rng.uniform(0.01, 0.99, (len(ids), 6)).astype(np.float32)
+                    pd.DataFrame(probs, columns=L).assign(image_id=ids).to_parquet(folder / f"{name}.parquet")
+                    known["lstm"][k, e, name] = _frame(ids, probs.astype(np.float64))
+                save_config(cfg, folder / "config.yaml")
+                (folder / "done").write_text("2 inner folds\n")
+    cfg.fold = 0
+    return cfg, meta, truth, known
+
+
+def test_weighted_mean_aligns_rows_by_image_id():
+    a = _frame(["x", "y"], [[0.2] * 6, [0.4] * 6])
+    b = _frame(["y", "x"], [[1.0] * 6, [0.8] * 6])
+    out = weighted_mean([a, b], [1.0, 3.0])
+    np.testing.assert_allclose(out.loc["x"], 0.25 * 0.2 + 0.75 * 0.8)
+    np.testing.assert_allclose(out.loc["y"], 0.25 * 0.4 + 0.75 * 1.0)
+    with pytest.raises(InputError, match="must sum to more than 0"):
+        weighted_mean([a, b], [0.0, 0.0])
+
+
+def test_blend_scores_every_model_and_writes_validated_submissions(tmp_path):
+    root = tmp_path / "root"
+    cfg, meta, truth, known = _experiment(root, np.random.default_rng(0), extra_sample_ids=["ID_unreadable"])
+    cfg.blend.epoch_weights = {0: 1.0, 1: 3.0}
+    cfg.blend.lstm_weight = 0.6
+    cfg.blend.clip = 1e-3
+    result = run_blend(cfg, today=dt.date(2026, 11, 23))
+
+    labelled = meta[meta.fold.notna()].set_index("image_id")
+    clip = (1e-3, 1 - 1e-3)
+    bag = {kind: {(k, name): (known[kind][k, 0, name] + 3 * known[kind][k, 1, name]) / 4
+                  for k in range(2) for name in ("oof", "test")} for kind in ("cnn", "lstm")}
+    oof = {
+        "prior": pd.concat([_frame(labelled.index[labelled.fold == k],
+                                   np.tile(labelled[labelled.fold != k][L].mean().to_numpy(), (5 * 3, 1)))
+                            for k in range(2)]),
+        "cnn_single": pd.concat([known["cnn"][k, 1, "oof"] for k in range(2)]),
+        "cnn_bagged": pd.concat([bag["cnn"][k, "oof"] for k in range(2)]),
+        "lstm": pd.concat([bag["lstm"][k, "oof"] for k in range(2)]),
+    }
+    oof["blend"] = 0.6 * oof["lstm"] + 0.4 * oof["cnn_bagged"]
+    cv = json.loads((root / "runs" / "exp" / "cv.json").read_text())
+    for model, pred in oof.items():
+        y = labelled.loc[pred.index, L].to_numpy()
+        expected = weighted_log_loss(y, pred.clip(*clip).to_numpy())
+        assert cv["oof"][model]["weighted"] == pytest.approx(expected, rel=1e-6), model
+        assert cv["oof"][model]["n_images"] == 30
+    test_blend = (0.6 * (bag["lstm"][0, "test"] + bag["lstm"][1, "test"]) / 2
+                  + 0.4 * (bag["cnn"][0, "test"] + bag["cnn"][1, "test"]) / 2).clip(*clip)
+    assert cv["test"]["blend"]["weighted"] == pytest.approx(
+        weighted_log_loss(truth[L].to_numpy(), test_blend.loc[truth.index].to_numpy()), rel=1e-6)
+    assert cv["used"]["cnn_epochs"] == {"0": [0, 1], "1": [0, 1]}
+    table = (root / "runs" / "exp" / "cv.md").read_text()
+    assert f"| lstm | {cv['oof']['lstm']['weighted']:.4f} |" in table and "**test**" in table
+
+    score = cv["oof"]["blend"]["weighted"]
+    final = root / "subs" / f"2026-11-23_exp_cv{score:.4f}.csv.gz"
+    assert result["written"]["blend"]["path"] == str(final)
+    with gzip.open(final, "rt") as f:
+        sub = pd.read_csv(f).set_index("ID").Label
+    assert len(sub) == 6 * 11
+    for image_id in truth.index[:3]:
+        for label in L:
+            assert sub[f"{image_id}_{label}"] == pytest.approx(test_blend.loc[image_id, label], rel=1e-5)
+    prior = labelled[L].mean()
+    assert sub["ID_unreadable_any"] == pytest.approx(prior["any"], rel=1e-5)  # no prediction: the prior
+    assert result["written"]["blend"]["filled"] == 1
+    info = yaml.safe_load(final.with_name(final.name.replace(".csv.gz", ".yaml")).read_text())
+    assert info["model"] == "blend" and info["cv"]["oof"]["weighted"] == pytest.approx(score)
+    assert len(info["git"]["commit"]) == 40 and info["configs"]["cnn"]["experiment"] == "exp"
+    assert info["configs"]["blend"]["blend"]["lstm_weight"] == 0.6
+    cnn = root / "subs" / f"2026-11-23_exp-cnn_cv{cv['oof']['cnn_bagged']['weighted']:.4f}.csv.gz"
+    assert cnn.exists() and cnn.with_name(cnn.name.replace(".csv.gz", ".yaml")).exists()
+    preds = pd.read_parquet(root / "runs" / "exp" / "oof_predictions.parquet")
+    assert sorted(preds.model.unique()) == sorted(oof)
+
+
+def test_blend_without_lstm_and_with_a_missing_fold(tmp_path):
+    cfg, *_ = _experiment(tmp_path / "a", np.random.default_rng(1), lstm=False)
+    cv = run_blend(cfg)["scores"]["oof"]
+    assert "lstm" not in cv and cv["blend"]["weighted"] == cv["cnn_bagged"]["weighted"]
+    cfg, *_ = _experiment(tmp_path / "b", np.random.default_rng(1))
+    for p in (tmp_path / "b" / "runs" / "exp" / "fold1" / "lstm").glob("*/done"):
+        p.unlink()
+    with pytest.raises(InputError, match=r"no LSTM output for fold\(s\) \[1\]; run `make lstm fold=1`"):
+        run_blend(cfg)
+
+
+def test_an_invalid_submission_is_never_left_behind(tmp_path):
+    root = tmp_path / "root"
+    cfg, *_ = _experiment(root, np.random.default_rng(2))
+    logits = root / "runs" / "exp" / "fold0" / "embeddings" / "epoch01" / "test_logits.npy"
+    bad = np.load(logits)
+    bad[0, 0] = np.nan
+    np.save(logits, bad)
+    cfg.blend.lstm_weight = 0.0  # the final blend is the CNN: its NaN reaches the submission
+    with pytest.raises(SubmissionError, match="empty, NaN or non-numeric labels"):
+        run_blend(cfg)
+    assert not list((root / "subs").glob("*.csv.gz")) and not list((root / "subs").glob(".*"))
+
+
+def _fake_kaggle(folder: Path) -> Path:
+    """A stand-in for the kaggle CLI that records its arguments."""
+    exe = folder / "kaggle"
+    exe.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                   f"open({str(folder / 'args.json')!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return exe
+
+
+def test_credentials_are_found_where_the_cli_looks(tmp_path):
+    assert kaggle_credentials({"HOME": str(tmp_path)}) is None
+    assert kaggle_credentials({"HOME": str(tmp_path), "KAGGLE_USERNAME": "u", "KAGGLE_KEY": "k"}).startswith("the KAGGLE")
+    (tmp_path / ".config" / "kaggle").mkdir(parents=True)
+    (tmp_path / ".config" / "kaggle" / "kaggle.json").write_text("{}")
+    assert kaggle_credentials({"HOME": str(tmp_path)}) == str(tmp_path / ".config" / "kaggle" / "kaggle.json")
+
+
+def test_submit_script(tmp_path):
+    root = tmp_path / "root"
+    cfg, *_ = _experiment(root, np.random.default_rng(3))
+    run_blend(cfg, today=dt.date(2026, 11, 23))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_kaggle(bin_dir)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE")}
+    env.update(HOME=str(home), PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
+    args = [sys.executable, str(REPO / "scripts" / "06_submit.py"), f"data.root={root}", "experiment=exp",
+            f"blend.out_dir={root / 'subs'}"]
+    res = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO)
+    assert res.returncode == 2 and res.stderr.strip() == f"error: {NO_CREDENTIALS}"
+    assert not (bin_dir / "args.json").exists()
+
+    secret = "0123456789abcdef-secret"
+    res = subprocess.run(args, capture_output=True, text=True, env={**env, "KAGGLE_USERNAME": "me", "KAGGLE_KEY": secret},
+                         cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert secret not in res.stdout + res.stderr
+    sent = json.loads((bin_dir / "args.json").read_text())
+    final = next(p for p in (root / "subs").glob("*_exp_cv*.csv.gz"))
+    assert sent[:6] == ["competitions", "submit", "-c", "rsna-intracranial-hemorrhage-detection", "-f", str(final)]
+    assert sent[6] == "-m" and sent[7].startswith("ichpipe exp: blend, OOF ")
+
+
+def test_submit_refuses_an_invalid_file(tmp_path):
+    sample = tmp_path / "sample.csv"
+    wide_to_long(_frame(["ID_a", "ID_b"], 0.5)).to_csv(sample, index=False)
+    sub = tmp_path / "sub.csv"
+    wide_to_long(_frame(["ID_a"], 0.5)).to_csv(sub, index=False)
+    with pytest.raises(SubmissionError, match="6 IDs of the sample submission are missing: ID_b_any"):
+        submit_to_kaggle(sub, sample, "rsna-intracranial-hemorrhage-detection", "m")
