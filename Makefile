@@ -1,21 +1,22 @@
 # ichpipe: the pipeline is this file. Every stage target takes
 #   DATA_DIR=...  the competition files as Kaggle unzips them (default: data, the synthetic set)
 #   WORKERS=N     worker processes (default 0 = every core)
-#   CONFIG=...    a YAML in configs/ (default configs/default.yaml)
-# and any dotted config override, e.g. `make preprocess preprocess.size=256`.
+#   CONFIG=...    the experiment's YAML in configs/ (default configs/cnn/cpu_small.yaml: the CPU demo)
+# and any dotted config override, e.g. `make preprocess preprocess.size=256`. Every stage of one
+# experiment takes the same CONFIG.
 
 PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 DATA_DIR ?= data
 WORKERS  ?= 0
-CONFIG   ?= configs/default.yaml
+CONFIG   ?= configs/cnn/cpu_small.yaml
 
 # Dotted overrides given on the make command line (lower-case keys) go to the scripts as they are.
-OVERRIDES := $(filter-out DATA_DIR=% WORKERS=% CONFIG=% TRAIN_CONFIG=% PYTHON=% VENV=% GPUS=% SHARD=% N=%,$(MAKEOVERRIDES))
+OVERRIDES := $(filter-out DATA_DIR=% WORKERS=% CONFIG=% PYTHON=% VENV=% PY=% GPUS=% SHARD=% N=% FILE=%,$(MAKEOVERRIDES))
 STAGE_ARGS = --config $(CONFIG) data.root=$(DATA_DIR) data.workers=$(WORKERS) $(OVERRIDES)
 
-.PHONY: help setup demo synthetic preprocess train embed eda test lint bench bench-preprocess bench-train clean-data
+.PHONY: help setup demo synthetic preprocess train embed lstm submission submit eda test lint bench bench-preprocess bench-train clean-data
 
 help:
 	@echo "make demo        set up, generate the synthetic set and run the pipeline on it"
@@ -25,6 +26,9 @@ help:
 	@echo "make preprocess  DICOMs -> 3-window PNGs, metadata table, folds (DATA_DIR/processed)"
 	@echo "make train fold=0   train the CNN of one fold (all folds without fold=; GPUS=N for torchrun)"
 	@echo "make embed fold=0   embeddings and logits of OOF and test slices per checkpoint, with TTA"
+	@echo "make lstm fold=0    nested-CV bidirectional LSTM over each series, on the embeddings"
+	@echo "make submission     blend folds/bags/TTA, CV table, validated submissions/*.csv.gz + YAML"
+	@echo "make submit         upload the newest submission with the kaggle CLI (FILE=... for another)"
 	@echo "make eda         dataset overview figures from the metadata table (DATA_DIR/eda)"
 	@echo "make bench       print the benchmark figures"
 
@@ -47,35 +51,43 @@ preprocess: setup
 	$(PY) scripts/01_preprocess.py --shard $(SHARD) $(STAGE_ARGS)
 
 # make train fold=0 (one fold) or make train (every fold); GPUS=4 runs torchrun with 4 processes.
-TRAIN_CONFIG ?= configs/cnn/cpu_small.yaml
 GPUS ?= 1
-N_FOLDS = $(shell $(PY) -c "from ichpipe.config import load_config as l; print(l('$(TRAIN_CONFIG)').preprocess.n_folds)" 2>/dev/null || echo 5)
-TRAIN_ARGS = --config $(TRAIN_CONFIG) data.root=$(DATA_DIR) data.workers=$(WORKERS) $(filter-out fold=%,$(OVERRIDES))
+N_FOLDS = $(shell $(PY) -c "import sys; from ichpipe.config import load_config as l; print(l(sys.argv[1], sys.argv[2:]).preprocess.n_folds)" $(CONFIG) $(filter-out fold=%,$(OVERRIDES)) 2>/dev/null || echo 5)
+FOLD_ARGS = $(filter-out fold=%,$(STAGE_ARGS))
 ifeq ($(GPUS),1)
 TRAIN_CMD = $(PY) scripts/02_train_cnn.py
 else
 TRAIN_CMD = $(PY) -m torch.distributed.run --standalone --nproc_per_node $(GPUS) scripts/02_train_cnn.py
 endif
+# $(call per_fold,COMMAND): COMMAND for fold=$(fold), or for every fold in turn.
+per_fold = $(if $(fold),$(1) $(FOLD_ARGS) fold=$(fold),for k in $$(seq 0 $$(($(N_FOLDS) - 1))); do $(1) $(FOLD_ARGS) fold=$$k || exit 1; done)
 
 train: setup
-ifdef fold
-	$(TRAIN_CMD) $(TRAIN_ARGS) fold=$(fold)
-else
-	for k in $$(seq 0 $$(($(N_FOLDS) - 1))); do $(TRAIN_CMD) $(TRAIN_ARGS) fold=$$k || exit 1; done
-endif
+	$(call per_fold,$(TRAIN_CMD))
 
-# make embed fold=0 (one fold) or make embed (every fold): embeddings + logits per epoch checkpoint.
+# Embeddings + logits of the OOF and test slices per epoch checkpoint, with TTA.
 embed: setup
-ifdef fold
-	$(PY) scripts/03_embed.py $(TRAIN_ARGS) fold=$(fold)
-else
-	for k in $$(seq 0 $$(($(N_FOLDS) - 1))); do $(PY) scripts/03_embed.py $(TRAIN_ARGS) fold=$$k || exit 1; done
-endif
+	$(call per_fold,$(PY) scripts/03_embed.py)
+
+# Nested-CV LSTMs on each fold's embeddings.
+lstm: setup
+	$(call per_fold,$(PY) scripts/lstm_train.py)
+
+submission: setup
+	$(PY) scripts/05_blend.py $(STAGE_ARGS)
+
+# FILE=submissions/X.csv.gz uploads that file instead of the experiment's newest.
+submit: setup
+	$(PY) scripts/06_submit.py $(STAGE_ARGS) $(if $(FILE),--file $(FILE))
 
 eda: setup
 	$(PY) eda/01_dataset_overview.py $(STAGE_ARGS)
 
-demo: synthetic preprocess eda
+# The whole pipeline on the synthetic set, on the CPU (README: what it trades away).
+# A second `make demo` continues where the first stopped (resume=true: finished folds are kept).
+demo: setup
+	$(MAKE) --no-print-directory synthetic preprocess eda
+	$(MAKE) --no-print-directory train embed lstm submission resume=true
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -87,7 +99,7 @@ bench: bench-preprocess bench-train
 
 # img/s of the configured backbone: tensors on the device vs the PNG loader, fp32 vs AMP.
 bench-train: setup
-	$(PY) benchmarks/bench_train.py --config $(TRAIN_CONFIG) data.root=$(DATA_DIR) $(OVERRIDES)
+	$(PY) benchmarks/bench_train.py --config $(CONFIG) data.root=$(DATA_DIR) $(OVERRIDES)
 
 # N generated 512x512 DICOMs, one core: our stage vs a Kaggle-kernel reference vs the decode+encode floor.
 N ?= 300

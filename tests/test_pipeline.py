@@ -1,0 +1,58 @@
+"""End to end: `make demo` on a tiny generated set runs every stage and ends in a validated submission."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from ichpipe.submission import check_submission
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The demo's own chain and CONFIG, shrunk: 12 patients of 8-10 slices at 64 px, two folds (so each
+# fold has patients enough for the LSTM's inner folds), two CNN epochs, three LSTM epochs.
+TINY_DEMO = [
+    "synthetic.n_patients=12", "synthetic.slices_min=8", "synthetic.slices_max=10", "synthetic.size=64",
+    "synthetic.control_rate=0.2", "preprocess.size=32", "preprocess.n_folds=2", "train.image_size=32",
+    "train.epochs=2", "train.batch_size=16", "train.warmup_steps=2", "train.loader_workers=0",
+    "embed.epochs=[0,1]", "embed.tta=[none,hflip]", "lstm.epochs=3", "lstm.bag_last=2", "lstm.inner_folds=2",
+]
+
+
+def test_make_demo_runs_every_stage(tmp_path):
+    root, subs = tmp_path / "data", tmp_path / "subs"
+    cmd = ["make", "--no-print-directory", "-o", ".venv/.installed", "demo", f"PY={sys.executable}",
+           f"DATA_DIR={root}", "WORKERS=2", *TINY_DEMO, f"blend.out_dir={subs}"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    meta = pd.read_parquet(root / "processed" / "metadata.parquet")
+    exp = root / "runs" / "demo"
+    for k in (0, 1):
+        for stage in ("embeddings", "lstm"):
+            assert sorted(p.parent.name for p in (exp / f"fold{k}" / stage).glob("*/done")) == ["epoch00", "epoch01"]
+    cv = json.loads((exp / "cv.json").read_text())
+    assert list(cv["oof"]) == ["prior", "cnn_single", "cnn_bagged", "lstm", "blend"]
+    assert all(s["n_images"] == meta.fold.notna().sum() for s in cv["oof"].values())
+    assert cv["test"]["blend"]["n_images"] == (meta.split == "test").sum()  # scored on the synthetic answer key
+    assert "| model | weighted | EDH | IPH | IVH | SAH | SDH | any | images |" in res.stdout  # the CV table is shown
+
+    (final,) = subs.glob("*_demo_cv*.csv.gz")
+    assert final.name.endswith(f"_cv{cv['oof']['blend']['weighted']:.4f}.csv.gz")
+    assert check_submission(final, root / "stage_2_sample_submission.csv") == []
+    with gzip.open(final, "rt") as f:
+        assert f.readline().strip() == "ID,Label"
+    assert len(list(subs.glob("*_demo-cnn_cv*.csv.gz"))) == 1 and len(list(subs.glob("*.yaml"))) == 2
+    assert (root / "eda" / "summary.md").exists()
+    assert (exp / "fold0" / "tb").is_dir()
+
+    # A second run continues: nothing is retrained, the same submission comes out.
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "embedded 0 checkpoint(s)" in again.stdout
+    assert [p.name for p in subs.glob("*_demo_cv*.csv.gz")] == [final.name]
