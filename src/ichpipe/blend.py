@@ -32,9 +32,8 @@ from ichpipe.config import REPO_ROOT, Config, to_dict
 from ichpipe.io import InputError, atomic_path, long_to_wide, read_long_csv, write_text_atomic
 from ichpipe.labels import ABBREVIATIONS, LABELS
 from ichpipe.metrics import per_class_log_loss, weighted_log_loss
-from ichpipe.paths import DataPaths
+from ichpipe.paths import DataPaths, run_dir
 from ichpipe.submission import SubmissionError, check_submission, write_submission
-from ichpipe.train import run_dir
 
 MODELS = ("prior", "cnn_single", "cnn_bagged", "lstm", "blend")
 

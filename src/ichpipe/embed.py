@@ -27,9 +27,8 @@ from ichpipe.data import SliceDataset, build_transform, normalize
 from ichpipe.device import amp_settings, autocast, init_runtime
 from ichpipe.io import InputError, atomic_path, write_text_atomic
 from ichpipe.models import create_model
-from ichpipe.paths import DataPaths
+from ichpipe.paths import DataPaths, run_dir
 from ichpipe.preprocess import output_name
-from ichpipe.train import run_dir
 
 VIEWS = {"none": lambda x: x, "hflip": lambda x: x.flip(-1), "transpose": lambda x: x.transpose(-1, -2)}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -45,3 +46,8 @@ class DataPaths:
     @property
     def processed(self) -> Path:
         return self.root / "processed"
+
+
+def run_dir(cfg: Any, fold: int | None = None) -> Path:
+    """``<data root>/runs/<experiment>/fold<k>``: where stages 2-4 of one fold write (``cfg``: a Config)."""
+    return DataPaths(cfg.data.root).root / "runs" / cfg.experiment / f"fold{cfg.fold if fold is None else fold}"

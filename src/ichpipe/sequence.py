@@ -40,8 +40,8 @@ from ichpipe.folds import assign_folds
 from ichpipe.io import InputError, atomic_path, write_text_atomic
 from ichpipe.labels import LABELS, N_LABELS
 from ichpipe.metrics import weighted_log_loss
-from ichpipe.paths import DataPaths
-from ichpipe.train import make_loss, run_dir
+from ichpipe.paths import DataPaths, run_dir
+from ichpipe.train import make_loss
 
 SERIES_KEYS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID"]
 

@@ -38,12 +38,8 @@ from ichpipe.io import InputError, atomic_path
 from ichpipe.labels import LABELS, WEIGHTS
 from ichpipe.metrics import per_class_log_loss, weighted_log_loss
 from ichpipe.models import create_model
-from ichpipe.paths import DataPaths
+from ichpipe.paths import DataPaths, run_dir
 from ichpipe.preprocess import output_name
-
-
-def run_dir(cfg: Config, fold: int | None = None) -> Path:
-    return DataPaths(cfg.data.root).root / "runs" / cfg.experiment / f"fold{cfg.fold if fold is None else fold}"
 
 
 class EpochSampler(Sampler[int]):
