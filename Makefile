@@ -16,7 +16,7 @@ CONFIG   ?= configs/cnn/cpu_small.yaml
 OVERRIDES := $(filter-out DATA_DIR=% WORKERS=% CONFIG=% PYTHON=% VENV=% PY=% GPUS=% SHARD=% N=% FILE=%,$(MAKEOVERRIDES))
 STAGE_ARGS = --config $(CONFIG) data.root=$(DATA_DIR) data.workers=$(WORKERS) $(OVERRIDES)
 
-.PHONY: help setup demo synthetic preprocess train embed lstm submission submit eda test lint bench bench-preprocess bench-train clean-data
+.PHONY: help setup demo synthetic preprocess train embed lstm submission submit report eda test lint bench bench-preprocess bench-train clean-data
 
 help:
 	@echo "make demo        set up, generate the synthetic set and run the pipeline on it"
@@ -28,6 +28,7 @@ help:
 	@echo "make embed fold=0   embeddings and logits of OOF and test slices per checkpoint, with TTA"
 	@echo "make lstm fold=0    nested-CV bidirectional LSTM over each series, on the embeddings"
 	@echo "make submission     blend folds/bags/TTA, CV table, validated submissions/*.csv.gz + YAML"
+	@echo "make report         figures and report.md of the experiment (after make submission)"
 	@echo "make submit         upload the newest submission with the kaggle CLI (FILE=... for another)"
 	@echo "make eda         dataset overview figures from the metadata table (DATA_DIR/eda)"
 	@echo "make bench       print the benchmark figures"
@@ -76,6 +77,9 @@ lstm: setup
 submission: setup
 	$(PY) scripts/05_blend.py $(STAGE_ARGS)
 
+report: setup
+	$(PY) scripts/07_report.py $(STAGE_ARGS)
+
 # FILE=submissions/X.csv.gz uploads that file instead of the experiment's newest.
 submit: setup
 	$(PY) scripts/06_submit.py $(STAGE_ARGS) $(if $(FILE),--file $(FILE))
@@ -87,7 +91,7 @@ eda: setup
 # A second `make demo` continues where the first stopped (resume=true: finished folds are kept).
 demo: setup
 	$(MAKE) --no-print-directory synthetic preprocess eda
-	$(MAKE) --no-print-directory train embed lstm submission resume=true
+	$(MAKE) --no-print-directory train embed lstm submission report resume=true
 
 test: setup
 	$(PY) -m pytest -q tests

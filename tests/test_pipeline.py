@@ -1,4 +1,4 @@
-"""End to end: `make demo` on a tiny generated set runs every stage and ends in a validated submission."""
+"""End to end: `make demo` on a tiny generated set runs every stage: a validated submission and the report."""
 
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ def test_make_demo_runs_every_stage(tmp_path):
         assert f.readline().strip() == "ID,Label"
     assert len(list(subs.glob("*_demo-cnn_cv*.csv.gz"))) == 1 and len(list(subs.glob("*.yaml"))) == 2
     assert (root / "eda" / "summary.md").exists()
+    report = exp / "report"
+    for name in ("report.md", "figure1.png", "pr_curves.png", "calibration.png", "training_curves.png"):
+        assert (report / name).stat().st_size > 1000, name
     assert (exp / "fold0" / "tb").is_dir()
 
     # A second run continues: nothing is retrained, the same submission comes out.

@@ -154,6 +154,17 @@ class BlendConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The experiment report (``scripts/07_report.py``): figures and report.md from the OOF predictions."""
+
+    model: str = "blend"  # whose OOF predictions: prior | cnn_single | cnn_bagged | lstm | blend
+    examples_per_class: int = 4  # rows of Figure 1
+    default_recall: float = 0.95  # target recall of each class's operating point
+    target_recall: dict[str, float] = field(default_factory=lambda: {"any": 0.95})  # per class, over the default
+    calibration_bins: int = 10
+
+
+@dataclass
 class Config:
     experiment: str = "demo"
     fold: int = 0
@@ -167,6 +178,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     lstm: LstmConfig = field(default_factory=LstmConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def _type_name(tp: Any) -> str:
