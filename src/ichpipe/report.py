@@ -187,7 +187,7 @@ def figure1(y, p, prior, ids, png_dir: Path, path: Path, per_column: int, seed: 
     fig.suptitle("Figure 1: OOF examples per class; bars = probability given to the truth "
                  "(left: own class, right: all six labels), red = prior baseline, green = 100%", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.subplots_adjust(hspace=0.45)
+    fig.subplots_adjust(hspace=0.45, bottom=0.07)  # room for the last row's bars
     _save(fig, path)
     return summary
 
@@ -287,7 +287,7 @@ def training_figure(curves: dict[int, pd.DataFrame], lstm: pd.DataFrame | None, 
 def _md_table(frame: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
     cols = [frame.index.name or "", *frame.columns]
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
-    for idx, row in frame.iterrows():
+    for idx, *row in frame.itertuples():  # itertuples keeps each column's type (iterrows makes ints floats)
         cells = [floatfmt.format(v) if isinstance(v, float) else str(v) for v in row]
         lines.append("| " + " | ".join([str(idx), *cells]) + " |")
     return "\n".join(lines)
