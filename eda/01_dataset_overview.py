@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from ichpipe.cli import stage_main
-from ichpipe.io import InputError, write_text_atomic
+from ichpipe.io import write_text_atomic
 from ichpipe.labels import ABBREVIATIONS, LABELS, SUBTYPES
-from ichpipe.paths import DataPaths
+from ichpipe.paths import DataPaths, read_metadata
 from ichpipe.preprocess import output_name, read_png
 
 N_EXAMPLES = 4  # rows of the example grid
@@ -98,10 +98,7 @@ def example_grid(train: pd.DataFrame, png_dir, path, seed: int = 0) -> None:
 
 def run(cfg, args):
     paths = DataPaths(cfg.data.root)
-    meta_path = paths.processed / "metadata.parquet"
-    if not meta_path.exists():
-        raise InputError(f"{meta_path}: not found; run `make preprocess` first")
-    meta = pd.read_parquet(meta_path)
+    meta = read_metadata(paths.root)
     png_dir = paths.processed / output_name(cfg.preprocess)
     out = paths.root / "eda"
     out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from ichpipe.config import REPO_ROOT, Config, to_dict
 from ichpipe.io import InputError, atomic_path, long_to_wide, read_long_csv, write_text_atomic
 from ichpipe.labels import ABBREVIATIONS, LABELS
 from ichpipe.metrics import per_class_log_loss, weighted_log_loss
-from ichpipe.paths import DataPaths, run_dir
+from ichpipe.paths import DataPaths, finished_dirs, read_metadata, run_dir
 from ichpipe.submission import SubmissionError, check_submission, write_submission
 
 MODELS = ("prior", "cnn_single", "cnn_bagged", "lstm", "blend")
@@ -69,10 +69,6 @@ def weighted_mean(frames: list[pd.DataFrame], weights: list[float]) -> pd.DataFr
     return pd.DataFrame(total / sum(weights), index=base.index, columns=base.columns)
 
 
-def _finished(folder: Path) -> list[Path]:
-    return sorted(p.parent for p in folder.glob("epoch*/done"))
-
-
 def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
     """Every model's OOF and test probabilities from the experiment's run folders, and what was used."""
     bcfg = cfg.blend
@@ -81,13 +77,13 @@ def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
     tests: dict[str, list[pd.DataFrame]] = {m: [] for m in MODELS}
     used: dict = {"folds": folds, "cnn_epochs": {}, "lstm_epochs": {}}
     labelled = meta[meta.fold.notna()].set_index("image_id")
-    has_lstm = [bool(_finished(run_dir(cfg, k) / "lstm")) for k in folds]
+    has_lstm = [bool(finished_dirs(run_dir(cfg, k) / "lstm")) for k in folds]
     if any(has_lstm) and not all(has_lstm):
         missing = [k for k, h in zip(folds, has_lstm, strict=True) if not h]
         raise InputError(f"{run_dir(cfg, missing[0]).parent}: no LSTM output for fold(s) {missing}; "
                          f"run `make lstm fold={missing[0]}` (or remove every fold's lstm/ for a CNN-only blend)")
     for k in folds:
-        emb_dirs = _finished(run_dir(cfg, k) / "embeddings")
+        emb_dirs = finished_dirs(run_dir(cfg, k) / "embeddings")
         if not emb_dirs:
             raise InputError(f"{run_dir(cfg, k)}/embeddings: no finished embeddings; run `make embed fold={k}`")
         epochs = [int(d.name[5:]) for d in emb_dirs]
@@ -103,7 +99,7 @@ def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
             index = bucket["cnn_single"][-1].index
             bucket["prior"].append(pd.DataFrame(np.tile(prior, (len(index), 1)), index=index, columns=list(LABELS)))
         if all(has_lstm):
-            lstm_dirs = _finished(run_dir(cfg, k) / "lstm")
+            lstm_dirs = finished_dirs(run_dir(cfg, k) / "lstm")
             lstm_epochs = [int(d.name[5:]) for d in lstm_dirs]
             used["lstm_epochs"][k] = lstm_epochs
             lweights = [bcfg.epoch_weights.get(e, 1.0) for e in lstm_epochs]
@@ -166,7 +162,7 @@ def _run_configs(cfg: Config, folds: list[int]) -> dict:
         for k in folds:
             folder = run_dir(cfg, k)
             if kind == "lstm":
-                folder = next(iter(_finished(folder / "lstm")), None)
+                folder = next(iter(finished_dirs(folder / "lstm")), None)
             if folder is not None and (folder / "config.yaml").exists():
                 per_fold[k] = yaml.safe_load((folder / "config.yaml").read_text())
         stripped = [{key: v for key, v in c.items() if key not in ("fold", "resume")} for c in per_fold.values()]
@@ -202,10 +198,7 @@ def _test_frame(pred: pd.DataFrame, sample_ids: pd.Index, fill: np.ndarray) -> t
 def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
     """Blend, score, write the CV table and both submissions; returns paths and scores."""
     paths = DataPaths(cfg.data.root)
-    meta_path = paths.processed / "metadata.parquet"
-    if not meta_path.exists():
-        raise InputError(f"{meta_path}: not found; run `make preprocess` first")
-    meta = pd.read_parquet(meta_path)
+    meta = read_metadata(paths.root)
     preds, used = collect(cfg, meta)
     truth_oof = meta[meta.fold.notna()].set_index("image_id")[list(LABELS)]
     scores = {"oof": score(preds.oof, truth_oof)}

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+from ichpipe.io import InputError
+
 
 @dataclass(frozen=True)
 class DataPaths:
@@ -46,6 +50,24 @@ class DataPaths:
     @property
     def processed(self) -> Path:
         return self.root / "processed"
+
+    @property
+    def metadata(self) -> Path:
+        """Stage 1's table: one row per usable image with ids, z order, labels and fold."""
+        return self.processed / "metadata.parquet"
+
+
+def read_metadata(root: str | os.PathLike) -> pd.DataFrame:
+    """Stage 1's metadata table; a one-line error when stage 1 has not run."""
+    path = DataPaths(root).metadata
+    if not path.exists():
+        raise InputError(f"{path}: not found; run `make preprocess` first")
+    return pd.read_parquet(path)
+
+
+def finished_dirs(folder: str | os.PathLike) -> list[Path]:
+    """The ``epoch<NN>`` sub-folders of ``folder`` whose ``done`` marker is written, in epoch order."""
+    return sorted(p.parent for p in Path(folder).glob("epoch*/done"))
 
 
 def run_dir(cfg: Any, fold: int | None = None) -> Path:

@@ -243,7 +243,7 @@ def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool 
     meta, bad = _merge(cfg, paths, out_dir, parts_dir, n_chunks)
     if pcfg.mode == "2.5d":
         _stack_neighbours(meta, pass_dir, out_dir, pcfg, workers, progress)
-    summary.update(complete=True, images=len(meta), bad=len(bad), metadata=str(paths.processed / "metadata.parquet"))
+    summary.update(complete=True, images=len(meta), bad=len(bad), metadata=str(paths.metadata))
     if len(bad) > pcfg.max_bad_fraction * len(files):
         raise PreprocessError(f"{len(bad)} of {len(files)} files are unusable, more than preprocess.max_bad_fraction="
                               f"{pcfg.max_bad_fraction}; see {out_dir / 'bad_files.csv'}")
@@ -277,7 +277,7 @@ def _merge(cfg: Config, paths: DataPaths, out_dir: Path, parts_dir: Path, n_chun
     meta["fold"] = assign_folds(meta, cfg.preprocess.n_folds, cfg.preprocess.fold_seed)
     meta = meta.sort_values(["split", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "slice_index"],
                             ascending=[False, True, True, True, True], kind="stable").reset_index(drop=True)
-    with atomic_path(paths.processed / "metadata.parquet") as tmp:
+    with atomic_path(paths.metadata) as tmp:
         meta.to_parquet(tmp, index=False)
     with atomic_path(out_dir / "bad_files.csv") as tmp:
         bad.to_csv(tmp, index=False)

@@ -33,7 +33,7 @@ from ichpipe.config import Config  # noqa: E402
 from ichpipe.io import InputError, atomic_path, write_text_atomic  # noqa: E402
 from ichpipe.labels import ABBREVIATIONS, ANY_INDEX, LABELS, SUBTYPES  # noqa: E402
 from ichpipe.metrics import per_class_log_loss, weighted_log_loss  # noqa: E402
-from ichpipe.paths import DataPaths, run_dir  # noqa: E402
+from ichpipe.paths import DataPaths, finished_dirs, read_metadata, run_dir  # noqa: E402
 from ichpipe.preprocess import output_name, read_png  # noqa: E402
 
 COLUMNS = (*SUBTYPES, "control")
@@ -307,7 +307,7 @@ def run_report(cfg: Config) -> dict:
     if unknown:
         raise InputError(f"report.target_recall: unknown labels {sorted(unknown)}")
     paths = DataPaths(cfg.data.root)
-    meta = pd.read_parquet(paths.processed / "metadata.parquet").set_index("image_id")
+    meta = read_metadata(paths.root).set_index("image_id")
     chosen = preds[preds.model == rcfg.model].set_index("image_id")
     ids = chosen.index.to_numpy()
     y = meta.loc[ids, list(LABELS)].to_numpy(np.float64)
@@ -327,7 +327,7 @@ def run_report(cfg: Config) -> dict:
     curves = {k: read_scalars(exp / f"fold{k}" / "tb") for k in folds}
     histories = []
     for k in folds:
-        lstm_dirs = sorted(d.parent for d in (exp / f"fold{k}" / "lstm").glob("epoch*/done"))
+        lstm_dirs = finished_dirs(exp / f"fold{k}" / "lstm")
         if lstm_dirs and (lstm_dirs[-1] / "history.csv").exists():
             histories.append(pd.read_csv(lstm_dirs[-1] / "history.csv").assign(fold=k))
     best = training_figure(curves, pd.concat(histories) if histories else None, out / "training_curves.png")

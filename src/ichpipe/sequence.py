@@ -40,7 +40,7 @@ from ichpipe.folds import assign_folds
 from ichpipe.io import InputError, atomic_path, write_text_atomic
 from ichpipe.labels import LABELS, N_LABELS
 from ichpipe.metrics import weighted_log_loss
-from ichpipe.paths import DataPaths, run_dir
+from ichpipe.paths import finished_dirs, read_metadata, run_dir
 from ichpipe.train import make_loss
 
 SERIES_KEYS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID"]
@@ -198,10 +198,10 @@ def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
     if not 0 < lcfg.bag_last <= lcfg.epochs:
         raise InputError(f"lstm.bag_last={lcfg.bag_last}: must be between 1 and lstm.epochs={lcfg.epochs}")
     out = run_dir(cfg)
-    folders = sorted(p.parent for p in (out / "embeddings").glob("epoch*/done"))
+    folders = finished_dirs(out / "embeddings")
     if not folders:
         raise InputError(f"{out}/embeddings: no finished embeddings; run `make embed fold={cfg.fold}` first")
-    meta = pd.read_parquet(DataPaths(cfg.data.root).processed / "metadata.parquet")
+    meta = read_metadata(cfg.data.root)
     results = {}
     for folder in folders:
         target = out / "lstm" / folder.name

@@ -38,7 +38,7 @@ from ichpipe.io import InputError, atomic_path
 from ichpipe.labels import LABELS, WEIGHTS
 from ichpipe.metrics import per_class_log_loss, weighted_log_loss
 from ichpipe.models import create_model
-from ichpipe.paths import DataPaths, run_dir
+from ichpipe.paths import DataPaths, read_metadata, run_dir
 from ichpipe.preprocess import output_name
 
 
@@ -140,10 +140,7 @@ def _loader(ds, batch_size, workers, sampler, device) -> DataLoader:
 
 def load_fold(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
     paths = DataPaths(cfg.data.root)
-    meta_path = paths.processed / "metadata.parquet"
-    if not meta_path.exists():
-        raise InputError(f"{meta_path}: not found; run `make preprocess` first")
-    meta = pd.read_parquet(meta_path)
+    meta = read_metadata(paths.root)
     labelled = meta[meta.fold.notna()]
     folds = sorted(labelled.fold.unique())
     if cfg.fold not in folds:
