@@ -69,6 +69,15 @@ def weighted_mean(frames: list[pd.DataFrame], weights: list[float]) -> pd.DataFr
     return pd.DataFrame(total / sum(weights), index=base.index, columns=base.columns)
 
 
+def _epoch(folder: Path) -> int:
+    return int(folder.name.removeprefix("epoch"))
+
+
+def _epoch_weights(folders: list[Path], bcfg) -> list[float]:
+    """``blend.epoch_weights`` of each ``epoch<NN>`` folder (1 where not given)."""
+    return [bcfg.epoch_weights.get(_epoch(d), 1.0) for d in folders]
+
+
 def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
     """Every model's OOF and test probabilities from the experiment's run folders, and what was used."""
     bcfg = cfg.blend
@@ -86,13 +95,11 @@ def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
         emb_dirs = finished_dirs(run_dir(cfg, k) / "embeddings")
         if not emb_dirs:
             raise InputError(f"{run_dir(cfg, k)}/embeddings: no finished embeddings; run `make embed fold={k}`")
-        epochs = [int(d.name[5:]) for d in emb_dirs]
-        weights = [bcfg.epoch_weights.get(e, 1.0) for e in epochs]
-        used["cnn_epochs"][k] = epochs
+        used["cnn_epochs"][k] = [_epoch(d) for d in emb_dirs]
         for name, bucket in (("oof", per_fold), ("test", tests)):
             cnn = [_cnn_probs(d, name) for d in emb_dirs]
             bucket["cnn_single"].append(cnn[-1])
-            bucket["cnn_bagged"].append(weighted_mean(cnn, weights))
+            bucket["cnn_bagged"].append(weighted_mean(cnn, _epoch_weights(emb_dirs, bcfg)))
         train_rows = labelled[labelled.fold != k]
         prior = train_rows[list(LABELS)].mean().to_numpy()
         for bucket in (per_fold, tests):
@@ -100,11 +107,10 @@ def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
             bucket["prior"].append(pd.DataFrame(np.tile(prior, (len(index), 1)), index=index, columns=list(LABELS)))
         if all(has_lstm):
             lstm_dirs = finished_dirs(run_dir(cfg, k) / "lstm")
-            lstm_epochs = [int(d.name[5:]) for d in lstm_dirs]
-            used["lstm_epochs"][k] = lstm_epochs
-            lweights = [bcfg.epoch_weights.get(e, 1.0) for e in lstm_epochs]
+            used["lstm_epochs"][k] = [_epoch(d) for d in lstm_dirs]
             for name, bucket in (("oof", per_fold), ("test", tests)):
-                bucket["lstm"].append(weighted_mean([_lstm_probs(d, name) for d in lstm_dirs], lweights))
+                bucket["lstm"].append(weighted_mean([_lstm_probs(d, name) for d in lstm_dirs],
+                                                    _epoch_weights(lstm_dirs, bcfg)))
     preds = Predictions()
     fold_w = [bcfg.fold_weights.get(k, 1.0) for k in folds]
     models = [m for m in MODELS if m != "blend" and per_fold[m]]
