@@ -6,14 +6,19 @@
 
 import sys
 import time
+from pathlib import Path
 
 from ichpipe.cli import stage_main
-from ichpipe.config import save_config
+from ichpipe.config import load_config, save_config
 from ichpipe.labels import LABELS
 from ichpipe.synthetic.dataset import generate_dataset
 
 
 def run(cfg, args):
+    done = Path(cfg.data.root) / "synthetic_config.yaml"  # written last: its presence means a finished set
+    if done.exists() and load_config(done).synthetic == cfg.synthetic:
+        print(f"{cfg.data.root}: the synthetic set of this config is already there (delete {done} to write it again)")
+        return 0
     start = time.perf_counter()
     table = generate_dataset(cfg.synthetic, cfg.data.root, workers=cfg.data.workers)
     save_config(cfg, f"{cfg.data.root}/synthetic_config.yaml")

@@ -52,9 +52,14 @@ def test_eda_without_metadata_is_a_one_line_error(tmp_path):
 
 
 def test_synthetic_script_writes_the_layout(tmp_path):
-    res = _run(REPO / "scripts/00_make_synthetic.py", f"data.root={tmp_path}", "synthetic.n_patients=2",
-               "synthetic.slices_min=3", "synthetic.slices_max=4", "synthetic.size=64", "data.workers=1")
+    args = [REPO / "scripts/00_make_synthetic.py", f"data.root={tmp_path}", "synthetic.n_patients=2",
+            "synthetic.slices_min=3", "synthetic.slices_max=4", "synthetic.size=64", "data.workers=1"]
+    res = _run(*args)
     assert res.returncode == 0, res.stderr
     assert "train prevalence:" in res.stdout
     assert len(pd.read_csv(tmp_path / "stage_2_train.csv")) % 6 == 0
     assert (tmp_path / "synthetic_config.yaml").exists()
+    again = _run(*args)  # the same config: kept, not written again
+    assert again.returncode == 0 and "already there" in again.stdout
+    changed = _run(*args, "synthetic.seed=3")
+    assert changed.returncode == 0 and "train prevalence:" in changed.stdout
