@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from ichpipe.blend import submissions_dir
+from ichpipe.blend import info_path, submissions_dir
 from ichpipe.cli import stage_main
 from ichpipe.io import InputError
 from ichpipe.paths import DataPaths
@@ -33,8 +33,8 @@ def run(cfg, args):
             raise InputError(f"{submissions_dir(cfg)}: no submission of experiment {cfg.experiment!r}; "
                              "run `make submission` first")
         path = max(found, key=lambda p: p.stat().st_mtime)
-    info_path = path.with_name(path.name.removesuffix(".csv.gz").removesuffix(".csv") + ".yaml")
-    info = yaml.safe_load(info_path.read_text()) if info_path.exists() else {}
+    beside = info_path(path)
+    info = yaml.safe_load(beside.read_text()) if beside.exists() else {}
     cv = info.get("cv", {}).get("oof", {}).get("weighted")
     message = f"ichpipe {info.get('experiment', cfg.experiment)}: {info.get('model', 'submission')}" + (
         f", OOF {cv:.4f}" if cv is not None else "") + (

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,8 @@ import yaml
 from ichpipe.config import REPO_ROOT, Config, to_dict
 from ichpipe.io import InputError, atomic_path, long_to_wide, read_long_csv, write_text_atomic
 from ichpipe.labels import ABBREVIATIONS, LABELS
-from ichpipe.metrics import per_class_log_loss, weighted_log_loss
-from ichpipe.paths import DataPaths, finished_dirs, read_metadata, run_dir
+from ichpipe.metrics import per_class_log_loss, sigmoid, weighted_log_loss
+from ichpipe.paths import DataPaths, epoch_number, finished_dirs, read_metadata, run_dir
 from ichpipe.submission import SubmissionError, check_submission, write_submission
 
 MODELS = ("prior", "cnn_single", "cnn_bagged", "lstm", "blend")
@@ -46,13 +47,9 @@ class Predictions:
     test: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def _cnn_probs(folder: Path, name: str) -> pd.DataFrame:
     ids = pd.read_csv(folder / f"{name}_ids.csv").image_id
-    return pd.DataFrame(_sigmoid(np.load(folder / f"{name}_logits.npy").astype(np.float64)),
+    return pd.DataFrame(sigmoid(np.load(folder / f"{name}_logits.npy")),
                         index=pd.Index(ids, name="image_id"), columns=list(LABELS))
 
 
@@ -69,13 +66,9 @@ def weighted_mean(frames: list[pd.DataFrame], weights: list[float]) -> pd.DataFr
     return pd.DataFrame(total / sum(weights), index=base.index, columns=base.columns)
 
 
-def _epoch(folder: Path) -> int:
-    return int(folder.name.removeprefix("epoch"))
-
-
 def _epoch_weights(folders: list[Path], bcfg) -> list[float]:
     """``blend.epoch_weights`` of each ``epoch<NN>`` folder (1 where not given)."""
-    return [bcfg.epoch_weights.get(_epoch(d), 1.0) for d in folders]
+    return [bcfg.epoch_weights.get(epoch_number(d), 1.0) for d in folders]
 
 
 def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
@@ -95,7 +88,7 @@ def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
         emb_dirs = finished_dirs(run_dir(cfg, k) / "embeddings")
         if not emb_dirs:
             raise InputError(f"{run_dir(cfg, k)}/embeddings: no finished embeddings; run `make embed fold={k}`")
-        used["cnn_epochs"][k] = [_epoch(d) for d in emb_dirs]
+        used["cnn_epochs"][k] = [epoch_number(d) for d in emb_dirs]
         for name, bucket in (("oof", per_fold), ("test", tests)):
             cnn = [_cnn_probs(d, name) for d in emb_dirs]
             bucket["cnn_single"].append(cnn[-1])
@@ -107,7 +100,7 @@ def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
             bucket["prior"].append(pd.DataFrame(np.tile(prior, (len(index), 1)), index=index, columns=list(LABELS)))
         if all(has_lstm):
             lstm_dirs = finished_dirs(run_dir(cfg, k) / "lstm")
-            used["lstm_epochs"][k] = [_epoch(d) for d in lstm_dirs]
+            used["lstm_epochs"][k] = [epoch_number(d) for d in lstm_dirs]
             for name, bucket in (("oof", per_fold), ("test", tests)):
                 bucket["lstm"].append(weighted_mean([_lstm_probs(d, name) for d in lstm_dirs],
                                                     _epoch_weights(lstm_dirs, bcfg)))
@@ -179,6 +172,12 @@ def _run_configs(cfg: Config, folds: list[int]) -> dict:
     return out
 
 
+def info_path(submission: str | os.PathLike) -> Path:
+    """The YAML written beside a submission (``X.csv.gz`` or ``X.csv`` -> ``X.yaml``)."""
+    p = Path(submission)
+    return p.with_name(p.name.removesuffix(".gz").removesuffix(".csv") + ".yaml")
+
+
 def submissions_dir(cfg: Config) -> Path:
     out = Path(cfg.blend.out_dir)
     return out if out.is_absolute() else REPO_ROOT / out
@@ -235,7 +234,6 @@ def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
             "cv_table": {w: {m: s[m]["weighted"] for m in s} for w, s in scores.items()},
             "images_filled_with_prior": filled, "used": used,
             "configs": {"blend": to_dict(cfg), **_run_configs(cfg, used["folds"])}}
-        write_text_atomic(path.with_name(path.name.removesuffix(".csv.gz") + ".yaml"),
-                          yaml.safe_dump(info, sort_keys=False))
+        write_text_atomic(info_path(path), yaml.safe_dump(info, sort_keys=False))
         written[model] = {"path": str(path), "cv": cv, "filled": filled}
     return {"scores": scores, "written": written, "table": format_table(scores), "cv_dir": str(exp_dir)}

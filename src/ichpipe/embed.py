@@ -27,7 +27,7 @@ from ichpipe.data import SliceDataset, build_transform, normalize
 from ichpipe.device import amp_settings, autocast, init_runtime
 from ichpipe.io import InputError, atomic_path, write_text_atomic
 from ichpipe.models import create_model
-from ichpipe.paths import DataPaths, read_metadata, run_dir
+from ichpipe.paths import DataPaths, epoch_number, read_metadata, run_dir
 from ichpipe.preprocess import output_name
 
 VIEWS = {"none": lambda x: x, "hflip": lambda x: x.flip(-1), "transpose": lambda x: x.transpose(-1, -2)}
@@ -68,7 +68,7 @@ def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
     if not ckpts:
         raise InputError(f"{out}/checkpoints: no epoch checkpoints; run `make train fold={cfg.fold}` first")
     if cfg.embed.epochs:
-        ckpts = [c for c in ckpts if int(c.stem[5:]) in cfg.embed.epochs]
+        ckpts = [c for c in ckpts if epoch_number(c) in cfg.embed.epochs]
     paths = DataPaths(cfg.data.root)
     meta = read_metadata(paths.root)
     png_dir = paths.processed / output_name(cfg.preprocess)

@@ -25,6 +25,11 @@ def _bce(y_true: np.ndarray, y_pred: np.ndarray, eps: float) -> np.ndarray:
     return -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from logits, in float64."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
 def weighted_log_loss(y_true: np.ndarray, y_pred: np.ndarray, eps: float = EPS) -> float:
     """Σ w·BCE / Σ w over every (image, label) pair of (N, 6) arrays in Kaggle's label order."""
     y_true = np.asarray(y_true)

@@ -65,6 +65,11 @@ def read_metadata(root: str | os.PathLike) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+def epoch_number(path: str | os.PathLike) -> int:
+    """NN of an ``epoch<NN>`` folder or ``epoch<NN>.pt`` checkpoint."""
+    return int(Path(path).stem.removeprefix("epoch"))
+
+
 def finished_dirs(folder: str | os.PathLike) -> list[Path]:
     """The ``epoch<NN>`` sub-folders of ``folder`` whose ``done`` marker is written, in epoch order."""
     return sorted(p.parent for p in Path(folder).glob("epoch*/done"))

@@ -39,7 +39,7 @@ from ichpipe.config import Config, LstmConfig, save_config
 from ichpipe.folds import assign_folds
 from ichpipe.io import InputError, atomic_path, write_text_atomic
 from ichpipe.labels import LABELS, N_LABELS
-from ichpipe.metrics import weighted_log_loss
+from ichpipe.metrics import sigmoid, weighted_log_loss
 from ichpipe.paths import finished_dirs, read_metadata, run_dir
 from ichpipe.train import make_loss
 
@@ -208,7 +208,7 @@ def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
         oof_feats = load_features(folder, "oof", meta)
         if oof_feats.labels is None:
             raise InputError(f"{folder}: OOF rows without labels; the embeddings do not match the metadata")
-        cnn_loss = weighted_log_loss(oof_feats.labels, 1 / (1 + np.exp(-oof_feats.logits)))
+        cnn_loss = weighted_log_loss(oof_feats.labels, sigmoid(oof_feats.logits))
         if (target / "done").exists():
             oof = pd.read_parquet(target / "oof.parquet").set_index("image_id").loc[oof_feats.ids, list(LABELS)]
             results[folder.name] = {"cnn": cnn_loss, "lstm": weighted_log_loss(oof_feats.labels, oof.to_numpy())}
