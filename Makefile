@@ -13,10 +13,10 @@ WORKERS  ?= 0
 CONFIG   ?= configs/cnn/cpu_small.yaml
 
 # Dotted overrides given on the make command line (lower-case keys) go to the scripts as they are.
-OVERRIDES := $(filter-out DATA_DIR=% WORKERS=% CONFIG=% PYTHON=% VENV=% PY=% GPUS=% SHARD=% N=% FILE=%,$(MAKEOVERRIDES))
+OVERRIDES := $(filter-out DATA_DIR=% WORKERS=% CONFIG=% PYTHON=% VENV=% PY=% GPUS=% SHARD=% N=% FILE=% SCALE=%,$(MAKEOVERRIDES))
 STAGE_ARGS = --config $(CONFIG) data.root=$(DATA_DIR) data.workers=$(WORKERS) $(OVERRIDES)
 
-.PHONY: help setup demo synthetic preprocess train embed lstm submission submit report eda test lint bench bench-preprocess bench-train clean-data
+.PHONY: help setup demo synthetic preprocess train embed lstm submission submit report eda test lint bench bench-preprocess bench-train bench-scale clean-data
 
 help:
 	@echo "make demo        set up, generate the synthetic set and run the pipeline on it"
@@ -51,17 +51,19 @@ SHARD ?= 0/1
 preprocess: setup
 	$(PY) scripts/01_preprocess.py --shard $(SHARD) $(STAGE_ARGS)
 
-# make train fold=0 (one fold) or make train (every fold); GPUS=4 runs torchrun with 4 processes.
+# make train fold=0 (one fold) or make train (every fold of the metadata table); GPUS=4 runs torchrun
+# with 4 processes.
 GPUS ?= 1
-N_FOLDS = $(shell $(PY) -c "import sys; from ichpipe.config import load_config as l; print(l(sys.argv[1], sys.argv[2:]).preprocess.n_folds)" $(CONFIG) $(filter-out fold=%,$(OVERRIDES)) 2>/dev/null || echo 5)
 FOLD_ARGS = $(filter-out fold=%,$(STAGE_ARGS))
 ifeq ($(GPUS),1)
 TRAIN_CMD = $(PY) scripts/02_train_cnn.py
 else
 TRAIN_CMD = $(PY) -m torch.distributed.run --standalone --nproc_per_node $(GPUS) scripts/02_train_cnn.py
 endif
-# $(call per_fold,COMMAND): COMMAND for fold=$(fold), or for every fold in turn.
-per_fold = $(if $(fold),$(1) $(FOLD_ARGS) fold=$(fold),for k in $$(seq 0 $$(($(N_FOLDS) - 1))); do $(1) $(FOLD_ARGS) fold=$$k || exit 1; done)
+# $(call per_fold,COMMAND): COMMAND for fold=$(fold), or for every fold of stage 1's table in turn
+# (a config or table that cannot be read stops here with its one-line error).
+per_fold = $(if $(fold),$(1) $(FOLD_ARGS) fold=$(fold),folds=$$($(PY) -m ichpipe.cli folds $(FOLD_ARGS)) || exit 1; \
+	for k in $$folds; do $(1) $(FOLD_ARGS) fold=$$k || exit 1; done)
 
 train: setup
 	$(call per_fold,$(TRAIN_CMD))
@@ -99,11 +101,17 @@ test: setup
 lint: setup
 	$(PY) -m ruff check src scripts tests eda benchmarks
 
-bench: bench-preprocess bench-train
+bench: bench-preprocess bench-train bench-scale
 
 # img/s of the configured backbone: tensors on the device vs the PNG loader, fp32 vs AMP.
 bench-train: setup
 	$(PY) benchmarks/bench_train.py --config $(CONFIG) data.root=$(DATA_DIR) $(OVERRIDES)
+
+# The sequence stage and the blend on fake inputs of the real data's size (752k + 121k slices, 2048-d):
+# seconds per LSTM epoch, the whole stage projected, peak RSS. SCALE=0.01 for a quick check.
+SCALE ?= 1
+bench-scale: setup
+	$(PY) benchmarks/bench_scale.py --scale $(SCALE) $(OVERRIDES)
 
 # N generated 512x512 DICOMs, one core: our stage vs a Kaggle-kernel reference vs the decode+encode floor.
 N ?= 300

@@ -23,8 +23,9 @@ import torch
 from ichpipe.config import load_config
 from ichpipe.data import DEFAULT_AUGMENT, SliceDataset, build_transform, normalize
 from ichpipe.device import autocast, init_runtime
+from ichpipe.losses import make_loss
 from ichpipe.models import create_model
-from ichpipe.train import EpochDataset, EpochSampler, _loader, load_fold, make_loss
+from ichpipe.train import EpochDataset, EpochSampler, _loader, load_fold
 
 
 def measure(model, batches, device, amp_dtype, steps: int, warmup: int = 3) -> float:
@@ -72,7 +73,7 @@ def main() -> None:
     device, tcfg = rt.device, cfg.train
     bs, size = tcfg.batch_size, tcfg.image_size
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    train_meta, _, png_dir = load_fold(cfg)
+    train_meta, _, png_dir, _ = load_fold(cfg)
     ds = SliceDataset(train_meta, png_dir, build_transform(tcfg.augment or DEFAULT_AUGMENT, size, train=True), cfg.seed)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
     print(f"\n{cfg.model.backbone} at {size}px, batch {bs}, {args.steps} timed steps, {name}, "

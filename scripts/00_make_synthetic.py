@@ -11,14 +11,19 @@ from pathlib import Path
 from ichpipe.cli import stage_main
 from ichpipe.config import load_config, save_config
 from ichpipe.labels import LABELS
-from ichpipe.synthetic.dataset import generate_dataset
+from ichpipe.synthetic.dataset import generate_dataset, missing_files
 
 
 def run(cfg, args):
-    done = Path(cfg.data.root) / "synthetic_config.yaml"  # written last: its presence means a finished set
+    done = Path(cfg.data.root) / "synthetic_config.yaml"  # written last, with the set's config
     if done.exists() and load_config(done).synthetic == cfg.synthetic:
-        print(f"{cfg.data.root}: the synthetic set of this config is already there (delete {done} to write it again)")
-        return 0
+        missing = missing_files(cfg.data.root)
+        if not missing:
+            print(f"{cfg.data.root}: the synthetic set of this config is already there "
+                  f"(delete {done} to write it again)")
+            return 0
+        print(f"{cfg.data.root}: the synthetic set is incomplete ({len(missing)} files missing, e.g. {missing[0]}); "
+              "writing it again")
     start = time.perf_counter()
     table = generate_dataset(cfg.synthetic, cfg.data.root, workers=cfg.data.workers)
     save_config(cfg, f"{cfg.data.root}/synthetic_config.yaml")

@@ -18,6 +18,7 @@ import yaml
 
 from ichpipe.blend import run_blend, weighted_mean
 from ichpipe.config import load_config, save_config
+from ichpipe.folds import record_fold_table
 from ichpipe.io import InputError, wide_to_long
 from ichpipe.labels import LABELS
 from ichpipe.metrics import weighted_log_loss
@@ -60,6 +61,7 @@ def _experiment(root: Path, rng, n_folds=2, epochs=(0, 1), lstm=True, extra_samp
         run.mkdir(parents=True)
         cfg.fold = k
         save_config(cfg, run / "config.yaml")
+        record_fold_table(run, meta)  # as stage 2 does
         sets = {"oof": meta[meta.fold == k].image_id.tolist(), "test": test_ids}
         for e in epochs:
             folder = run / "embeddings" / f"epoch{e:02d}"
@@ -96,6 +98,7 @@ def test_weighted_mean_aligns_rows_by_image_id():
 def test_blend_scores_every_model_and_writes_validated_submissions(tmp_path):
     root = tmp_path / "root"
     cfg, meta, truth, known = _experiment(root, np.random.default_rng(0), extra_sample_ids=["ID_unreadable"])
+    cfg.preprocess.max_bad_fraction = 0.1  # 1 of 11 test images unreadable: within the limit
     cfg.blend.epoch_weights = {0: 1.0, 1: 3.0}
     cfg.blend.lstm_weight = 0.6
     cfg.blend.clip = 1e-3
@@ -148,6 +151,83 @@ def test_blend_scores_every_model_and_writes_validated_submissions(tmp_path):
     assert cnn.exists() and cnn.with_name(cnn.name.replace(".csv.gz", ".yaml")).exists()
     preds = pd.read_parquet(root / "runs" / "exp" / "oof_predictions.parquet")
     assert sorted(preds.model.unique()) == sorted(oof)
+
+
+def _exp_cfg(root, *overrides):
+    return load_config(overrides=[f"data.root={root}", "experiment=exp", f"blend.out_dir={root / 'subs'}", *overrides])
+
+
+def test_weights_given_as_overrides_or_yaml_are_used_and_unknown_keys_refused(tmp_path):
+    root = tmp_path / "root"
+    _, meta, _, known = _experiment(root, np.random.default_rng(5))
+    labelled = meta[meta.fold.notna()].set_index("image_id")
+    yaml_file = tmp_path / "w.yaml"
+    yaml_file.write_text("blend:\n  epoch_weights: {0: 0.0}\n  fold_weights: {1: 0.0}\n")
+    for cfg in (_exp_cfg(root, "blend.epoch_weights.0=0", "blend.fold_weights.1=0"),
+                load_config(yaml_file, [f"data.root={root}", "experiment=exp", f"blend.out_dir={root / 'subs'}"])):
+        assert cfg.blend.epoch_weights == {0: 0.0} and cfg.blend.fold_weights == {1: 0.0}  # integer keys
+        scores = run_blend(cfg)["scores"]
+        # epoch 0 weighs nothing: the bag is epoch 1 alone, exactly
+        bagged = pd.concat([known["cnn"][k, 1, "oof"] for k in range(2)])
+        y = labelled.loc[bagged.index, L].to_numpy()
+        assert scores["oof"]["cnn_bagged"]["weighted"] == pytest.approx(
+            weighted_log_loss(y, bagged.clip(1e-5, 1 - 1e-5).to_numpy()), rel=1e-9)
+    with pytest.raises(InputError, match=r"blend.epoch_weights: no embedded epoch \[7\] in this experiment"):
+        run_blend(_exp_cfg(root, "blend.epoch_weights.7=0.5"))
+    with pytest.raises(InputError, match=r"blend.fold_weights: no fold \[3\] in the metadata"):
+        run_blend(_exp_cfg(root, "blend.fold_weights.3=2"))
+
+
+def test_fold_weight_zero_drops_that_folds_test_predictions(tmp_path):
+    root = tmp_path / "root"
+    _, _, truth, known = _experiment(root, np.random.default_rng(6), lstm=False)
+    cfg = _exp_cfg(root, "blend.fold_weights.1=0", "blend.clip=0")
+    result = run_blend(cfg)
+    fold0 = (known["cnn"][0, 0, "test"] + known["cnn"][0, 1, "test"]) / 2
+    with gzip.open(result["written"]["cnn_bagged"]["path"], "rt") as f:
+        sub = pd.read_csv(f).set_index("ID").Label
+    image_id = truth.index[0]
+    assert sub[f"{image_id}_any"] == pytest.approx(fold0.loc[image_id, "any"], rel=1e-5)
+
+
+def test_missing_oof_rows_and_mismatched_epochs_are_errors_not_a_smaller_cv(tmp_path):
+    root = tmp_path / "root"
+    cfg, *_ = _experiment(root, np.random.default_rng(7), lstm=False)
+    folder = root / "runs" / "exp" / "fold1" / "embeddings" / "epoch01"
+    ids = pd.read_csv(folder / "oof_ids.csv")
+    ids.iloc[:-2].to_csv(folder / "oof_ids.csv", index=False)
+    np.save(folder / "oof_logits.npy", np.load(folder / "oof_logits.npy")[:-2])
+    with pytest.raises(InputError, match=r"fold1/embeddings/epoch01: OOF predictions of fold 1 miss 2 of its 15 images"):
+        run_blend(cfg)
+    # test rows that differ between two epoch folders of a fold
+    cfg, *_ = _experiment(tmp_path / "b", np.random.default_rng(7), lstm=False)
+    folder = tmp_path / "b" / "runs" / "exp" / "fold0" / "embeddings" / "epoch01"
+    ids = pd.read_csv(folder / "test_ids.csv")
+    ids.loc[0, "image_id"] = "ID_elsewhere"
+    ids.to_csv(folder / "test_ids.csv", index=False)
+    with pytest.raises(InputError, match=r"epoch01: holds 10 images, 1 of them not in .*epoch00 \(10 images\)"):
+        run_blend(cfg)
+
+
+def test_too_many_test_images_without_a_prediction_stop_the_blend(tmp_path):
+    root = tmp_path / "root"
+    cfg, *_ = _experiment(root, np.random.default_rng(8), extra_sample_ids=["ID_lost1", "ID_lost2"])
+    cfg.preprocess.max_bad_fraction = 0.1
+    with pytest.raises(InputError, match=r"2 of 12 test images have no prediction, more than "
+                                         r"preprocess.max_bad_fraction=0.1"):
+        run_blend(cfg)
+    assert not list(root.glob("subs/*.csv.gz"))  # nothing written
+
+
+def test_runs_on_other_folds_are_refused(tmp_path):
+    root = tmp_path / "root"
+    cfg, meta, _, _ = _experiment(root, np.random.default_rng(9), lstm=False)
+    moved = meta.copy()
+    moved.loc[moved.PatientID == "P0", "fold"] = 1  # one patient changes fold after the runs were trained
+    moved.to_parquet(root / "processed" / "metadata.parquet")
+    with pytest.raises(InputError, match=r"fold0: trained on fold table [0-9a-f]{16} \(2 folds, 6 patients\) but "
+                                         r"the metadata now has [0-9a-f]{16}"):
+        run_blend(cfg)
 
 
 def test_blend_without_lstm_and_with_a_missing_fold(tmp_path):

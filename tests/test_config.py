@@ -56,3 +56,34 @@ def test_saved_config_loads_back_identically(tmp_path):
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
     assert yaml.safe_load(path.read_text())["synthetic"]["seed"] == 5
     assert load_config(path) == cfg
+
+
+def test_mapping_keys_take_the_fields_key_type(tmp_path):
+    # a dotted override arrives with the string key "2"; the blend looks weights up by the integer epoch
+    cfg = load_config(overrides=["blend.epoch_weights.2=0.5", "blend.fold_weights.1=0"])
+    assert cfg.blend.epoch_weights == {2: 0.5} and cfg.blend.fold_weights == {1: 0.0}
+    (tmp_path / "w.yaml").write_text("blend:\n  epoch_weights: {2: 0.5}\n  fold_weights: {'1': 0}\n")
+    assert load_config(tmp_path / "w.yaml").blend.epoch_weights == {2: 0.5}
+    assert load_config(tmp_path / "w.yaml").blend.fold_weights == {1: 0.0}
+    with pytest.raises(ConfigError, match=r"blend.epoch_weights: keys are integers, got 'last'"):
+        load_config(overrides=["blend.epoch_weights.last=1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.amp=fp8", "train.amp: one of auto, bf16, fp16, off, got 'fp8'"),
+    ("train.loss=focal", "train.loss: one of weighted_bce, mse"),
+    ("preprocess.mode=3d", "preprocess.mode: one of windows, 2.5d"),
+    ("train.batch_size=0", "train.batch_size: must be at least 1, got 0"),
+    ("train.epochs=-1", "train.epochs: must be at least 1, got -1"),
+    ("train.loader_workers=-1", "train.loader_workers: must be at least 0"),
+    ("preprocess.n_folds=1", "preprocess.n_folds: must be at least 2"),
+    ("preprocess.size=0", "preprocess.size: must be at least 1"),
+    ("preprocess.chunk_size=0", "preprocess.chunk_size: must be at least 1"),
+    ("preprocess.png_level=12", r"preprocess.png_level: must be between 0 and 9"),
+    ("blend.lstm_weight=1.5", "blend.lstm_weight: must be between 0.0 and 1.0"),
+    ("blend.epoch_weights.1=-2", r"blend.epoch_weights.1: epochs, folds and weights are not negative"),
+    ("data.workers=-1", "data.workers: must be at least 0"),
+])
+def test_values_no_stage_can_use_are_refused_when_the_config_is_read(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import timm
+import torch
 
-from ichpipe.embed import embed_fold
+from ichpipe.embed import embed_fold, embed_loader, mean_probability_logit
 from ichpipe.io import InputError
 from ichpipe.labels import LABELS
 from ichpipe.train import train_fold
@@ -53,7 +55,9 @@ def test_tta_views_are_kept_and_averaged(trained):
     views = np.load(folder / "test_logits_views.npy")
     assert views.shape[0] == 3
     assert not np.allclose(views[0], views[1]) and not np.allclose(views[0], views[2])
-    np.testing.assert_allclose(np.load(folder / "test_logits.npy"), views.mean(axis=0), rtol=1e-5, atol=1e-6)
+    # views are averaged as probabilities (like epochs, folds and inner LSTMs), stored as the logit of that mean
+    mean_prob = _sigmoid(views.astype(np.float64)).mean(axis=0)
+    np.testing.assert_allclose(_sigmoid(np.load(folder / "test_logits.npy")), mean_prob, rtol=1e-5, atol=1e-7)
     assert (folder / "done").read_text().strip() == "none,hflip,transpose"
 
 
@@ -63,3 +67,36 @@ def test_bad_view_and_missing_checkpoints_are_clear_errors(processed):
         embed_fold(_train_cfg(root, "embed", "embed.tta=[vflip]"), progress=False)
     with pytest.raises(InputError, match="no epoch checkpoints; run `make train fold=0` first"):
         embed_fold(_train_cfg(root, "never_trained"), progress=False)
+
+
+def test_hflip_view_is_the_model_on_a_left_right_flipped_image(tmp_path):
+    """The ``hflip`` TTA view of stage 3 equals the model applied to the PNG mirrored left-right."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3, 32, 40, 3), dtype=np.uint8)
+    images[:, :, :8] = 0  # not symmetric: a flip changes the prediction
+    model = timm.create_model("test_resnet", num_classes=len(LABELS)).eval()
+
+    def run(batch, views):
+        x = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+        n = len(batch)
+        out = {"emb": np.zeros((n, 96), np.float32), "logits": np.zeros((n, len(LABELS)), np.float32)}
+        embed_loader(model, [(x, None, None)], views, torch.device("cpu"), (False, torch.float32, False), False, "", out)
+        return out["logits"]
+
+    flipped = run(images, ["hflip"])
+    np.testing.assert_allclose(flipped, run(images[:, :, ::-1], ["none"]), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(flipped, run(images, ["none"]), atol=1e-4)
+    # two views: the logit of their mean probability
+    both = run(images, ["none", "hflip"])
+    np.testing.assert_allclose(_sigmoid(both), (_sigmoid(run(images, ["none"])) + _sigmoid(flipped)) / 2, rtol=1e-5)
+
+
+def test_views_average_as_probabilities_not_logits():
+    views = torch.tensor([[[0.0, -30.0, 50.0]], [[6.0, -40.0, 60.0]]])  # (V=2, N=1, 3), far into the tails too
+    got = mean_probability_logit(views).numpy()[0]
+    want = np.log((_sigmoid(np.array([0.0, -30, 50])) + _sigmoid(np.array([6.0, -40, 60]))) / 2)
+    want -= np.log((_sigmoid(-np.array([0.0, -30, 50])) + _sigmoid(-np.array([6.0, -40, 60]))) / 2)
+    np.testing.assert_allclose(got, want, rtol=1e-5)  # 1.092 for (0, 6), where the mean logit would say 3
+    assert got[0] == pytest.approx(1.0920, abs=1e-3) and np.isfinite(got).all()
+    one = torch.tensor([[[1.5, -2.0]]])
+    assert torch.equal(mean_probability_logit(one), one[0])  # a single view passes through unchanged

@@ -17,6 +17,7 @@ import pydicom
 import pytest
 
 from ichpipe.dicom import hounsfield
+from ichpipe.folds import fold_table_id, record_fold_table
 from ichpipe.labels import LABELS
 from ichpipe.preprocess import PreprocessError, read_png, run_preprocess
 from ichpipe.windowing import apply_window
@@ -97,10 +98,36 @@ def test_bad_files_are_reported_and_left_out(tiny_data, tmp_path):
     assert reasons.pop("ID_00000nolb") == "no labels in stage_2_train.csv"
     assert reasons.pop(truncated).startswith("pixel data cannot be decoded: The number of bytes of pixel data is less")
     assert not reasons
-    meta = pd.read_parquet(root / "processed" / "metadata.parquet")
-    assert sorted(meta.image_id) == sorted(keep)
+    # a failed stage leaves no table for later stages to use
+    assert not (root / "processed" / "metadata.parquet").exists()
     summary = run_preprocess(_cfg(root, "preprocess.max_bad_fraction=0.2"), progress=False)  # tolerated
     assert summary["complete"] and summary["bad"] == 5 and summary["processed"] == 0
+    meta = pd.read_parquet(root / "processed" / "metadata.parquet")
+    assert sorted(meta.image_id) == sorted(keep)
+
+
+def test_folds_that_runs_were_trained_on_are_not_rewritten(processed, tmp_path):
+    root, _, _ = processed
+    data = _linked_root(root, tmp_path)
+    run_preprocess(_cfg(data, "preprocess.size=32"), progress=False)
+    meta = pd.read_parquet(data / "processed" / "metadata.parquet")
+    before = fold_table_id(meta)
+    # no run yet: the folds may change freely
+    run_preprocess(_cfg(data, "preprocess.size=32", "preprocess.n_folds=3"), progress=False)
+    assert fold_table_id(pd.read_parquet(data / "processed" / "metadata.parquet")) != before
+    run_preprocess(_cfg(data, "preprocess.size=32"), progress=False)
+    assert fold_table_id(pd.read_parquet(data / "processed" / "metadata.parquet")) == before
+    record_fold_table(data / "runs" / "exp" / "fold0", meta)  # a run trained on these folds
+    for change in ("preprocess.n_folds=3", "preprocess.fold_seed=1"):
+        with pytest.raises(PreprocessError, match=rf"give fold table [0-9a-f]{{16}}, but 1 run folder\(s\) were "
+                                                  rf"trained on the current table {before}, e.g. .*runs/exp/fold0"):
+            run_preprocess(_cfg(data, "preprocess.size=32", "preprocess.name=other", change), progress=False)
+        assert fold_table_id(pd.read_parquet(data / "processed" / "metadata.parquet")) == before
+    # the same folds under another output name are fine; replacing them must be asked for
+    run_preprocess(_cfg(data, "preprocess.size=32", "preprocess.name=same_folds"), progress=False)
+    run_preprocess(_cfg(data, "preprocess.size=32", "preprocess.n_folds=3", "preprocess.replace_folds=true"),
+                   progress=False)
+    assert pd.read_parquet(data / "processed" / "metadata.parquet").fold.nunique() == 3
 
 
 def _linked_root(root: Path, tmp_path: Path) -> Path:

@@ -26,7 +26,7 @@ def test_bad_override_and_bad_shard_are_one_line_errors(tmp_path):
     res = _run(REPO / "scripts/01_preprocess.py", "preprocess.sise=256")
     assert res.returncode == 2 and res.stderr.strip() == (
         "error: preprocess.sise: unknown key (known: chunk_size, fold_seed, max_bad_fraction, mode, n_folds, name, "
-        "png_filter, png_level, png_strategy, size, windows)")
+        "png_filter, png_level, png_strategy, replace_folds, size, windows)")
     res = _run(REPO / "scripts/01_preprocess.py", "--shard", "3/2", f"data.root={tmp_path}")
     assert res.returncode == 2 and res.stderr.strip() == "error: --shard: need 0 <= I < N, got '3/2'"
 
@@ -61,5 +61,24 @@ def test_synthetic_script_writes_the_layout(tmp_path):
     assert (tmp_path / "synthetic_config.yaml").exists()
     again = _run(*args)  # the same config: kept, not written again
     assert again.returncode == 0 and "already there" in again.stdout
+    # the YAML alone does not make a set finished: a lost file is noticed and the set written again
+    lost = next((tmp_path / "stage_2_train").glob("*.dcm"))
+    lost.unlink()
+    again = _run(*args)
+    assert again.returncode == 0 and f"incomplete (1 files missing, e.g. {lost})" in again.stdout
+    assert lost.exists() and "train prevalence:" in again.stdout
     changed = _run(*args, "synthetic.seed=3")
     assert changed.returncode == 0 and "train prevalence:" in changed.stdout
+
+
+def test_make_train_stops_on_a_config_it_cannot_read(tmp_path):
+    # the fold loop used to fall back to five folds when the config failed to load
+    res = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", "train", f"PY={sys.executable}",
+                          f"DATA_DIR={tmp_path}", "CONFIG=configs/cnn/nope.yaml"], cwd=REPO, capture_output=True,
+                         text=True)
+    assert res.returncode != 0
+    assert res.stderr.splitlines()[0] == f"error: {REPO}/configs/cnn/nope.yaml: config file not found"
+    assert "Traceback" not in res.stderr and "fold=0" not in res.stderr
+    res = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", "train", f"PY={sys.executable}",
+                          f"DATA_DIR={tmp_path}"], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode != 0 and "metadata.parquet: not found; run `make preprocess` first" in res.stderr

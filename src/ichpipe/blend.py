@@ -30,9 +30,11 @@ import pandas as pd
 import yaml
 
 from ichpipe.config import REPO_ROOT, Config, to_dict
+from ichpipe.folds import check_fold_table
 from ichpipe.io import InputError, atomic_path, long_to_wide, read_long_csv, write_text_atomic
 from ichpipe.labels import ABBREVIATIONS, LABELS
 from ichpipe.metrics import per_class_log_loss, sigmoid, weighted_log_loss
+from ichpipe.metrics import prior as prior_of
 from ichpipe.paths import DataPaths, epoch_number, finished_dirs, read_metadata, run_dir
 from ichpipe.submission import SubmissionError, check_submission, write_submission
 
@@ -49,19 +51,29 @@ class Predictions:
 
 def _cnn_probs(folder: Path, name: str) -> pd.DataFrame:
     ids = pd.read_csv(folder / f"{name}_ids.csv").image_id
-    return pd.DataFrame(sigmoid(np.load(folder / f"{name}_logits.npy")),
-                        index=pd.Index(ids, name="image_id"), columns=list(LABELS))
+    frame = pd.DataFrame(sigmoid(np.load(folder / f"{name}_logits.npy")),
+                         index=pd.Index(ids, name="image_id"), columns=list(LABELS))
+    frame.attrs["source"] = str(folder)
+    return frame
 
 
 def _lstm_probs(folder: Path, name: str) -> pd.DataFrame:
-    return pd.read_parquet(folder / f"{name}.parquet").set_index("image_id")[list(LABELS)].astype(np.float64)
+    frame = pd.read_parquet(folder / f"{name}.parquet").set_index("image_id")[list(LABELS)].astype(np.float64)
+    frame.attrs["source"] = str(folder)
+    return frame
 
 
 def weighted_mean(frames: list[pd.DataFrame], weights: list[float]) -> pd.DataFrame:
-    """Row-aligned weighted mean of frames that hold the same image ids."""
+    """Row-aligned weighted mean of probability frames that hold the same image ids (else a one-line error)."""
     if sum(weights) <= 0:
         raise InputError(f"blend: weights {weights} must sum to more than 0")
     base = frames[0]
+    for f in frames[1:]:
+        if len(f.index) != len(base.index) or not f.index.isin(base.index).all():
+            raise InputError(f"{f.attrs.get('source', 'predictions')}: holds {len(f.index)} images, "
+                             f"{int((~f.index.isin(base.index)).sum())} of them not in "
+                             f"{base.attrs.get('source', 'the first')} ({len(base.index)} images); "
+                             f"the folders were made from different metadata: embed them again")
     total = sum(w * f.loc[base.index].to_numpy() for f, w in zip(frames, weights, strict=True))
     return pd.DataFrame(total / sum(weights), index=base.index, columns=base.columns)
 
@@ -69,6 +81,27 @@ def weighted_mean(frames: list[pd.DataFrame], weights: list[float]) -> pd.DataFr
 def _epoch_weights(folders: list[Path], bcfg) -> list[float]:
     """``blend.epoch_weights`` of each ``epoch<NN>`` folder (1 where not given)."""
     return [bcfg.epoch_weights.get(epoch_number(d), 1.0) for d in folders]
+
+
+def _check_oof_rows(frame: pd.DataFrame, expected: pd.Index, fold: int) -> None:
+    """Every held-out image of the fold must have its OOF prediction: a smaller-n CV would not be comparable."""
+    missing = expected.difference(frame.index)
+    extra = frame.index.difference(expected)
+    if len(missing) or len(extra):
+        raise InputError(f"{frame.attrs.get('source', f'fold {fold}')}: OOF predictions of fold {fold} miss "
+                         f"{len(missing)} of its {len(expected)} images and hold {len(extra)} of other folds "
+                         f"(e.g. {(missing if len(missing) else extra)[0]}); run that stage again for fold {fold}")
+
+
+def _check_weight_keys(bcfg, folds: list[int], epochs: set[int]) -> None:
+    """``blend.epoch_weights``/``fold_weights`` keys that match no epoch or fold would be silently ignored."""
+    unknown = sorted(set(bcfg.epoch_weights) - epochs)
+    if unknown:
+        raise InputError(f"blend.epoch_weights: no embedded epoch {unknown} in this experiment "
+                         f"(epochs: {sorted(epochs)})")
+    unknown = sorted(set(bcfg.fold_weights) - set(folds))
+    if unknown:
+        raise InputError(f"blend.fold_weights: no fold {unknown} in the metadata (folds: {folds})")
 
 
 def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
@@ -84,26 +117,38 @@ def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
         missing = [k for k, h in zip(folds, has_lstm, strict=True) if not h]
         raise InputError(f"{run_dir(cfg, missing[0]).parent}: no LSTM output for fold(s) {missing}; "
                          f"run `make lstm fold={missing[0]}` (or remove every fold's lstm/ for a CNN-only blend)")
+    epochs: set[int] = set()
     for k in folds:
+        check_fold_table(run_dir(cfg, k), meta)
         emb_dirs = finished_dirs(run_dir(cfg, k) / "embeddings")
         if not emb_dirs:
             raise InputError(f"{run_dir(cfg, k)}/embeddings: no finished embeddings; run `make embed fold={k}`")
         used["cnn_epochs"][k] = [epoch_number(d) for d in emb_dirs]
+        epochs.update(used["cnn_epochs"][k])
+        fold_ids = labelled.index[labelled.fold == k]
         for name, bucket in (("oof", per_fold), ("test", tests)):
             cnn = [_cnn_probs(d, name) for d in emb_dirs]
+            if name == "oof":
+                for c in cnn:
+                    _check_oof_rows(c, fold_ids, k)
             bucket["cnn_single"].append(cnn[-1])
             bucket["cnn_bagged"].append(weighted_mean(cnn, _epoch_weights(emb_dirs, bcfg)))
         train_rows = labelled[labelled.fold != k]
-        prior = train_rows[list(LABELS)].mean().to_numpy()
+        prior = prior_of(train_rows[list(LABELS)])
         for bucket in (per_fold, tests):
             index = bucket["cnn_single"][-1].index
             bucket["prior"].append(pd.DataFrame(np.tile(prior, (len(index), 1)), index=index, columns=list(LABELS)))
         if all(has_lstm):
             lstm_dirs = finished_dirs(run_dir(cfg, k) / "lstm")
             used["lstm_epochs"][k] = [epoch_number(d) for d in lstm_dirs]
+            epochs.update(used["lstm_epochs"][k])
             for name, bucket in (("oof", per_fold), ("test", tests)):
-                bucket["lstm"].append(weighted_mean([_lstm_probs(d, name) for d in lstm_dirs],
-                                                    _epoch_weights(lstm_dirs, bcfg)))
+                lstm = [_lstm_probs(d, name) for d in lstm_dirs]
+                if name == "oof":
+                    for frame in lstm:
+                        _check_oof_rows(frame, fold_ids, k)
+                bucket["lstm"].append(weighted_mean(lstm, _epoch_weights(lstm_dirs, bcfg)))
+    _check_weight_keys(bcfg, folds, epochs)
     preds = Predictions()
     fold_w = [bcfg.fold_weights.get(k, 1.0) for k in folds]
     models = [m for m in MODELS if m != "blend" and per_fold[m]]
@@ -121,10 +166,18 @@ def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
     return preds, used
 
 
-def score(preds: dict[str, pd.DataFrame], truth: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """Weighted log loss and per-class loss of each model on the images of ``truth``."""
+def score(preds: dict[str, pd.DataFrame], truth: pd.DataFrame, complete: bool = True) -> dict[str, dict[str, float]]:
+    """Weighted log loss and per-class loss of each model on the images of ``truth``.
+
+    ``complete``: every image of ``truth`` must have a prediction (OOF); otherwise (the synthetic
+    test answer key, which also lists test files stage 1 could not read) the common images are scored.
+    """
     out = {}
     for name, p in preds.items():
+        missing = truth.index.difference(p.index)
+        if complete and len(missing):
+            raise InputError(f"{name}: no prediction for {len(missing)} of {len(truth)} labelled images "
+                             f"(e.g. {missing[0]}); a CV score on fewer images is not comparable")
         common = truth.index.intersection(p.index)
         y, q = truth.loc[common, list(LABELS)].to_numpy(), p.loc[common].to_numpy()
         out[name] = {"weighted": weighted_log_loss(y, q), **per_class_log_loss(y, q), "n_images": len(common)}
@@ -209,7 +262,7 @@ def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
     scores = {"oof": score(preds.oof, truth_oof)}
     if paths.test_labels_csv.exists():  # the synthetic set's answer key
         truth_test = long_to_wide(read_long_csv(paths.test_labels_csv), paths.test_labels_csv)
-        scores["test"] = score(preds.test, truth_test)
+        scores["test"] = score(preds.test, truth_test, complete=False)
     exp_dir = run_dir(cfg, 0).parent
     write_text_atomic(exp_dir / "cv.md", f"# CV: {cfg.experiment}\n\n" + format_table(scores))
     write_text_atomic(exp_dir / "cv.json", json.dumps({**scores, "used": used}, indent=2) + "\n")
@@ -222,12 +275,17 @@ def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
     sample_ids = pd.Index(read_long_csv(paths.sample_submission_csv).image_id.unique(), name="image_id")
     out_dir = submissions_dir(cfg)
     date = (today or dt.date.today()).isoformat()
-    prior = truth_oof.mean().to_numpy()
+    prior = prior_of(truth_oof)
     written = {}
     for model, suffix in (("blend", ""), ("cnn_bagged", "-cnn")):
         cv = scores["oof"][model]["weighted"]
         path = out_dir / f"{date}_{cfg.experiment}{suffix}_cv{cv:.4f}.csv.gz"
         test, filled = _test_frame(preds.test[model], sample_ids, prior)
+        limit = cfg.preprocess.max_bad_fraction
+        if filled > limit * len(sample_ids):
+            raise InputError(f"{paths.sample_submission_csv}: {filled} of {len(sample_ids)} test images have no "
+                             f"prediction, more than preprocess.max_bad_fraction={limit}; see the bad_files.csv "
+                             f"of stage 1, or run stage 1 after adding the missing test files")
         _write_checked(test, path, paths.sample_submission_csv)
         info = {"file": path.name, "experiment": cfg.experiment, "model": model, "created": dt.datetime.now().isoformat(
             timespec="seconds"), "git": git_state(), "cv": {w: s[model] for w, s in scores.items()},

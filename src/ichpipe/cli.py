@@ -30,3 +30,17 @@ def stage_main(description: str, run: Callable[[Config, argparse.Namespace], int
     except (ConfigError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def print_folds(cfg: Config, args: argparse.Namespace) -> None:
+    """The folds of stage 1's metadata table, space-separated (``make train`` loops over them)."""
+    from ichpipe.paths import read_metadata
+
+    meta = read_metadata(cfg.data.root)
+    print(" ".join(str(int(k)) for k in sorted(meta.fold.dropna().unique())))
+
+
+if __name__ == "__main__":  # python -m ichpipe.cli folds [--config FILE] [key=value ...]
+    if sys.argv[1:2] != ["folds"]:
+        sys.exit("usage: python -m ichpipe.cli folds [--config FILE] [key=value ...]")
+    sys.exit(stage_main("Print the folds of the metadata table.", print_folds, argv=sys.argv[2:]))

@@ -67,7 +67,7 @@ class PreprocessConfig:
     """DICOM → 3-window PNGs and the metadata table (``scripts/01_preprocess.py``)."""
 
     size: int = 512  # PNG side; 256 for half-resolution training
-    # (center, width) per RGB channel: brain, subdural, bone (40/380 as the 2nd place; 600/2800 as the 1st)
+    # (center, width) per RGB channel: brain, subdural, and soft tissue 40/380 (the 2nd place) or bone 600/2800 (the 1st)
     windows: list[list[float]] = field(default_factory=lambda: [[40, 80], [80, 200], [40, 380]])
     mode: str = "windows"  # "windows": one window per channel; "2.5d": brain window of slices s-1, s, s+1
     name: str = ""  # output folder under processed/; empty = "<size>" (windows) or "<size>_2.5d"
@@ -78,6 +78,7 @@ class PreprocessConfig:
     png_strategy: str = "filtered"  # filtered | default | rle
     n_folds: int = 5
     fold_seed: int = 42
+    replace_folds: bool = False  # rewrite the fold table although finished runs were trained on the current one
     max_bad_fraction: float = 0.01  # fail when more files than this are unreadable
     chunk_size: int = 128  # files per task; a finished chunk is never redone on resume
 
@@ -112,7 +113,6 @@ class TrainConfig:
     crop_border: bool = False  # crop the black border around the head before resizing (2nd place)
     crop_margin: float = 0.1  # with crop_border: random margin per side in training, up to this x box size
     log_every: int = 20  # steps between TensorBoard points
-    stop_after_epochs: int = 0  # stop early as if killed (for resume tests); 0 = run every epoch
 
 
 @dataclass
@@ -208,7 +208,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()} if args else value
+        if not args:
+            return value
+        # Keys too: a dotted override (blend.epoch_weights.2=0.5) arrives with the string key "2".
+        return {_coerce_key(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             try:
@@ -233,6 +236,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _coerce_key(k: Any, tp: Any, key: str) -> Any:
+    """A mapping key as the field's key type: ``"2"`` → 2 for ``dict[int, ...]``."""
+    if tp is int and isinstance(k, str):
+        try:
+            return int(k)
+        except ValueError:
+            raise ConfigError(f"{key}: keys are integers, got {k!r}") from None
+    if tp is str and not isinstance(k, str):
+        return str(k)
+    return _coerce(k, tp, f"{key} key {k!r}")
 
 
 def _apply(obj: Any, values: dict, prefix: str = "") -> None:
@@ -302,7 +317,57 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
     _apply(cfg, parse_overrides(overrides or []))
+    validate(cfg)
     return cfg
+
+
+# Settings with a fixed set of values, and settings that must be at least (or above) a bound.
+CHOICES = {
+    "preprocess.mode": ("windows", "2.5d"),
+    "preprocess.png_filter": ("none", "sub", "up", "paeth", "adaptive"),
+    "preprocess.png_strategy": ("filtered", "default", "rle"),
+    "train.amp": ("auto", "bf16", "fp16", "off"),
+    "train.loss": ("weighted_bce", "mse"),
+    "report.model": ("prior", "cnn_single", "cnn_bagged", "lstm", "blend"),
+}
+AT_LEAST = {
+    "fold": 0, "data.workers": 0, "preprocess.size": 1, "preprocess.n_folds": 2, "preprocess.chunk_size": 1,
+    "synthetic.n_patients": 1, "train.image_size": 1, "train.epochs": 1,
+    "train.batch_size": 1, "train.accumulate": 1, "train.warmup_steps": 0, "train.loader_workers": 0,
+    "train.log_every": 1, "embed.batch_size": 1, "lstm.inner_folds": 2, "lstm.hidden": 1, "lstm.layers": 1,
+    "lstm.epochs": 1, "lstm.bag_last": 1, "lstm.batch_size": 1, "lstm.reduce_dim": 0,
+    "report.examples_per_class": 1, "report.calibration_bins": 2,
+}
+RANGES = {  # closed intervals
+    "preprocess.max_bad_fraction": (0.0, 1.0), "preprocess.png_level": (0, 9), "lstm.dropout": (0.0, 1.0),
+    "blend.lstm_weight": (0.0, 1.0), "blend.clip": (0.0, 0.5), "synthetic.test_fraction": (0.0, 1.0),
+}
+
+
+def _get(cfg: Config, key: str) -> Any:
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Values the types allow but no stage can use; a one-line error naming the key, before any work."""
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: one of {', '.join(allowed)}, got {_get(cfg, key)!r}")
+    for key, low in AT_LEAST.items():
+        if _get(cfg, key) < low:
+            raise ConfigError(f"{key}: must be at least {low}, got {_get(cfg, key)}")
+    for key, (low, high) in RANGES.items():
+        if not low <= _get(cfg, key) <= high:
+            raise ConfigError(f"{key}: must be between {low} and {high}, got {_get(cfg, key)}")
+    if cfg.lstm.bag_last > cfg.lstm.epochs:
+        raise ConfigError(f"lstm.bag_last={cfg.lstm.bag_last}: must not exceed lstm.epochs={cfg.lstm.epochs}")
+    for key in ("blend.epoch_weights", "blend.fold_weights"):
+        for k, w in _get(cfg, key).items():
+            if k < 0 or w < 0:
+                raise ConfigError(f"{key}.{k}: epochs, folds and weights are not negative, got {k}: {w}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -35,7 +35,8 @@ def build_transform(augment: list[dict], image_size: int, train: bool) -> A.Comp
 
     Normalisation happens on the device (:func:`normalize`): workers ship uint8, 4x less data.
     """
-    steps = [A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA)]
+    # Area averaging when shrinking (no aliasing), bilinear when enlarging (INTER_AREA would give blocks).
+    steps = [A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image")]
     if train:
         for spec in augment:
             spec = dict(spec)
@@ -82,15 +83,31 @@ def crop_border(img: np.ndarray, rng: np.random.Generator, max_margin: float) ->
     return img[r0:r1, c0:c1]
 
 
+def checked_labels(meta: pd.DataFrame) -> np.ndarray:
+    """(N, 6) float32 labels of metadata rows; a missing column, NaN or a value outside {0, 1} is an error."""
+    missing = [c for c in LABELS if c not in meta.columns]
+    if missing:
+        raise InputError(f"metadata: no label column(s) {', '.join(missing)}; run `make preprocess` again")
+    labels = meta[list(LABELS)].to_numpy(dtype=np.float32)
+    bad = np.isnan(labels) | ((labels != 0) & (labels != 1))
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise InputError(f"metadata: image {meta.image_id.iloc[row]} has label {LABELS[col]}={labels[row, col]} "
+                         f"({int(bad.any(axis=1).sum())} images have a label that is not 0 or 1)")
+    return labels
+
+
 class SliceDataset(Dataset):
-    """(uint8 CHW image, six labels, row index) per metadata row, from ``png_dir/<image_id>.png``."""
+    """(uint8 CHW image, six labels, row index) per metadata row, from ``png_dir/<image_id>.png``.
+
+    ``labelled``: the rows must carry six labels in {0, 1} (training, validation); otherwise (test
+    images) the labels are zeros.
+    """
 
     def __init__(self, meta: pd.DataFrame, png_dir: str | Path, transform: A.Compose, seed: int = 0,
-                 crop_margin: float | None = None):
+                 crop_margin: float | None = None, labelled: bool = False):
         self.ids = meta.image_id.to_numpy()
-        cols = [c for c in LABELS if c in meta.columns]
-        labels = meta[cols].to_numpy(dtype=np.float32) if len(cols) == len(LABELS) else None
-        self.labels = np.nan_to_num(labels, nan=0.0) if labels is not None else np.zeros((len(meta), len(LABELS)), np.float32)
+        self.labels = checked_labels(meta) if labelled else np.zeros((len(meta), len(LABELS)), np.float32)
         self.png_dir = Path(png_dir)
         self.transform = transform
         self.seed = seed

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ichpipe.io import InputError
 
 
 @dataclass
@@ -26,18 +29,26 @@ class Runtime:
         return self.world_size > 1
 
 
+# Collectives wait this long for a slow rank before failing (NCCL's own default is 10 minutes, shorter
+# than writing a ResNeXt-101 checkpoint on a busy file system may take).
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
+
+
+def default_device(local_rank: int = 0) -> torch.device:
+    """The GPU of this process when there is one, else the CPU."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def init_runtime() -> Runtime:
     """Single process, or one process per GPU under torchrun (NCCL on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    device = default_device(local)
+    if device.type == "cuda":
         torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return Runtime(device, rank, world, local)
 
 
@@ -54,7 +65,7 @@ def amp_settings(mode: str, device: torch.device) -> tuple[bool, torch.dtype, bo
         return True, torch.float16, device.type == "cuda"
     if mode == "bf16":
         return True, torch.bfloat16, False
-    raise ValueError(f"train.amp: auto, bf16, fp16 or off, got {mode!r}")
+    raise InputError(f"train.amp: auto, bf16, fp16 or off, got {mode!r}")
 
 
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype):

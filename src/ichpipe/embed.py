@@ -5,7 +5,7 @@ For fold k and every checkpoint ``runs/<experiment>/fold<k>/checkpoints/epoch<NN
 
     oof_ids.csv, test_ids.csv    image_id per row (the row order of the arrays)
     oof_emb.npy, test_emb.npy    (N, D) float32 pooled features, averaged over the TTA views
-    oof_logits.npy, test_logits.npy  (N, 6) float32 logits, averaged over the TTA views
+    oof_logits.npy, test_logits.npy  (N, 6) float32 logits of the views' mean probability
     *_views.npy                  (V, N, D) and (V, N, 6) per view, with ``embed.keep_views=true``
     done                         written last: a folder without it is redone
 
@@ -16,29 +16,51 @@ the sequence model of fold k train on them without leakage. TTA views: ``none``,
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ichpipe.config import Config, save_config
 from ichpipe.data import SliceDataset, build_transform, normalize
 from ichpipe.device import amp_settings, autocast, init_runtime
+from ichpipe.folds import check_fold_table
 from ichpipe.io import InputError, atomic_path, write_text_atomic
-from ichpipe.models import create_model
+from ichpipe.labels import N_LABELS
+from ichpipe.models import create_model, load_weights
 from ichpipe.paths import DataPaths, epoch_number, read_metadata, run_dir
 from ichpipe.preprocess import output_name
 
 VIEWS = {"none": lambda x: x, "hflip": lambda x: x.flip(-1), "transpose": lambda x: x.transpose(-1, -2)}
 
 
+def mean_probability_logit(view_logits: torch.Tensor) -> torch.Tensor:
+    """(V, ..., 6) logits of V views → the logit of their mean probability (one view: its logits as they are).
+
+    TTA views, epoch bags, folds and inner LSTMs are all averaged as probabilities; stage 3 stores the
+    result as a logit, stably: log(mean p) - log(mean (1 - p)) with log-sum-exp of log-sigmoids.
+    """
+    if view_logits.shape[0] == 1:
+        return view_logits[0]
+    x = view_logits.double()
+    return (torch.logsumexp(F.logsigmoid(x), 0) - torch.logsumexp(F.logsigmoid(-x), 0)).float()
+
+
 @torch.no_grad()
-def embed_loader(model, loader: DataLoader, views: list[str], device, amp, progress: bool, desc: str):
-    """(V, N, D) embeddings and (V, N, 6) logits for every batch of ``loader`` under each view."""
+def embed_loader(model, loader: DataLoader, views: list[str], device, amp, progress: bool, desc: str,
+                 out: dict[str, np.ndarray]) -> None:
+    """Write the view-mean embeddings (N, D) and probability-mean logits (N, 6) of ``loader`` into ``out``.
+
+    ``out`` holds preallocated arrays (memory-mapped ``.npy`` files: nothing of size N x D is built in
+    RAM) under ``emb`` and ``logits``, and optionally ``emb_views`` (V, N, D) and ``logits_views``.
+    """
     model.eval()
     classifier = model.get_classifier()
-    embs, logits = [], []
+    row = 0
     for x, _, _ in tqdm(loader, desc=desc, leave=False, disable=not progress):
         x = normalize(x.to(device, non_blocking=True))
         e_views, l_views = [], []
@@ -47,15 +69,14 @@ def embed_loader(model, loader: DataLoader, views: list[str], device, amp, progr
                 pooled = model.forward_head(model.forward_features(VIEWS[view](x).contiguous()), pre_logits=True)
                 e_views.append(pooled.float())
                 l_views.append(classifier(pooled).float())
-        embs.append(torch.stack(e_views).cpu())
-        logits.append(torch.stack(l_views).cpu())
-    return torch.cat(embs, dim=1).numpy(), torch.cat(logits, dim=1).numpy()
-
-
-def _save_npy(path, array) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array, dtype=np.float32))
+        e, lg = torch.stack(e_views), torch.stack(l_views)
+        rows = slice(row, row + len(x))
+        out["emb"][rows] = e.mean(0).cpu().numpy()
+        out["logits"][rows] = mean_probability_logit(lg).cpu().numpy()
+        if "emb_views" in out:
+            out["emb_views"][:, rows] = e.cpu().numpy()
+            out["logits_views"][:, rows] = lg.cpu().numpy()
+        row += len(x)
 
 
 def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
@@ -71,6 +92,7 @@ def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
         ckpts = [c for c in ckpts if epoch_number(c) in cfg.embed.epochs]
     paths = DataPaths(cfg.data.root)
     meta = read_metadata(paths.root)
+    check_fold_table(out, meta)
     png_dir = paths.processed / output_name(cfg.preprocess)
     tf = build_transform([], cfg.train.image_size, train=False)
     crop = 0.0 if cfg.train.crop_border else None
@@ -78,26 +100,33 @@ def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
     rt = init_runtime()
     amp = amp_settings(cfg.train.amp, rt.device)
     model = create_model(cfg.model.backbone, pretrained=False).to(rt.device)
+    dim = getattr(model, "head_hidden_size", None) or model.num_features  # the width of forward_head(pre_logits)
     written = []
     for ckpt in ckpts:
         folder = out / "embeddings" / ckpt.stem
         if (folder / "done").exists():
             continue
         folder.mkdir(parents=True, exist_ok=True)
-        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+        load_weights(model, torch.load(ckpt, map_location="cpu", weights_only=True), ckpt, cfg.model.backbone)
         for name, rows in sets.items():
             ds = SliceDataset(rows, png_dir, tf, cfg.seed, crop)
             loader = DataLoader(ds, batch_size=cfg.embed.batch_size, num_workers=cfg.train.loader_workers,
                                 pin_memory=rt.device.type == "cuda")
-            emb, logits = embed_loader(model, loader, cfg.embed.tta, rt.device, amp, progress,
-                                       f"fold {cfg.fold} {ckpt.stem} {name}")
+            n, v = len(ds), len(cfg.embed.tta)
+            shapes = {"emb": (n, dim), "logits": (n, N_LABELS)}
+            if cfg.embed.keep_views:
+                shapes.update(emb_views=(v, n, dim), logits_views=(v, n, N_LABELS))
+            with contextlib.ExitStack() as stack:  # every file appears (renamed) only when all are written
+                arrays = {key: np.lib.format.open_memmap(stack.enter_context(atomic_path(folder / f"{name}_{key}.npy")),
+                                                         mode="w+", dtype=np.float32, shape=shape)
+                          for key, shape in shapes.items()}
+                embed_loader(model, loader, cfg.embed.tta, rt.device, amp, progress,
+                             f"fold {cfg.fold} {ckpt.stem} {name}", arrays)
+                for a in arrays.values():
+                    a.flush()
+                del arrays
             with atomic_path(folder / f"{name}_ids.csv") as tmp:
                 pd.DataFrame({"image_id": ds.ids}).to_csv(tmp, index=False)
-            _save_npy(folder / f"{name}_emb.npy", emb.mean(axis=0))
-            _save_npy(folder / f"{name}_logits.npy", logits.mean(axis=0))
-            if cfg.embed.keep_views:
-                _save_npy(folder / f"{name}_emb_views.npy", emb)
-                _save_npy(folder / f"{name}_logits_views.npy", logits)
         save_config(cfg, folder / "config.yaml")
         write_text_atomic(folder / "done", ",".join(cfg.embed.tta) + "\n")
         written.append(str(folder))

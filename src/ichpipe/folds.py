@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
+from ichpipe.io import InputError, write_text_atomic
 from ichpipe.labels import LABELS
 
 
@@ -45,3 +51,49 @@ def fold_summary(meta: pd.DataFrame) -> pd.DataFrame:
     labelled = meta[meta["fold"].notna()]
     summary = labelled.groupby("fold").agg(patients=("PatientID", "nunique"), slices=("any", "size"))
     return summary.join(labelled.groupby("fold")[list(LABELS)].mean().mul(100).round(2))
+
+
+FOLD_RECORD = "folds.json"  # in each run folder: the identity of the fold table the run was trained on
+
+
+def fold_table_id(meta: pd.DataFrame) -> str:
+    """A short hash of the PatientID → fold map of the labelled rows: equal ids, equal folds."""
+    pairs = meta.loc[meta["fold"].notna(), ["PatientID", "fold"]].drop_duplicates()
+    text = "\n".join(sorted(f"{p}\t{int(f)}" for p, f in zip(pairs.PatientID, pairs.fold, strict=True)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _describe(meta: pd.DataFrame) -> dict:
+    labelled = meta[meta["fold"].notna()]
+    return {"fold_table": fold_table_id(meta), "n_folds": int(labelled.fold.nunique()),
+            "patients": int(labelled.PatientID.nunique())}
+
+
+def record_fold_table(run_folder: str | os.PathLike, meta: pd.DataFrame) -> None:
+    """Write the fold table's identity into a run folder (stage 2, before the first epoch)."""
+    write_text_atomic(Path(run_folder) / FOLD_RECORD, json.dumps(_describe(meta)) + "\n")
+
+
+def recorded_fold_table(run_folder: str | os.PathLike) -> dict | None:
+    path = Path(run_folder) / FOLD_RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_fold_table(run_folder: str | os.PathLike, meta: pd.DataFrame) -> None:
+    """Refuse a run trained on other folds than the metadata's today (its OOF rows would not be out-of-fold)."""
+    saved = recorded_fold_table(run_folder)
+    if saved is None:
+        raise InputError(f"{run_folder}: no {FOLD_RECORD}, so which folds it was trained on is unknown; "
+                         f"train the fold again (`make train fold=...`)")
+    now = _describe(meta)
+    if saved["fold_table"] != now["fold_table"]:
+        raise InputError(f"{run_folder}: trained on fold table {saved['fold_table']} ({saved['n_folds']} folds, "
+                         f"{saved['patients']} patients) but the metadata now has {now['fold_table']} "
+                         f"({now['n_folds']} folds, {now['patients']} patients); preprocess with the run's "
+                         f"preprocess.n_folds/fold_seed again, or train under a new experiment name")
+
+
+def runs_on_fold_table(root: str | os.PathLike, table_id: str) -> list[Path]:
+    """Run folders under ``<root>/runs`` trained on the fold table ``table_id``."""
+    return sorted(p.parent for p in Path(root).glob(f"runs/*/fold*/{FOLD_RECORD}")
+                  if json.loads(p.read_text()).get("fold_table") == table_id)

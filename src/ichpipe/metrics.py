@@ -12,6 +12,10 @@ import json
 import sys
 
 import numpy as np
+import pandas as pd
+from scipy.special import expit
+from scipy.special import logit as scipy_logit
+from sklearn.metrics import roc_auc_score
 
 from ichpipe.io import InputError, read_long_csv
 from ichpipe.labels import LABEL_WEIGHTS, LABELS, WEIGHTS
@@ -26,8 +30,24 @@ def _bce(y_true: np.ndarray, y_pred: np.ndarray, eps: float) -> np.ndarray:
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Probabilities from logits, in float64."""
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    """Probabilities from logits, in float64 (scipy's ``expit``)."""
+    return expit(np.asarray(logits, dtype=np.float64))
+
+
+def logit(probs: np.ndarray) -> np.ndarray:
+    """Logits from probabilities, in float64 (scipy's ``logit``); 0 and 1 give -inf and inf."""
+    return scipy_logit(np.asarray(probs, dtype=np.float64))
+
+
+def prior(labels: np.ndarray | pd.DataFrame) -> np.ndarray:
+    """The prevalence of each label column: the prior-only prediction every model is compared with."""
+    return np.asarray(labels, dtype=np.float64).mean(axis=0)
+
+
+def auc_or_nan(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC of one label; NaN where the labels hold one class only (AUC is undefined there)."""
+    y = np.asarray(y)
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
 def weighted_log_loss(y_true: np.ndarray, y_pred: np.ndarray, eps: float = EPS) -> float:

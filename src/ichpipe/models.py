@@ -6,6 +6,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models import is_model_pretrained
 from torch import nn
 
 from ichpipe.io import InputError
@@ -27,8 +28,12 @@ def create_model(backbone: str, pretrained: bool = True, weights: str = "", init
         init_from: a checkpoint of a previous ichpipe run (e.g. the half-resolution model before
             full-size fine-tuning); loaded after construction, head included.
     """
-    if backbone not in timm.list_models():
+    # is_model takes timm's tagged names (resnext101_32x8d.fb_wsl_ig1b_ft_in1k), which list_models() leaves out.
+    if not timm.is_model(backbone):
         raise ModelError(f"model.backbone: unknown timm model {backbone!r}")
+    if "." in backbone and not is_model_pretrained(backbone):
+        tags = ", ".join(timm.list_pretrained(backbone.split(".")[0] + ".*")[:8]) or "none"
+        raise ModelError(f"model.backbone: timm has no pretrained weights tagged {backbone!r} (known: {tags})")
     kwargs = {"num_classes": N_LABELS, "drop_rate": drop_rate}
     if weights:
         if not Path(weights).exists():
@@ -37,15 +42,31 @@ def create_model(backbone: str, pretrained: bool = True, weights: str = "", init
         pretrained = True
     try:
         model = timm.create_model(backbone, pretrained=pretrained, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - any download failure gets the same advice
+    except OSError as exc:  # a download that failed (requests', urllib's and the hub client's errors are OSErrors)
         if not pretrained or weights:
             raise
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise ModelError(f"cannot load ImageNet weights for {backbone} (offline? {reason}); "
                          f"set model.pretrained=false or model.weights=PATH to a local weights file") from None
+    except RuntimeError as exc:  # e.g. a local weights file of another architecture
+        source = f"model.weights {weights}" if weights else f"timm's weights for {backbone}"
+        raise ModelError(f"cannot build {backbone} from {source}: {str(exc).splitlines()[0][:200]}") from None
     if init_from:
         if not Path(init_from).exists():
             raise ModelError(f"model.init_from: {init_from}: file not found")
         state = torch.load(init_from, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("model", state))
+        load_weights(model, state.get("model", state), init_from, backbone)
     return model
+
+
+def load_weights(model: nn.Module, state: dict, source: str | Path, backbone: str) -> None:
+    """Load an ichpipe checkpoint into ``model``; a checkpoint of another architecture is a one-line error."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        missing = [k for k in model.state_dict() if k not in state]
+        extra = [k for k in state if k not in model.state_dict()]
+        detail = (f"{len(missing)} weights missing (e.g. {missing[0]}), {len(extra)} unexpected (e.g. {extra[0]})"
+                  if missing or extra else str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)[:200])
+        raise ModelError(f"{source}: not a checkpoint of model.backbone={backbone} ({detail}); "
+                         f"use the backbone it was trained with") from None

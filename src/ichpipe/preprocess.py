@@ -8,7 +8,13 @@ Outputs, under ``<data root>/processed/``::
     <name>/preprocess_config.yaml the resolved config of the run
     <name>/parts/chunk<S>/chunk_*.parquet  per-chunk metadata, written as chunks finish (resume bookkeeping)
     metadata.parquet             one row per usable image: ids, z, slice index, series length,
-                                 size, window tags, quirk flags, the six labels (train), fold (train)
+                                 size, window tags, quirk flags, the six labels (train), fold (train);
+                                 written last, only when the stage succeeds
+
+One fold table serves every preprocess output and every run: each run records the table's hash
+(``runs/<experiment>/fold<k>/folds.json``), later stages refuse a run whose folds differ from the
+table, and this stage refuses to change the folds of a table that runs were trained on unless
+``preprocess.replace_folds=true``.
 
 Work is split into fixed chunks of the sorted input list. Each finished chunk writes its part file
 atomically; each PNG is written to a temporary name and renamed. A killed run therefore leaves no
@@ -22,20 +28,19 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import yaml
-from tqdm import tqdm
 
 from ichpipe.config import Config, PreprocessConfig, save_config
 from ichpipe.dicom import DicomError, read_header, read_slice
-from ichpipe.folds import assign_folds
+from ichpipe.folds import assign_folds, fold_table_id, runs_on_fold_table
 from ichpipe.io import InputError, atomic_path, long_to_wide, read_long_csv, sweep_temp_files
 from ichpipe.labels import LABELS
+from ichpipe.parallel import n_workers, run_pool
 from ichpipe.paths import DataPaths
 from ichpipe.windowing import window_stored
 
@@ -58,19 +63,11 @@ def png_settings(cfg: PreprocessConfig) -> tuple[int, str, str]:
 
 
 def check_settings(cfg: PreprocessConfig) -> None:
-    if cfg.mode not in ("windows", "2.5d"):
-        raise PreprocessError(f"preprocess.mode: expected 'windows' or '2.5d', got {cfg.mode!r}")
     if cfg.mode == "windows" and len(cfg.windows) != 3:
         raise PreprocessError(f"preprocess.windows: need three [center, width] pairs (R, G, B), got {cfg.windows}")
     for w in cfg.windows:
         if len(w) != 2 or w[1] <= 0:
             raise PreprocessError(f"preprocess.windows: each window is [center, width > 0], got {w}")
-    if not 0 <= cfg.png_level <= 9:
-        raise PreprocessError(f"preprocess.png_level: zlib level 0-9, got {cfg.png_level}")
-    if cfg.png_filter not in PNG_FILTERS:
-        raise PreprocessError(f"preprocess.png_filter: one of {', '.join(PNG_FILTERS)}, got {cfg.png_filter!r}")
-    if cfg.png_strategy not in PNG_STRATEGIES:
-        raise PreprocessError(f"preprocess.png_strategy: one of {', '.join(PNG_STRATEGIES)}, got {cfg.png_strategy!r}")
 
 
 PNG_FILTERS = {"none": cv2.IMWRITE_PNG_FILTER_NONE, "sub": cv2.IMWRITE_PNG_FILTER_SUB,
@@ -172,27 +169,6 @@ def list_inputs(paths: DataPaths) -> list[tuple[str, str]]:
     return files
 
 
-def _run_pool(jobs, fn, workers: int, total: int, desc: str, progress: bool):
-    bar = tqdm(total=total, unit="img", desc=desc, disable=not progress, smoothing=0.05)
-    results = []
-    if workers == 1 or len(jobs) <= 1:
-        iterator = map(fn, jobs)
-        pool = None
-    else:
-        pool = get_context("fork").Pool(min(workers, len(jobs)))
-        iterator = pool.imap_unordered(fn, jobs)
-    try:
-        for res in iterator:
-            results.append(res)
-            bar.update(res[0])
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
-    return results
-
-
 def _check_previous_run(out_dir: Path, cfg: PreprocessConfig) -> None:
     saved = out_dir / "preprocess_config.yaml"
     if not saved.exists():
@@ -229,9 +205,10 @@ def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool 
         if not part.exists():
             chunk = files[k * pcfg.chunk_size:(k + 1) * pcfg.chunk_size]
             jobs.append(ChunkJob(k, chunk, str(pass_dir), str(part), windows, pcfg.size, png_settings(pcfg)))
-    workers = cfg.data.workers or os.cpu_count() or 1
+    workers = n_workers(cfg.data.workers)
     start = time.perf_counter()
-    results = _run_pool(jobs, process_chunk, workers, sum(len(j.files) for j in jobs), "preprocess", progress)
+    results = run_pool(process_chunk, jobs, workers, total=sum(len(j.files) for j in jobs), size=lambda r: r[0],
+                       desc="preprocess", progress=progress)
     summary = {"files": len(files), "processed": sum(r[0] - r[2] for r in results),
                "skipped": len(files) - sum(r[0] - r[2] for r in results), "seconds": time.perf_counter() - start,
                "out_dir": str(out_dir), "complete": False}
@@ -241,17 +218,38 @@ def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool 
         return summary
     sweep_temp_files(pass_dir)  # every chunk is done: no writer left, so stray temp files are a kill's
     meta, bad = _merge(cfg, paths, out_dir, parts_dir, n_chunks)
-    if pcfg.mode == "2.5d":
-        _stack_neighbours(meta, pass_dir, out_dir, pcfg, workers, progress)
-    summary.update(complete=True, images=len(meta), bad=len(bad), metadata=str(paths.metadata))
+    # The table is written last, only when the stage succeeds: a failed run leaves the previous table (or none).
     if len(bad) > pcfg.max_bad_fraction * len(files):
         raise PreprocessError(f"{len(bad)} of {len(files)} files are unusable, more than preprocess.max_bad_fraction="
                               f"{pcfg.max_bad_fraction}; see {out_dir / 'bad_files.csv'}")
+    _check_fold_change(paths, meta, pcfg)
+    if pcfg.mode == "2.5d":
+        _stack_neighbours(meta, pass_dir, out_dir, pcfg, workers, progress)
+    with atomic_path(paths.metadata) as tmp:
+        meta.to_parquet(tmp, index=False)
+    summary.update(complete=True, images=len(meta), bad=len(bad), metadata=str(paths.metadata),
+                   fold_table=fold_table_id(meta))
     return summary
 
 
+def _check_fold_change(paths: DataPaths, meta: pd.DataFrame, pcfg: PreprocessConfig) -> None:
+    """Refuse to replace a fold table that finished runs were trained on (their OOF rows would leak)."""
+    if not paths.metadata.exists() or pcfg.replace_folds:
+        return
+    old = pd.read_parquet(paths.metadata, columns=["PatientID", "fold"])
+    old_id, new_id = fold_table_id(old), fold_table_id(meta)
+    if old_id == new_id:
+        return
+    runs = runs_on_fold_table(paths.root, old_id)
+    if runs:
+        raise PreprocessError(f"{paths.metadata}: these settings (preprocess.n_folds={pcfg.n_folds}, fold_seed="
+                              f"{pcfg.fold_seed}) give fold table {new_id}, but {len(runs)} run folder(s) were trained "
+                              f"on the current table {old_id}, e.g. {runs[0]}; keep the former n_folds/fold_seed, "
+                              f"or add preprocess.replace_folds=true (those runs then stop working)")
+
+
 def _merge(cfg: Config, paths: DataPaths, out_dir: Path, parts_dir: Path, n_chunks: int):
-    """Assemble the metadata table from the parts: z order, labels, folds; write the bad-files report."""
+    """Assemble the metadata table from the parts (z order, labels, folds); write the bad-files report."""
     parts = pd.concat([pd.read_parquet(parts_dir / f"chunk_{k:06d}.parquet") for k in range(n_chunks)],
                       ignore_index=True)
     bad = parts[parts.error != ""][["file", "error"]].rename(columns={"error": "reason"})
@@ -277,8 +275,6 @@ def _merge(cfg: Config, paths: DataPaths, out_dir: Path, parts_dir: Path, n_chun
     meta["fold"] = assign_folds(meta, cfg.preprocess.n_folds, cfg.preprocess.fold_seed)
     meta = meta.sort_values(["split", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "slice_index"],
                             ascending=[False, True, True, True, True], kind="stable").reset_index(drop=True)
-    with atomic_path(paths.metadata) as tmp:
-        meta.to_parquet(tmp, index=False)
     with atomic_path(out_dir / "bad_files.csv") as tmp:
         bad.to_csv(tmp, index=False)
     return meta, bad
@@ -305,4 +301,4 @@ def _stack_neighbours(meta: pd.DataFrame, brain_dir: Path, out_dir: Path, pcfg: 
     series = [g.image_id.tolist() for _, g in meta.sort_values("slice_index").groupby("SeriesInstanceUID", sort=True)]
     per_job = max(1, pcfg.chunk_size // 32)
     jobs = [(series[i:i + per_job], str(brain_dir), str(out_dir), png_settings(pcfg)) for i in range(0, len(series), per_job)]
-    _run_pool(jobs, _stack_job, workers, len(meta), "2.5d stack", progress)
+    run_pool(_stack_job, jobs, workers, total=len(meta), size=lambda r: r[0], desc="2.5d stack", progress=progress)

@@ -27,12 +27,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import average_precision_score, precision_recall_curve  # noqa: E402
 
 from ichpipe.config import Config  # noqa: E402
+from ichpipe.folds import check_fold_table  # noqa: E402
 from ichpipe.io import InputError, atomic_path, write_text_atomic  # noqa: E402
 from ichpipe.labels import ABBREVIATIONS, ANY_INDEX, LABELS, SUBTYPES  # noqa: E402
-from ichpipe.metrics import per_class_log_loss, weighted_log_loss  # noqa: E402
+from ichpipe.metrics import auc_or_nan, per_class_log_loss, weighted_log_loss  # noqa: E402
+from ichpipe.metrics import prior as prior_of  # noqa: E402
 from ichpipe.paths import DataPaths, finished_dirs, read_metadata, run_dir  # noqa: E402
 from ichpipe.preprocess import output_name, read_png  # noqa: E402
 
@@ -103,12 +106,13 @@ def threshold_for_recall(y: np.ndarray, p: np.ndarray, target: float) -> Operati
 
 
 def calibration_bins(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
-    """Equal-width bins of predicted probability: mean prediction, observed frequency, count (non-empty bins)."""
-    edges = np.linspace(0, 1, n_bins + 1)
-    which = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
-    rows = [{"bin": b, "mean_predicted": float(p[which == b].mean()), "observed": float(y[which == b].mean()),
-             "count": int((which == b).sum())} for b in range(n_bins) if (which == b).any()]
-    return pd.DataFrame(rows)
+    """Equal-width bins of predicted probability (scikit-learn's ``calibration_curve``): mean prediction,
+    observed frequency and count of each non-empty bin."""
+    observed, predicted = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+    which = np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], p)  # calibration_curve's own binning
+    counts = np.bincount(which, minlength=n_bins)
+    bins = np.flatnonzero(counts)
+    return pd.DataFrame({"bin": bins, "mean_predicted": predicted, "observed": observed, "count": counts[bins]})
 
 
 def class_table(y: np.ndarray, p: np.ndarray) -> pd.DataFrame:
@@ -118,7 +122,7 @@ def class_table(y: np.ndarray, p: np.ndarray) -> pd.DataFrame:
     for i, name in enumerate(LABELS):
         both = 0 < y[:, i].sum() < len(y)
         rows.append({"class": name, "log_loss": losses[name],
-                     "auc": roc_auc_score(y[:, i], p[:, i]) if both else float("nan"),
+                     "auc": auc_or_nan(y[:, i], p[:, i]),
                      "average_precision": average_precision_score(y[:, i], p[:, i]) if both else float("nan"),
                      "positives": int(y[:, i].sum())})
     table = pd.DataFrame(rows).set_index("class")
@@ -307,12 +311,19 @@ def run_report(cfg: Config) -> dict:
     if unknown:
         raise InputError(f"report.target_recall: unknown labels {sorted(unknown)}")
     paths = DataPaths(cfg.data.root)
-    meta = read_metadata(paths.root).set_index("image_id")
+    meta = read_metadata(paths.root)
+    for k in sorted(int(f) for f in meta.fold.dropna().unique()):
+        check_fold_table(run_dir(cfg, k), meta)
+    meta = meta.set_index("image_id")
     chosen = preds[preds.model == rcfg.model].set_index("image_id")
+    labelled = meta.index[meta.fold.notna()]
+    if len(chosen) != len(labelled) or not chosen.index.isin(labelled).all():
+        raise InputError(f"{preds_path}: {len(chosen)} OOF rows for the metadata's {len(labelled)} labelled images; "
+                         f"run `make submission` again")
     ids = chosen.index.to_numpy()
     y = meta.loc[ids, list(LABELS)].to_numpy(np.float64)
     p = chosen[list(LABELS)].to_numpy(np.float64)
-    prior = y.mean(axis=0)
+    prior = prior_of(y)
     out = exp / "report"
     out.mkdir(parents=True, exist_ok=True)
 

@@ -36,12 +36,13 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from tqdm import tqdm
 
 from ichpipe.config import Config, LstmConfig, save_config
-from ichpipe.folds import assign_folds
+from ichpipe.device import default_device
+from ichpipe.folds import assign_folds, check_fold_table
 from ichpipe.io import InputError, atomic_path, write_text_atomic
 from ichpipe.labels import LABELS, N_LABELS
+from ichpipe.losses import make_loss
 from ichpipe.metrics import sigmoid, weighted_log_loss
 from ichpipe.paths import finished_dirs, read_metadata, run_dir
-from ichpipe.train import make_loss
 
 SERIES_KEYS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID"]
 
@@ -108,7 +109,8 @@ def load_features(folder: Path, name: str, meta: pd.DataFrame) -> SliceFeatures:
     if not ids_path.exists():
         raise InputError(f"{ids_path}: not found; run `make embed` first")
     ids = pd.read_csv(ids_path).image_id.to_numpy()
-    emb, logits = np.load(folder / f"{name}_emb.npy"), np.load(folder / f"{name}_logits.npy")
+    # Memory-mapped: at real size a fold's OOF + test embeddings are ~2 GB; batches read the rows they need.
+    emb, logits = np.load(folder / f"{name}_emb.npy", mmap_mode="r"), np.load(folder / f"{name}_logits.npy")
     if len(emb) != len(ids) or len(logits) != len(ids):
         raise InputError(f"{folder}: {name} arrays have {len(emb)}/{len(logits)} rows for {len(ids)} ids")
     rows = meta.set_index("image_id").reindex(ids)
@@ -122,56 +124,67 @@ def load_features(folder: Path, name: str, meta: pd.DataFrame) -> SliceFeatures:
                          rows.PatientID.to_numpy(), series)
 
 
-def _predict(model: SequenceModel, feats: SliceFeatures, series: list[int], mean, std, batch_size: int) -> np.ndarray:
-    """(N, 6) probabilities for the rows of ``series`` (others stay NaN)."""
+PREDICT_BATCH = 64  # series per prediction batch (no gradients: larger than the training batch)
+
+
+def _predict(model: SequenceModel, feats: SliceFeatures, series: list[int], mean, std, batch_size: int,
+             device: torch.device) -> np.ndarray:
+    """(N, 6) probabilities for the rows of ``series`` (others stay NaN).
+
+    """
     out = np.full((len(feats.ids), N_LABELS), np.nan, np.float32)
+    order = list(series)
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(series), batch_size):
-            emb, logits, _, lengths, rows = feats.batch(series[i:i + batch_size], mean, std)
-            probs = torch.sigmoid(model(emb, logits, lengths)).numpy()
+        for i in range(0, len(order), batch_size):
+            emb, logits, _, lengths, rows = feats.batch(order[i:i + batch_size], mean, std)
+            probs = torch.sigmoid(model(emb.to(device), logits.to(device), lengths)).cpu().numpy()
             for j, r in enumerate(rows):
                 out[r] = probs[j, :len(r)]
     return out
 
 
 def fit_predict(feats: SliceFeatures, train_series: list[int], targets: list[tuple[SliceFeatures, list[int]]],
-                cfg: LstmConfig, seed: int) -> tuple[list[np.ndarray], list[dict]]:
+                cfg: LstmConfig, seed: int, device: torch.device | None = None) -> tuple[list[np.ndarray], list[dict]]:
     """Train one LSTM on ``train_series`` of ``feats``; probabilities for each target, bagged over the last epochs.
 
-    Returns one (N, 6) array per target (rows outside its series: NaN) and the per-epoch history (train
-    loss, and the first target's loss when it has labels).
+    Runs on ``device`` (default: the GPU when there is one). Returns one (N, 6) array per target (rows
+    outside its series: NaN) and the per-epoch history (train loss, and the first target's loss when it
+    has labels).
     """
+    device = device or default_device()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     train_rows = np.concatenate([feats.series[i] for i in train_series])
     mean = feats.emb[train_rows].mean(axis=0)
     std = feats.emb[train_rows].std(axis=0) + 1e-6
-    model = SequenceModel(feats.emb.shape[1], cfg.reduce_dim, cfg.hidden, cfg.layers, cfg.dropout)
+    model = SequenceModel(feats.emb.shape[1], cfg.reduce_dim, cfg.hidden, cfg.layers, cfg.dropout).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = make_loss("weighted_bce", torch.device("cpu"))
+    loss_fn = make_loss("weighted_bce", device)
     bags = [np.zeros((len(f.ids), N_LABELS), np.float64) for f, _ in targets]
     n_bagged = 0
     history = []
     for epoch in range(cfg.epochs):
         model.train()
         order = rng.permutation(train_series)
-        total, count = 0.0, 0
+        total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         for i in range(0, len(order), cfg.batch_size):
             emb, logits, labels, lengths, _ = feats.batch(list(order[i:i + cfg.batch_size]), mean, std)
             mask = torch.arange(emb.shape[1])[None, :] < lengths[:, None]
-            loss = loss_fn(model(emb, logits, lengths)[mask], labels[mask])
+            n = int(mask.sum())
+            mask = mask.to(device)
+            loss = loss_fn(model(emb.to(device), logits.to(device), lengths)[mask], labels.to(device)[mask])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * int(mask.sum())
-            count += int(mask.sum())
-        record = {"epoch": epoch, "train_loss": total / count}
+            total += loss.detach().double() * n  # summed on the device: no sync per step
+            count += n
+        record = {"epoch": epoch, "train_loss": total.item() / count}
         bagging = epoch >= cfg.epochs - cfg.bag_last
         for k, (bag, (target, series)) in enumerate(zip(bags, targets, strict=True)):
             if not bagging and k > 0:
                 break
-            probs = _predict(model, target, series, mean, std, cfg.batch_size)
+            probs = _predict(model, target, series, mean, std, PREDICT_BATCH, device)
             if k == 0 and target.labels is not None:  # the first target's loss per epoch, for the curves
                 rows = np.concatenate([target.series[i] for i in series])
                 record["val_loss"] = weighted_log_loss(target.labels[rows], probs[rows])
@@ -195,13 +208,12 @@ def _inner_groups(feats: SliceFeatures, n: int, seed: int) -> np.ndarray:
 def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
     """Nested-CV LSTMs of ``cfg.fold`` on every embedded checkpoint; returns per-checkpoint OOF losses."""
     lcfg = cfg.lstm
-    if not 0 < lcfg.bag_last <= lcfg.epochs:
-        raise InputError(f"lstm.bag_last={lcfg.bag_last}: must be between 1 and lstm.epochs={lcfg.epochs}")
     out = run_dir(cfg)
     folders = finished_dirs(out / "embeddings")
     if not folders:
         raise InputError(f"{out}/embeddings: no finished embeddings; run `make embed fold={cfg.fold}` first")
     meta = read_metadata(cfg.data.root)
+    check_fold_table(out, meta)
     results = {}
     for folder in folders:
         target = out / "lstm" / folder.name

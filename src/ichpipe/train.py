@@ -17,6 +17,7 @@ validates, logs and writes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -25,19 +26,21 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from sklearn.metrics import roc_auc_score
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
-from ichpipe.config import Config, save_config
+from ichpipe.config import Config, load_config, save_config, to_dict
 from ichpipe.data import DEFAULT_AUGMENT, SliceDataset, build_transform, normalize
 from ichpipe.device import Runtime, amp_settings, autocast, close_runtime, init_runtime
+from ichpipe.folds import record_fold_table
 from ichpipe.io import InputError, atomic_path
-from ichpipe.labels import LABELS, WEIGHTS
-from ichpipe.metrics import per_class_log_loss, weighted_log_loss
-from ichpipe.models import create_model
+from ichpipe.labels import LABELS
+from ichpipe.losses import make_loss
+from ichpipe.metrics import auc_or_nan, logit, per_class_log_loss, prior, weighted_log_loss
+from ichpipe.models import create_model, load_weights
 from ichpipe.paths import DataPaths, read_metadata, run_dir
 from ichpipe.preprocess import output_name
 
@@ -84,27 +87,24 @@ class EpochDataset(torch.utils.data.Dataset):
         return self.base[i]
 
 
-def make_loss(name: str, device: torch.device):
-    weights = torch.tensor(WEIGHTS, dtype=torch.float32, device=device)
-    if name == "weighted_bce":  # the competition metric as a loss: any x2
-        def loss(logits, y):
-            bce = nn.functional.binary_cross_entropy_with_logits(logits.float(), y, reduction="none")
-            return (bce * weights).sum(dim=1).mean() / weights.sum()
-    elif name == "mse":
-        def loss(logits, y):
-            return ((torch.sigmoid(logits.float()) - y) ** 2 * weights).sum(dim=1).mean() / weights.sum()
-    else:
-        raise InputError(f"train.loss: weighted_bce or mse, got {name!r}")
-    return loss
+def cosine_with_warmup(optimizer, warmup: int, total: int) -> CosineLRScheduler:
+    """timm's cosine schedule over ``total`` optimizer updates after ``warmup`` linear ones (lr/warmup → lr).
+
+    Stepped per update with ``step_update(updates)``; its state travels in ``last.pt``.
+    """
+    lr = optimizer.param_groups[0]["lr"]
+    return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=0.0, warmup_t=warmup,
+                             warmup_lr_init=lr / max(1, warmup), warmup_prefix=True, t_in_epochs=False)
 
 
-def cosine_with_warmup(optimizer, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def init_head_bias(model: nn.Module, prevalence: np.ndarray) -> None:
+    """Start the classifier at the training prior (bias = logit of each label's prevalence): an untrained
+    model then scores the prior-only loss instead of log(2) per label, and the first steps learn images,
+    not the base rates."""
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear) and head.bias is not None:
+        with torch.no_grad():
+            head.bias.copy_(torch.as_tensor(logit(np.clip(prevalence, 1e-4, 1 - 1e-4)), dtype=head.bias.dtype))
 
 
 def evaluate(y: np.ndarray, p: np.ndarray) -> dict:
@@ -113,13 +113,13 @@ def evaluate(y: np.ndarray, p: np.ndarray) -> dict:
     for name, loss in per_class_log_loss(y, p).items():
         out[f"loss_{name}"] = loss
     for i, name in enumerate(LABELS):
-        out[f"auc_{name}"] = roc_auc_score(y[:, i], p[:, i]) if 0 < y[:, i].sum() < len(y) else float("nan")
+        out[f"auc_{name}"] = auc_or_nan(y[:, i], p[:, i])
     return out
 
 
 def prior_baseline(train_y: np.ndarray, val_y: np.ndarray) -> float:
     """Weighted log loss of predicting the training prevalence for every slice."""
-    return weighted_log_loss(val_y, np.broadcast_to(train_y.mean(axis=0), val_y.shape))
+    return weighted_log_loss(val_y, np.broadcast_to(prior(train_y), val_y.shape))
 
 
 @torch.no_grad()
@@ -138,15 +138,16 @@ def _loader(ds, batch_size, workers, sampler, device) -> DataLoader:
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=False)
 
 
-def load_fold(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
+def load_fold(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, Path, pd.DataFrame]:
+    """(training rows, validation rows, PNG folder, whole metadata) of ``cfg.fold``."""
     paths = DataPaths(cfg.data.root)
     meta = read_metadata(paths.root)
     labelled = meta[meta.fold.notna()]
-    folds = sorted(labelled.fold.unique())
+    folds = sorted(int(k) for k in labelled.fold.unique())
     if cfg.fold not in folds:
         raise InputError(f"fold={cfg.fold}: the metadata has folds {folds}")
     png_dir = paths.processed / output_name(cfg.preprocess)
-    return labelled[labelled.fold != cfg.fold], labelled[labelled.fold == cfg.fold], png_dir
+    return labelled[labelled.fold != cfg.fold], labelled[labelled.fold == cfg.fold], png_dir, meta
 
 
 def _save(obj, path: Path) -> None:
@@ -154,38 +155,102 @@ def _save(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def train_fold(cfg: Config, progress: bool = True) -> dict:
-    """Train (or resume) the CNN of ``cfg.fold``; return the last epoch's validation metrics."""
+# A resume continues the same optimisation: these settings must equal the run's own.
+RESUME_KEYS = ("seed", "model.backbone", "model.drop_rate", "train.image_size", "train.epochs", "train.batch_size",
+               "train.lr", "train.weight_decay", "train.warmup_steps", "train.accumulate", "train.loss",
+               "train.augment", "train.crop_border", "train.crop_margin", "preprocess.size", "preprocess.windows",
+               "preprocess.mode", "preprocess.name")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume(cfg: Config, out: Path) -> None:
+    """Refuse a resume whose settings differ from the run's in a way that changes the result."""
+    saved_path = out / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = _flat(to_dict(load_config(saved_path)))
+    now = _flat(to_dict(cfg))
+    changed = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    if changed:
+        diffs = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in changed)
+        raise InputError(f"{out}: resume with other settings than the run's: {diffs}; "
+                         f"use the run's settings, or set experiment=<new name>")
+
+
+def _load_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line, whatever torch raised
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: cannot be read as a checkpoint ({reason}); delete it to start the fold again") \
+            from None
+
+
+def train_fold(cfg: Config, progress: bool = True, stop_after_epochs: int = 0) -> dict:
+    """Train (or resume) the CNN of ``cfg.fold``; return the last epoch's validation metrics.
+
+    ``stop_after_epochs`` (tests only) stops after that many epochs as if the process were killed.
+    """
     rt = init_runtime()
     try:
-        return _train(cfg, rt, progress and rt.is_main)
+        return _train(cfg, rt, progress and rt.is_main, stop_after_epochs)
     finally:
         close_runtime(rt)
 
 
-def _train(cfg: Config, rt: Runtime, progress: bool) -> dict:
+def _shard(n: int, rt: Runtime) -> np.ndarray:
+    """The validation rows this process predicts: every world_size-th row (no padding, no repeats)."""
+    return np.arange(rt.rank, n, rt.world_size)
+
+
+def _gather_predictions(probs: np.ndarray, n: int, rt: Runtime) -> np.ndarray | None:
+    """Every rank's share of the validation predictions, in row order, on rank 0 (None elsewhere)."""
+    if not rt.distributed:
+        return probs
+    parts = [None] * rt.world_size if rt.is_main else None
+    dist.gather_object(probs, parts, dst=0)
+    if not rt.is_main:
+        return None
+    out = np.empty((n, len(LABELS)), np.float32)
+    for rank, part in enumerate(parts):
+        out[_shard(n, Runtime(rt.device, rank, rt.world_size))] = part
+    return out
+
+
+def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0) -> dict:
     tcfg = cfg.train
     torch.manual_seed(cfg.seed)
-    train_meta, val_meta, png_dir = load_fold(cfg)
+    train_meta, val_meta, png_dir, meta = load_fold(cfg)
     out = run_dir(cfg)
     last = out / "last.pt"
     if last.exists() and not cfg.resume:
         raise InputError(f"{out}: a run exists; add resume=true to continue it, or set experiment=<new name>")
+    if last.exists():
+        check_resume(cfg, out)
+        state = _load_state(last)
+    micro = tcfg.batch_size // (tcfg.accumulate * rt.world_size)
+    if micro < 1:
+        raise InputError(f"train.batch_size={tcfg.batch_size} is smaller than accumulate x processes")
     if rt.is_main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        record_fold_table(out, meta)
         save_config(cfg, out / "config.yaml")
 
     augment = tcfg.augment or DEFAULT_AUGMENT
     train_ds = SliceDataset(train_meta, png_dir, build_transform(augment, tcfg.image_size, train=True), cfg.seed,
-                            tcfg.crop_margin if tcfg.crop_border else None)
+                            tcfg.crop_margin if tcfg.crop_border else None, labelled=True)
     val_ds = SliceDataset(val_meta, png_dir, build_transform([], tcfg.image_size, train=False), cfg.seed,
-                          0.0 if tcfg.crop_border else None)
-    micro = tcfg.batch_size // (tcfg.accumulate * rt.world_size)
-    if micro < 1:
-        raise InputError(f"train.batch_size={tcfg.batch_size} is smaller than accumulate x processes")
+                          0.0 if tcfg.crop_border else None, labelled=True)
     sampler = EpochSampler(len(train_ds), cfg.seed, rt.rank, rt.world_size)
     train_loader = _loader(EpochDataset(train_ds), micro, tcfg.loader_workers, sampler, rt.device)
-    val_loader = _loader(val_ds, micro * 2, tcfg.loader_workers, None, rt.device)
+    val_rows = _shard(len(val_ds), rt)  # validation is split across the processes, then gathered
+    val_loader = _loader(Subset(val_ds, val_rows.tolist()), micro * 2, tcfg.loader_workers, None, rt.device)
 
     model = create_model(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights, cfg.model.init_from,
                          cfg.model.drop_rate).to(rt.device)
@@ -197,13 +262,16 @@ def _train(cfg: Config, rt: Runtime, progress: bool) -> dict:
     amp = amp_settings(tcfg.amp, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=amp[2])
     start_epoch, step = 0, 0
+    if not last.exists() and not cfg.model.init_from:
+        init_head_bias(model, prior(train_ds.labels))
     if last.exists():
-        state = torch.load(last, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
+        load_weights(model, state["model"], last, cfg.model.backbone)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
+        if rt.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], rt.device)
         start_epoch, step = state["epoch"] + 1, state["step"]
     net = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None) \
         if rt.distributed else model
@@ -221,47 +289,61 @@ def _train(cfg: Config, rt: Runtime, progress: bool) -> dict:
     val_y = val_ds.labels
     baseline = prior_baseline(train_ds.labels, val_y)
     metrics: dict = {"epoch": start_epoch - 1}
-    stop_at = start_epoch + tcfg.stop_after_epochs if tcfg.stop_after_epochs else tcfg.epochs
+    stop_at = start_epoch + stop_after_epochs if stop_after_epochs else tcfg.epochs
 
     for epoch in range(start_epoch, min(tcfg.epochs, stop_at)):
         sampler.set_epoch(epoch)
         net.train()
         bar = tqdm(total=steps_per_epoch, desc=f"fold {cfg.fold} epoch {epoch + 1}/{tcfg.epochs}", disable=not progress)
-        running, seen, tick, tick_images = 0.0, 0, time.perf_counter(), 0
+        # The running loss stays on the device: reading it (a GPU sync) only at log points.
+        running, seen = torch.zeros((), device=rt.device), 0
+        tick, tick_images = time.perf_counter(), 0
         optimizer.zero_grad(set_to_none=True)
         for i, (x, y, _) in enumerate(train_loader):
             x = normalize(x.to(rt.device, non_blocking=True))
             if tcfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(rt.device, non_blocking=True)
-            with autocast(rt.device, amp[0], amp[1]):
-                loss = loss_fn(net(x), y)
-            scaler.scale(loss / tcfg.accumulate).backward()
-            running += loss.item() * len(x)
+            update = (i + 1) % tcfg.accumulate == 0 or (i + 1) == len(train_loader)
+            # Micro-steps before the update skip DDP's gradient all-reduce; the update's backward does it.
+            sync = contextlib.nullcontext() if update or not rt.distributed else net.no_sync()
+            with sync:
+                with autocast(rt.device, amp[0], amp[1]):
+                    loss = loss_fn(net(x), y)
+                scaler.scale(loss / tcfg.accumulate).backward()
+            running += loss.detach() * len(x)
             seen += len(x)
             tick_images += len(x) * rt.world_size
-            if (i + 1) % tcfg.accumulate and (i + 1) != len(train_loader):
+            if not update:
                 continue
             if tcfg.clip_grad:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad)
+            scale = scaler.get_scale() if scaler.is_enabled() else None
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{running / seen:.4f}")
+            if scale is not None and scaler.get_scale() < scale:
+                continue  # fp16 overflow: the scaler skipped this update, so the schedule does not advance
+            step += 1
+            scheduler.step_update(step)
             if writer is not None and step % tcfg.log_every == 0:
                 elapsed = time.perf_counter() - tick
-                writer.add_scalar("train/loss", running / seen, step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                mean_loss = running.item() / seen
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                writer.add_scalar("train/loss", mean_loss, step)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
                 writer.add_scalar("train/img_per_s", tick_images / elapsed, step)
                 tick, tick_images = time.perf_counter(), 0
         bar.close()
+        train_loss = running.item() / max(seen, 1)
+        if rt.distributed:  # BatchNorm statistics differ per process after training: validate (and save) rank 0's
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+        probs = _gather_predictions(predict(model, val_loader, rt, amp, progress), len(val_ds), rt)
         if rt.is_main:
-            probs = predict(model, val_loader, rt, amp, progress)
-            metrics = {"epoch": epoch, "step": step, "train_loss": running / max(seen, 1),
+            metrics = {"epoch": epoch, "step": step, "train_loss": train_loss,
                        "prior_loss": baseline, **evaluate(val_y, probs)}
             history.append(metrics)
             oof = pd.DataFrame(probs, columns=list(LABELS)).assign(image_id=val_ds.ids)[["image_id", *LABELS]]
@@ -269,7 +351,8 @@ def _train(cfg: Config, rt: Runtime, progress: bool) -> dict:
                 oof.to_parquet(tmp, index=False)
             _save(model.state_dict(), out / "checkpoints" / f"epoch{epoch:02d}.pt")
             _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "torch_rng": torch.get_rng_state()}, last)
+                   "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "torch_rng": torch.get_rng_state(),
+                   "cuda_rng": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None}, last)
             with atomic_path(history_path) as tmp:
                 pd.DataFrame(history).to_csv(tmp, index=False)
             writer.add_scalar("val/loss", metrics["val_loss"], step)
@@ -284,7 +367,7 @@ def _train(cfg: Config, rt: Runtime, progress: bool) -> dict:
                 tqdm.write(f"fold {cfg.fold} epoch {epoch + 1}: train {metrics['train_loss']:.4f}  "
                            f"val {metrics['val_loss']:.4f}  (prior {baseline:.4f})  auc(any) {metrics['auc_any']:.3f}")
         if rt.distributed:
-            dist.barrier()
+            dist.barrier()  # rank 0 has written the epoch's files before anyone goes on
     if writer is not None:
         writer.close()
     metrics.update(run_dir=str(out), prior_loss=baseline, rank=rt.rank)

@@ -18,7 +18,9 @@ import numpy as np
 
 from ichpipe.dicom import hounsfield
 
-BRAIN, SUBDURAL, BONE_2ND, BONE_1ST = (40, 80), (80, 200), (40, 380), (600, 2800)
+# The third channel: a soft-tissue window (40/380) as the 2nd place used, or the bone window (600/2800)
+# of the 1st place.
+BRAIN, SUBDURAL, SOFT_TISSUE, BONE = (40, 80), (80, 200), (40, 380), (600, 2800)
 
 
 def apply_window(hu: np.ndarray, center: float, width: float) -> np.ndarray:

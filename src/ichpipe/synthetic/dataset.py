@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +23,11 @@ import pandas as pd
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from tqdm import tqdm
 
 from ichpipe.config import SyntheticConfig
 from ichpipe.io import atomic_path, wide_to_long
 from ichpipe.labels import LABELS, SUBTYPES
+from ichpipe.parallel import n_workers, run_pool
 from ichpipe.paths import DataPaths
 from ichpipe.synthetic.phantom import (
     Bleed,
@@ -237,22 +236,10 @@ def generate_dataset(cfg: SyntheticConfig, root: str | os.PathLike, workers: int
         stale.unlink()  # a smaller dataset over a larger one must not leave extra files
     specs = plan_dataset(cfg)
     jobs = [(sp, str(paths.train_dir), str(paths.test_dir), cfg.min_label_area_mm2) for sp in specs]
-    workers = workers or os.cpu_count() or 1
     n_files = sum(sp.n_slices for sp in specs)
-    bar = tqdm(total=n_files, unit="dcm", desc="synthetic", disable=not progress)
-    rows: list[dict] = []
-    if workers == 1:
-        results = map(_write_series_star, jobs)
-    else:
-        pool = get_context("spawn" if os.name == "nt" else "fork").Pool(workers)
-        results = pool.imap(_write_series_star, jobs)
-    for series_rows in results:
-        rows.extend(series_rows)
-        bar.update(len(series_rows))
-    bar.close()
-    if workers != 1:
-        pool.close()
-        pool.join()
+    results = run_pool(_write_series_star, jobs, n_workers(workers), total=n_files, size=len, desc="synthetic",
+                       unit="dcm", progress=progress, ordered=True)
+    rows: list[dict] = [row for series_rows in results for row in series_rows]
     table = pd.DataFrame(rows).sort_values("image_id", kind="stable").reset_index(drop=True)
     _write_csvs(table, paths, cfg)
     return table
@@ -275,3 +262,17 @@ def _write_csvs(table: pd.DataFrame, paths: DataPaths, cfg: SyntheticConfig) -> 
         test_long.assign(Label=0.5).to_csv(tmp, index=False)
     with atomic_path(paths.root / "synthetic_slices.csv") as tmp:
         table.to_csv(tmp, index=False)
+
+
+def missing_files(root: str | os.PathLike) -> list[str]:
+    """What a finished synthetic set lacks: its CSVs, and every DICOM its per-file table lists (empty = complete)."""
+    paths = DataPaths(root)
+    table_path = paths.root / "synthetic_slices.csv"
+    csvs = [paths.train_csv, paths.test_labels_csv, paths.sample_submission_csv, table_path]
+    missing = [str(p) for p in csvs if not p.exists()]
+    if missing:
+        return missing
+    table = pd.read_csv(table_path, usecols=["image_id", "split"])
+    folder = np.where(table.split == "train", str(paths.train_dir), str(paths.test_dir))
+    files = [Path(d) / f"{i}.dcm" for d, i in zip(folder, table.image_id, strict=True)]
+    return [str(f) for f in files if not f.is_file() or f.stat().st_size == 0]
