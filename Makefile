@@ -13,8 +13,11 @@ WORKERS  ?= 0
 CONFIG   ?= configs/cnn/cpu_small.yaml
 
 # Dotted overrides given on the make command line (lower-case keys) go to the scripts as they are.
-OVERRIDES := $(filter-out DATA_DIR=% WORKERS=% CONFIG=% PYTHON=% VENV=% PY=% GPUS=% SHARD=% N=% FILE=% SCALE=%,$(MAKEOVERRIDES))
-STAGE_ARGS = --config $(CONFIG) data.root=$(DATA_DIR) data.workers=$(WORKERS) $(OVERRIDES)
+LOWER := a b c d e f g h i j k l m n o p q r s t u v w x y z
+# key=value words with a lower-case key only: the part after a space in DATA_DIR="my data" is no override
+OVERRIDES := $(foreach w,$(MAKEOVERRIDES),$(if $(and $(findstring =,$(w)),$(filter $(addsuffix %,$(LOWER)),$(w))),$(w)))
+# Quoted, so that a DATA_DIR or CONFIG with spaces stays one argument.
+STAGE_ARGS = --config "$(CONFIG)" data.root="$(DATA_DIR)" data.workers=$(WORKERS) $(OVERRIDES)
 
 .PHONY: help setup demo synthetic preprocess train embed lstm submission submit report eda test lint bench bench-preprocess bench-train bench-scale clean-data
 
@@ -105,7 +108,7 @@ bench: bench-preprocess bench-train bench-scale
 
 # img/s of the configured backbone: tensors on the device vs the PNG loader, fp32 vs AMP.
 bench-train: setup
-	$(PY) benchmarks/bench_train.py --config $(CONFIG) data.root=$(DATA_DIR) $(OVERRIDES)
+	$(PY) benchmarks/bench_train.py --config "$(CONFIG)" data.root="$(DATA_DIR)" $(OVERRIDES)
 
 # The sequence stage and the blend on fake inputs of the real data's size (752k + 121k slices, 2048-d):
 # seconds per LSTM epoch, the whole stage projected, peak RSS. SCALE=0.01 for a quick check.

@@ -3,7 +3,7 @@
 
     python eda/01_dataset_overview.py [data.root=data] [preprocess.size=512]
 
-Writes PNG figures and summary.md into <data root>/eda/ (run after `make preprocess`).
+Writes PNG figures and summary.md into <work dir>/eda/ (data.work_dir, default the data root; after `make preprocess`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pandas as pd
 from ichpipe.cli import stage_main
 from ichpipe.io import write_text_atomic
 from ichpipe.labels import ABBREVIATIONS, LABELS, SUBTYPES
-from ichpipe.paths import DataPaths, read_metadata
+from ichpipe.paths import data_paths, read_metadata
 from ichpipe.preprocess import output_name, read_png
 
 N_EXAMPLES = 4  # rows of the example grid
@@ -97,10 +97,10 @@ def example_grid(train: pd.DataFrame, png_dir, path, seed: int = 0) -> None:
 
 
 def run(cfg, args):
-    paths = DataPaths(cfg.data.root)
-    meta = read_metadata(paths.root)
+    paths = data_paths(cfg)
+    meta = read_metadata(paths)
     png_dir = paths.processed / output_name(cfg.preprocess)
-    out = paths.root / "eda"
+    out = paths.eda
     out.mkdir(parents=True, exist_ok=True)
     train = meta[meta.split == "train"]
     prev = prevalence_figure(train, out / "prevalence.png")

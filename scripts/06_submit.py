@@ -3,7 +3,8 @@
 
     python scripts/06_submit.py --config configs/cnn/cpu_small.yaml [--file submissions/X.csv.gz]
 
-Default file: the newest final-blend submission of the experiment in blend.out_dir. The message
+Default file: the newest complete final-blend submission of exactly this experiment in
+blend.out_dir, found by the YAML beside it (temporary files and other experiments are never taken). The message
 names the experiment, the model, the OOF score and the git commit (from the YAML beside the file).
 The file is validated first; the API token is read by the kaggle CLI only.
 """
@@ -13,11 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from ichpipe.blend import info_path, submissions_dir
+from ichpipe.blend import info_path, latest_submission
 from ichpipe.cli import stage_main
-from ichpipe.io import InputError
 from ichpipe.paths import DataPaths
-from ichpipe.submission import submit_to_kaggle
+from ichpipe.submission import submit_to_kaggle, validate_submission
 
 
 def add_arguments(parser):
@@ -25,22 +25,17 @@ def add_arguments(parser):
 
 
 def run(cfg, args):
-    if args.file:
-        path = Path(args.file)
-    else:
-        found = sorted(p for p in submissions_dir(cfg).glob(f"*_{cfg.experiment}_cv*.csv.gz"))
-        if not found:
-            raise InputError(f"{submissions_dir(cfg)}: no submission of experiment {cfg.experiment!r}; "
-                             "run `make submission` first")
-        path = max(found, key=lambda p: p.stat().st_mtime)
+    path = Path(args.file) if args.file else latest_submission(cfg)
     beside = info_path(path)
     info = yaml.safe_load(beside.read_text()) if beside.exists() else {}
     cv = info.get("cv", {}).get("oof", {}).get("weighted")
     message = f"ichpipe {info.get('experiment', cfg.experiment)}: {info.get('model', 'submission')}" + (
         f", OOF {cv:.4f}" if cv is not None else "") + (
         f", git {info['git']['commit'][:10]}" if info.get("git", {}).get("commit") else "")
+    sample = DataPaths(cfg.data.root).sample_submission_csv
+    validate_submission(path, sample)  # before saying "uploading": a bad file is one error line, nothing else
     print(f"uploading {path} to {cfg.blend.competition}: {message!r}")
-    code = submit_to_kaggle(path, DataPaths(cfg.data.root).sample_submission_csv, cfg.blend.competition, message)
+    code = submit_to_kaggle(path, sample, cfg.blend.competition, message)
     if code:
         print(f"error: kaggle competitions submit exited with {code}", file=sys.stderr)
     return code

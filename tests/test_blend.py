@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from ichpipe.blend import run_blend, weighted_mean
+from ichpipe.blend import info_path, latest_submission, run_blend, weighted_mean
 from ichpipe.config import load_config, save_config
 from ichpipe.folds import record_fold_table
 from ichpipe.io import InputError, wide_to_long
@@ -54,7 +54,8 @@ def _experiment(root: Path, rng, n_folds=2, epochs=(0, 1), lstm=True, extra_samp
     wide_to_long(truth).to_csv(root / "synthetic_test_labels.csv", index=False)
     sample = wide_to_long(_frame([*test_ids, *extra_sample_ids], 0.5))
     sample.to_csv(root / "stage_2_sample_submission.csv", index=False)
-    cfg = load_config(overrides=[f"data.root={root}", "experiment=exp", f"blend.out_dir={root / 'subs'}"])
+    cfg = load_config(overrides=[f"data.root={root}", "experiment=exp", f"blend.out_dir={root / 'subs'}",
+                                 f"blend.lstm_weight={1 if lstm else 0}"])
     known = {"cnn": {}, "lstm": {}}
     for k in range(n_folds):
         run = root / "runs" / "exp" / f"fold{k}"
@@ -181,7 +182,7 @@ def test_weights_given_as_overrides_or_yaml_are_used_and_unknown_keys_refused(tm
 def test_fold_weight_zero_drops_that_folds_test_predictions(tmp_path):
     root = tmp_path / "root"
     _, _, truth, known = _experiment(root, np.random.default_rng(6), lstm=False)
-    cfg = _exp_cfg(root, "blend.fold_weights.1=0", "blend.clip=0")
+    cfg = _exp_cfg(root, "blend.fold_weights.1=0", "blend.clip=0", "blend.lstm_weight=0")
     result = run_blend(cfg)
     fold0 = (known["cnn"][0, 0, "test"] + known["cnn"][0, 1, "test"]) / 2
     with gzip.open(result["written"]["cnn_bagged"]["path"], "rt") as f:
@@ -232,8 +233,12 @@ def test_runs_on_other_folds_are_refused(tmp_path):
 
 def test_blend_without_lstm_and_with_a_missing_fold(tmp_path):
     cfg, *_ = _experiment(tmp_path / "a", np.random.default_rng(1), lstm=False)
-    cv = run_blend(cfg)["scores"]["oof"]
+    cv = run_blend(cfg)["scores"]["oof"]  # blend.lstm_weight=0: a CNN-only blend, asked for
     assert "lstm" not in cv and cv["blend"]["weighted"] == cv["cnn_bagged"]["weighted"]
+    cfg.blend.lstm_weight = 1.0  # before any LSTM has run, the final blend is not silently the CNN's
+    with pytest.raises(InputError, match=r"no LSTM output in any fold, but blend.lstm_weight=1.0; run `make lstm`, "
+                                         r"or add blend.lstm_weight=0"):
+        run_blend(cfg)
     cfg, *_ = _experiment(tmp_path / "b", np.random.default_rng(1))
     for p in (tmp_path / "b" / "runs" / "exp" / "fold1" / "lstm").glob("*/done"):
         p.unlink()
@@ -297,6 +302,33 @@ def test_submit_script(tmp_path):
     final = next(p for p in (root / "subs").glob("*_exp_cv*.csv.gz"))
     assert sent[:6] == ["competitions", "submit", "-c", "rsna-intracranial-hemorrhage-detection", "-f", str(final)]
     assert sent[6] == "-m" and sent[7].startswith("ichpipe exp: blend, OOF ")
+
+
+def test_submit_takes_only_complete_submissions_of_exactly_this_experiment(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    cfg, *_ = _experiment(root, np.random.default_rng(3))
+    run_blend(cfg, today=dt.date(2026, 11, 23))
+    subs = root / "subs"
+    (final,) = subs.glob("2026-11-23_exp_cv*.csv.gz")
+    assert latest_submission(cfg) == final
+    # what a killed blend leaves (a hidden temp file), another experiment whose name ends like this one's,
+    # and a submission without its YAML: all newer, none taken
+    (subs / ".2026-11-24_exp_cv0.1000.csv.gz.x1.tmp.csv.gz").write_text("ID,Label\n")
+    other = subs / "2026-11-24_old_exp_cv0.0500.csv.gz"
+    other.write_bytes(final.read_bytes())
+    info = yaml.safe_load(info_path(final).read_text())
+    info_path(other).write_text(yaml.safe_dump({**info, "file": other.name, "experiment": "old_exp"}))
+    orphan = subs / "2026-11-24_exp_cv0.0400.csv.gz"
+    orphan.write_bytes(final.read_bytes())
+    assert latest_submission(cfg) == final
+    # the next blend sweeps what a killed blend of this experiment left, and nothing of another's
+    run_blend(cfg, today=dt.date(2026, 11, 23))
+    assert not orphan.exists() and not list(subs.glob(".*tmp*")) and other.exists()
+    # a full disk while the YAML is written: neither file appears
+    monkeypatch.setattr(yaml, "safe_dump", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(OSError, match="No space left"):
+        run_blend(cfg, today=dt.date(2026, 11, 25))
+    assert not list(subs.glob("2026-11-25*")) and not list(subs.glob(".*"))
 
 
 def test_submit_refuses_an_invalid_file(tmp_path):

@@ -100,3 +100,16 @@ def test_views_average_as_probabilities_not_logits():
     assert got[0] == pytest.approx(1.0920, abs=1e-3) and np.isfinite(got).all()
     one = torch.tensor([[[1.5, -2.0]]])
     assert torch.equal(mean_probability_logit(one), one[0])  # a single view passes through unchanged
+
+
+def test_a_rerun_with_other_settings_redoes_the_checkpoint(trained, capsys):
+    root, _ = trained
+    folder = root / "runs" / "embed" / "fold0" / "embeddings" / "epoch01"
+    cfg = _train_cfg(root, "embed", "train.epochs=2", "embed.tta=[none]", "embed.epochs=[1]")
+    embed_fold(cfg, progress=False)
+    assert (folder / "done").read_text().strip() == "none"
+    assert embed_fold(cfg, progress=False) == []  # the same settings: kept
+    other = _train_cfg(root, "embed", "train.epochs=2", "embed.tta=[none, hflip]", "embed.epochs=[1]")
+    assert embed_fold(other, progress=False) == [str(folder)]  # was: the old files kept, the new TTA printed
+    assert (folder / "done").read_text().strip() == "none,hflip"
+    assert "other settings (embed.tta=['none'] (now ['none', 'hflip'])); redoing" in capsys.readouterr().out

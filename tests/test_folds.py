@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from ichpipe.folds import assign_folds, fold_summary
+from ichpipe.io import InputError
 from ichpipe.labels import LABELS
 
 
@@ -48,3 +49,10 @@ def test_rare_epidural_and_slices_are_balanced(meta):
 def test_folds_are_seeded(meta):
     a, b, c = (assign_folds(meta, 5, seed=s) for s in (1, 1, 2))
     assert a.equals(b) and not a.equals(c)
+
+
+def test_more_folds_than_patients_is_an_error():
+    meta = pd.DataFrame({"PatientID": ["a", "a", "b", "c"], **{c: [0.0, 1.0, 0.0, 0.0] for c in LABELS}})
+    with pytest.raises(InputError, match=r"preprocess.n_folds=4: the training set has 3 patients"):
+        assign_folds(meta, 4, seed=0)
+    assert sorted(assign_folds(meta, 3, seed=0).unique()) == [0, 1, 2]

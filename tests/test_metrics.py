@@ -75,3 +75,11 @@ def test_score_cli_conflicting_labels_and_bad_header(tmp_path, capsys):
     pd.DataFrame({"Id": ["ID_a_any"], "Label": [0.5]}).to_csv(tmp_path / "pred.csv", index=False)
     assert main(["score", str(tmp_path / "pred.csv"), "--labels", str(tmp_path / "labels.csv")]) == 2
     assert "header must be 'ID,Label'" in capsys.readouterr().err
+
+
+def test_score_cli_refuses_labels_other_than_0_and_1(tmp_path, capsys):
+    _long(["ID_a", "ID_b"], [[0, 0, 0, 0, 2, 1], [0] * 6]).to_csv(tmp_path / "labels.csv", index=False)
+    _long(["ID_a", "ID_b"], [[0.5] * 6, [0.5] * 6]).to_csv(tmp_path / "pred.csv", index=False)
+    assert main(["score", str(tmp_path / "pred.csv"), "--labels", str(tmp_path / "labels.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("labels.csv: 1 labels are not 0 or 1, e.g. ID_a_subdural=2") and "\n" not in err

@@ -18,6 +18,7 @@ import pytest
 
 from ichpipe.dicom import hounsfield
 from ichpipe.folds import fold_table_id, record_fold_table
+from ichpipe.io import InputError
 from ichpipe.labels import LABELS
 from ichpipe.preprocess import PreprocessError, read_png, run_preprocess
 from ichpipe.windowing import apply_window
@@ -219,12 +220,56 @@ def test_a_file_named_unlike_its_sop_instance_uid_is_reported_and_leaves_no_png(
     src, truth = tiny_data
     root = tmp_path / "data"
     (root / "stage_2_train").mkdir(parents=True)
-    good = truth[(truth.split == "train") & ~truth.truncated].image_id.iloc[0]
-    shutil.copy(src / "stage_2_train" / f"{good}.dcm", root / "stage_2_train")
+    train = truth[(truth.split == "train") & ~truth.truncated]
+    good = train.image_id.iloc[0]
+    other = train[train.PatientID != train.PatientID.iloc[0]].image_id.iloc[0]  # two patients: two folds
+    for image_id in (good, other):
+        shutil.copy(src / "stage_2_train" / f"{image_id}.dcm", root / "stage_2_train")
     shutil.copy(src / "stage_2_train" / f"{good}.dcm", root / "stage_2_train" / "ID_0000renamed.dcm")
     shutil.copy(src / "stage_2_train.csv", root)
-    summary = run_preprocess(_cfg(root, "preprocess.max_bad_fraction=0.6"), progress=False)
+    summary = run_preprocess(_cfg(root, "preprocess.max_bad_fraction=0.4", "preprocess.n_folds=2"), progress=False)
     assert summary["complete"] and summary["bad"] == 1
     report = pd.read_csv(root / "processed" / "512" / "bad_files.csv")
     assert report.reason.tolist() == [f"SOPInstanceUID {good} differs from the file name"]
-    assert _pngs(root / "processed" / "512") == [root / "processed" / "512" / f"{good}.png"]
+    assert _pngs(root / "processed" / "512") == sorted(root / "processed" / "512" / f"{i}.png" for i in (good, other))
+
+
+def test_resume_goes_by_the_files_not_the_chunk_markers(processed, tmp_path):
+    root, _, full = processed
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("stage_2_train", "stage_2_train.csv"):
+        os.symlink(root / name, data / name)
+    first = run_preprocess(_cfg(data, "preprocess.size=32", "preprocess.chunk_size=16"), progress=False)
+    assert (pd.read_parquet(data / "processed" / "metadata.parquet").split == "test").sum() == 0
+    # the test set arrives after the first run: its files are processed, the train PNGs are not redone
+    os.symlink(root / "stage_2_test", data / "stage_2_test")
+    second = run_preprocess(_cfg(data, "preprocess.size=32", "preprocess.chunk_size=16"), progress=False)
+    n_test = len(list((root / "stage_2_test").glob("*.dcm")))
+    assert second["processed"] == n_test and first["files"] + n_test == second["files"]
+    meta = pd.read_parquet(data / "processed" / "metadata.parquet")
+    assert (meta.split == "test").sum() == (full.split == "test").sum() > 0
+    # a deleted and a truncated PNG are rebuilt, nothing else
+    out = data / "processed" / "32"
+    gone, cut = out / f"{meta.image_id[0]}.png", out / f"{meta.image_id[5]}.png"
+    whole = cut.read_bytes()
+    gone.unlink()
+    cut.write_bytes(whole[: len(whole) // 2])
+    third = run_preprocess(_cfg(data, "preprocess.size=32", "preprocess.chunk_size=16"), progress=False)
+    assert third["processed"] == 2 and gone.exists() and cut.read_bytes() == whole
+
+
+def test_labels_are_checked_before_the_dicom_pass(processed, tmp_path):
+    root, _, _ = processed
+    data = tmp_path / "data"
+    data.mkdir()
+    os.symlink(root / "stage_2_train", data / "stage_2_train")
+    with pytest.raises(PreprocessError, match=r"stage_2_train.csv: not found; the training DICOMs need their labels"):
+        run_preprocess(_cfg(data, "preprocess.size=32"), progress=False)
+    labels = pd.read_csv(root / "stage_2_train.csv").drop_duplicates().reset_index(drop=True)
+    labels.loc[3, "Label"] = 2
+    labels.loc[10, "Label"] = -1
+    labels.to_csv(data / "stage_2_train.csv", index=False)
+    with pytest.raises(InputError, match=r"2 images have a label that is not 0 or 1, e.g. ID_\w+=(2|-1)$"):
+        run_preprocess(_cfg(data, "preprocess.size=32"), progress=False)
+    assert not list((data / "processed" / "32").glob("*.png"))  # refused before any work

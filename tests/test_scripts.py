@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,75 @@ def test_make_train_stops_on_a_config_it_cannot_read(tmp_path):
     res = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", "train", f"PY={sys.executable}",
                           f"DATA_DIR={tmp_path}"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode != 0 and "metadata.parquet: not found; run `make preprocess` first" in res.stderr
+
+
+def test_a_config_directory_and_a_data_dir_with_spaces_are_one_line_errors(tmp_path):
+    res = _run(REPO / "scripts/01_preprocess.py", "--config", REPO / "configs")
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"error: {REPO}/configs: not a file; --config takes a YAML file such as configs/cnn/cpu_small.yaml")
+    spaced = tmp_path / "my data"
+    spaced.mkdir()
+    res = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", "preprocess", f"PY={sys.executable}",
+                          f"DATA_DIR={spaced}"], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode != 0  # was "error: data: overrides are key=value"
+    assert res.stderr.splitlines()[0].startswith(f"error: {spaced}: no stage_2_train/*.dcm")
+    assert not list(spaced.iterdir())  # nothing created there
+
+
+def test_an_error_from_a_loader_worker_is_one_line():
+    import torch
+
+    from ichpipe.cli import one_line
+    from ichpipe.io import InputError
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise InputError("/data/x.png: missing or unreadable PNG (run `make preprocess`)")
+
+    try:
+        next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1)))
+    except InputError as exc:
+        assert "Traceback" in str(exc)  # what PyTorch re-raises: the worker's whole traceback
+        assert one_line(exc) == "/data/x.png: missing or unreadable PNG (run `make preprocess`)"
+    else:
+        raise AssertionError("the worker's error was not re-raised")
+
+
+def test_an_unwritable_or_full_disk_is_one_line(capsys):
+    import errno
+
+    from ichpipe.cli import stage_main
+
+    def read_only(cfg, args):
+        raise OSError(errno.EROFS, "Read-only file system", "/kaggle/input/rsna/processed")
+
+    assert stage_main("", read_only, argv=[]) == 2
+    assert capsys.readouterr().err == ("error: /kaggle/input/rsna/processed: Read-only file system; write the outputs "
+                                       "elsewhere with data.work_dir=PATH\n")
+
+    def full(cfg, args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/runs/x/last.pt")
+
+    assert stage_main("", full, argv=[]) == 2
+    assert "error: /data/runs/x/last.pt: No space left on device" in capsys.readouterr().err
+
+
+def test_work_dir_takes_every_output_and_the_data_root_is_only_read(processed, tmp_path):
+    root, _, _ = processed
+    data, work = tmp_path / "input", tmp_path / "work"
+    data.mkdir()
+    for name in ("stage_2_train", "stage_2_test", "stage_2_train.csv", "stage_2_sample_submission.csv"):
+        os.symlink(root / name, data / name)
+    before = sorted(p.name for p in data.iterdir())
+    args = [f"data.root={data}", f"data.work_dir={work}", "preprocess.size=32", "data.workers=2"]
+    assert _run(REPO / "scripts/01_preprocess.py", *args).returncode == 0
+    res = _run(REPO / "scripts/02_train_cnn.py", *args, "model.backbone=test_resnet", "model.pretrained=false",
+               "train.image_size=32", "train.epochs=1", "train.loader_workers=0", "experiment=w")
+    assert res.returncode == 0, res.stderr
+    assert _run(REPO / "eda/01_dataset_overview.py", *args).returncode == 0
+    assert sorted(p.name for p in data.iterdir()) == before  # nothing written beside the competition files
+    assert (work / "processed" / "metadata.parquet").exists() and (work / "processed" / "32").is_dir()
+    assert list((work / "runs" / "w" / "fold0" / "checkpoints").glob("*.pt")) and (work / "eda" / "summary.md").exists()

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from ichpipe import sequence
 from ichpipe.config import ConfigError, LstmConfig
@@ -158,6 +159,12 @@ def test_nested_folds_never_train_on_the_predicted_patient(embedded, monkeypatch
     again = train_sequence_fold(cfg, progress=False)["epoch00"]  # done: read back, not retrained
     assert again == pytest.approx(results["epoch00"], rel=1e-6)
     assert calls == []
+    # other LSTM settings: retrained (the old predictions were kept before, with the new setting printed)
+    wider = _train_cfg(root, "lstm", "train.epochs=1", "embed.tta=[none]", "lstm.epochs=3", "lstm.bag_last=2",
+                       "lstm.inner_folds=2", f"fold={cfg.fold}", "lstm.hidden=12")
+    changed = train_sequence_fold(wider, progress=False)["epoch00"]
+    assert len(calls) == 2 and changed["lstm"] != results["epoch00"]["lstm"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["lstm"]["hidden"] == 12
 
 
 def test_missing_embeddings_and_bad_bagging_are_clear_errors(processed):

@@ -67,3 +67,13 @@ def test_validate_raises_and_cli_exit_codes(tmp_path, sample, capsys):
     assert main(["validate", str(sample_path), "--sample", str(sample_path)]) == 0
     assert main(["validate", str(tmp_path / "nope.csv"), "--sample", str(sample_path)]) == 2
     assert "nope.csv: file not found" in capsys.readouterr().err
+
+
+def test_a_bad_sample_submission_is_one_line(tmp_path, sample, capsys):
+    sample_path, _ = sample
+    for name, text in (("garbage.csv", "garbage\n"), ("empty.csv", ""), ("labels.csv", "Id,Label\nx,0\n")):
+        bad_sample = tmp_path / name
+        bad_sample.write_text(text)
+        assert main(["validate", str(sample_path), "--sample", str(bad_sample)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and name in err and "Traceback" not in err

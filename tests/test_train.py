@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -250,3 +251,17 @@ def test_a_tiny_run_learns_more_than_the_prior(processed):
                               "train.batch_size=8"), progress=False)
     assert m["val_loss"] < m["prior_loss"] - 0.01, m  # measured: 0.349 vs the prior's 0.379
     assert m["auc_any"] > 0.8, m  # measured: 0.94
+
+
+def test_missing_pngs_stop_training_before_the_first_epoch(processed, tmp_path):
+    root, _, meta = processed
+    data = tmp_path / "data"
+    (data / "processed" / "512").mkdir(parents=True)
+    shutil.copy(root / "processed" / "metadata.parquet", data / "processed")
+    for i, image_id in enumerate(meta.image_id):
+        if i != 7:  # one PNG lost
+            os.symlink(root / "processed" / "512" / f"{image_id}.png", data / "processed" / "512" / f"{image_id}.png")
+    with pytest.raises(InputError, match=rf"1 of \d+ PNGs are missing or empty, e.g. {meta.image_id[7]}.png; "
+                                         r"run `make preprocess` again"):
+        train_fold(_train_cfg(data, "lost", "train.loader_workers=2", f"fold={int(meta.fold[7])}"), progress=False)
+    assert not list((data / "runs").glob("lost/*/checkpoints/*.pt"))  # stopped before any epoch

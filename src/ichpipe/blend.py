@@ -35,7 +35,7 @@ from ichpipe.io import InputError, atomic_path, long_to_wide, read_long_csv, wri
 from ichpipe.labels import ABBREVIATIONS, LABELS
 from ichpipe.metrics import per_class_log_loss, sigmoid, weighted_log_loss
 from ichpipe.metrics import prior as prior_of
-from ichpipe.paths import DataPaths, epoch_number, finished_dirs, read_metadata, run_dir
+from ichpipe.paths import data_paths, epoch_number, finished_dirs, read_metadata, run_dir
 from ichpipe.submission import SubmissionError, check_submission, write_submission
 
 MODELS = ("prior", "cnn_single", "cnn_bagged", "lstm", "blend")
@@ -113,6 +113,9 @@ def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
     used: dict = {"folds": folds, "cnn_epochs": {}, "lstm_epochs": {}}
     labelled = meta[meta.fold.notna()].set_index("image_id")
     has_lstm = [bool(finished_dirs(run_dir(cfg, k) / "lstm")) for k in folds]
+    if not any(has_lstm) and bcfg.lstm_weight > 0:  # the final blend's name must not hide a CNN-only blend
+        raise InputError(f"{run_dir(cfg, 0).parent}: no LSTM output in any fold, but blend.lstm_weight="
+                         f"{bcfg.lstm_weight}; run `make lstm`, or add blend.lstm_weight=0 for a CNN-only blend")
     if any(has_lstm) and not all(has_lstm):
         missing = [k for k, h in zip(folds, has_lstm, strict=True) if not h]
         raise InputError(f"{run_dir(cfg, missing[0]).parent}: no LSTM output for fold(s) {missing}; "
@@ -236,13 +239,58 @@ def submissions_dir(cfg: Config) -> Path:
     return out if out.is_absolute() else REPO_ROOT / out
 
 
-def _write_checked(pred: pd.DataFrame, path: Path, sample: Path) -> None:
-    """Write ``pred`` as a submission; the file only appears under ``path`` if it passes validation."""
-    with atomic_path(path) as tmp:
+def _write_checked(pred: pd.DataFrame, path: Path, sample: Path, info: dict) -> None:
+    """Write ``pred`` as a submission and ``info`` as the YAML beside it, together or not at all.
+
+    Both go to temporary names; the submission must pass validation; then the YAML is renamed into
+    place and the submission after it. A failure before (a NaN, a full disk) leaves neither; `make
+    submit` only takes a submission whose YAML is there.
+    """
+    with atomic_path(path) as tmp, atomic_path(info_path(path)) as tmp_info:
         write_submission(pred, tmp)
         problems = check_submission(tmp, sample)
         if problems:
             raise SubmissionError(path, problems)
+        tmp_info.write_text(yaml.safe_dump(info, sort_keys=False))
+
+
+def _sweep_leftovers(out_dir: Path, experiment: str) -> None:
+    """What a killed blend of ``experiment`` left: temporary files, and submissions without their YAML."""
+    if not out_dir.exists():
+        return
+    for p in out_dir.glob(".*.tmp*"):
+        if _experiment_of_name(p.name.lstrip(".").split(".tmp")[0]) == experiment:
+            p.unlink(missing_ok=True)
+    for p in out_dir.glob("*.csv.gz"):
+        if _experiment_of_name(p.name) == experiment and not info_path(p).exists():
+            p.unlink(missing_ok=True)
+
+
+def _experiment_of_name(name: str) -> str | None:
+    """``<date>_<experiment>[-cnn]_cv<score>.csv.gz[...]`` → experiment (None for other names)."""
+    stem, sep, _ = name.rpartition("_cv")
+    date, under, rest = stem.partition("_")
+    if not sep or not under or len(date) != 10:
+        return None
+    return rest.removesuffix("-cnn")
+
+
+def latest_submission(cfg: Config, model: str = "blend") -> Path:
+    """The newest complete submission of exactly ``cfg.experiment`` (by the YAML beside it), else an error."""
+    out_dir = submissions_dir(cfg)
+    found = []
+    for p in out_dir.glob("*.yaml") if out_dir.exists() else []:
+        try:
+            info = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError:
+            continue
+        sub = p.with_name(str(info.get("file", "")))
+        if info.get("experiment") == cfg.experiment and info.get("model") == model and sub.is_file() \
+                and info_path(sub) == p:
+            found.append((str(info.get("created", "")), sub.stat().st_mtime, sub))
+    if not found:
+        raise InputError(f"{out_dir}: no submission of experiment {cfg.experiment!r}; run `make submission` first")
+    return max(found)[2]
 
 
 def _test_frame(pred: pd.DataFrame, sample_ids: pd.Index, fill: np.ndarray) -> tuple[pd.DataFrame, int]:
@@ -255,8 +303,8 @@ def _test_frame(pred: pd.DataFrame, sample_ids: pd.Index, fill: np.ndarray) -> t
 
 def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
     """Blend, score, write the CV table and both submissions; returns paths and scores."""
-    paths = DataPaths(cfg.data.root)
-    meta = read_metadata(paths.root)
+    paths = data_paths(cfg)
+    meta = read_metadata(paths)
     preds, used = collect(cfg, meta)
     truth_oof = meta[meta.fold.notna()].set_index("image_id")[list(LABELS)]
     scores = {"oof": score(preds.oof, truth_oof)}
@@ -274,6 +322,7 @@ def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
         raise InputError(f"{paths.sample_submission_csv}: not found; it lists the test images to predict")
     sample_ids = pd.Index(read_long_csv(paths.sample_submission_csv).image_id.unique(), name="image_id")
     out_dir = submissions_dir(cfg)
+    _sweep_leftovers(out_dir, cfg.experiment)
     date = (today or dt.date.today()).isoformat()
     prior = prior_of(truth_oof)
     written = {}
@@ -286,12 +335,11 @@ def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
             raise InputError(f"{paths.sample_submission_csv}: {filled} of {len(sample_ids)} test images have no "
                              f"prediction, more than preprocess.max_bad_fraction={limit}; see the bad_files.csv "
                              f"of stage 1, or run stage 1 after adding the missing test files")
-        _write_checked(test, path, paths.sample_submission_csv)
         info = {"file": path.name, "experiment": cfg.experiment, "model": model, "created": dt.datetime.now().isoformat(
             timespec="seconds"), "git": git_state(), "cv": {w: s[model] for w, s in scores.items()},
             "cv_table": {w: {m: s[m]["weighted"] for m in s} for w, s in scores.items()},
             "images_filled_with_prior": filled, "used": used,
             "configs": {"blend": to_dict(cfg), **_run_configs(cfg, used["folds"])}}
-        write_text_atomic(info_path(path), yaml.safe_dump(info, sort_keys=False))
+        _write_checked(test, path, paths.sample_submission_csv, info)
         written[model] = {"path": str(path), "cv": cv, "filled": filled}
     return {"scores": scores, "written": written, "table": format_table(scores), "cv_dir": str(exp_dir)}

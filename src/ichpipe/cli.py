@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable
 
@@ -28,15 +29,35 @@ def stage_main(description: str, run: Callable[[Config, argparse.Namespace], int
         cfg = load_config(args.config, args.overrides)
         return run(cfg, args) or 0
     except (ConfigError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE:
+            raise
+        where = exc.filename or "the output folder"
+        print(f"error: {where}: {exc.strerror}; write the outputs elsewhere with data.work_dir=PATH", file=sys.stderr)
+        return 2
+
+
+# A read-only data root (/kaggle/input), no permission, a full disk or quota: one line naming the path.
+UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc``; for an error re-raised from a DataLoader worker (whose message carries
+    the worker's whole traceback), the original one-line message only."""
+    text = str(exc)
+    if "Traceback (most recent call last)" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
 
 
 def print_folds(cfg: Config, args: argparse.Namespace) -> None:
     """The folds of stage 1's metadata table, space-separated (``make train`` loops over them)."""
-    from ichpipe.paths import read_metadata
+    from ichpipe.paths import data_paths, read_metadata
 
-    meta = read_metadata(cfg.data.root)
+    meta = read_metadata(data_paths(cfg))
     print(" ".join(str(int(k)) for k in sorted(meta.fold.dropna().unique())))
 
 

@@ -30,7 +30,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    root: str = "data"  # DATA_DIR: the competition files exactly as Kaggle unzips them
+    root: str = "data"  # DATA_DIR: the competition files exactly as Kaggle unzips them (only read)
+    work_dir: str = ""  # where every output goes (processed/, runs/, eda/); empty = the data root
     workers: int = 0  # worker processes for parallel stages; 0 = every core
 
 
@@ -277,6 +278,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file; --config takes a YAML file such as configs/cnn/cpu_small.yaml")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -372,6 +375,32 @@ def validate(cfg: Config) -> None:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v and all(isinstance(x, str) for x in v)
+                   else {f"{prefix}{k}": v})
+    return out
+
+
+def changed_settings(saved_path: str | os.PathLike, cfg: Config, keys: tuple[str, ...]) -> dict[str, tuple]:
+    """Settings under ``keys`` (exact keys, or sections ending in '.') whose value in the config saved at
+    ``saved_path`` differs from ``cfg``'s: ``{key: (saved, now)}``. Empty when nothing was saved."""
+    if not Path(saved_path).exists():
+        return {}
+    saved, now = flatten(to_dict(load_config(saved_path))), flatten(to_dict(cfg))
+
+    def wanted(key: str) -> bool:
+        return any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys)
+
+    return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if wanted(k) and saved.get(k) != now.get(k)}
+
+
+def describe_changes(changes: dict[str, tuple]) -> str:
+    return ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changes.items())
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:

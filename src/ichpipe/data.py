@@ -97,6 +97,13 @@ def checked_labels(meta: pd.DataFrame) -> np.ndarray:
     return labels
 
 
+def _nonempty(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
 class SliceDataset(Dataset):
     """(uint8 CHW image, six labels, row index) per metadata row, from ``png_dir/<image_id>.png``.
 
@@ -116,6 +123,13 @@ class SliceDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def check_files(self) -> None:
+        """Every PNG there and not empty, before the first batch (cheap: one stat each), else one line."""
+        missing = [i for i in self.ids if not _nonempty(self.png_dir / f"{i}.png")]
+        if missing:
+            raise InputError(f"{self.png_dir}: {len(missing)} of {len(self.ids)} PNGs are missing or empty, e.g. "
+                             f"{missing[0]}.png; run `make preprocess` again (it rebuilds them)")
 
     def __len__(self) -> int:
         return len(self.ids)

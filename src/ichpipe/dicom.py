@@ -117,9 +117,23 @@ class DicomSlice:
         return hounsfield(self.stored, self.ds)
 
 
+@contextlib.contextmanager
+def _as_dicom_error():
+    """Whatever a damaged file makes pydicom or numpy raise (ValueError on a non-numeric DS, struct.error
+    on a header cut short, pydicom's BytesLengthException, ...) becomes a DicomError naming it: a
+    per-file failure belongs in the bad-files report, never in a traceback that stops the stage."""
+    try:
+        yield
+    except DicomError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of one file's bytes is that file's failure
+        reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise DicomError(f"damaged DICOM ({type(exc).__name__}: {reason})") from None
+
+
 def read_header(path: str | os.PathLike, ds=None) -> dict:
     """The metadata row of one file (header only unless ``ds`` is given)."""
-    with _quiet():  # values are validated lazily, on access: keep the whole read quiet
+    with _quiet(), _as_dicom_error():  # values are validated lazily, on access: keep the whole read quiet
         return _read_header(path, ds)
 
 
@@ -155,8 +169,12 @@ def _read_header(path, ds) -> dict:
 
 def read_slice(path: str | os.PathLike) -> DicomSlice:
     """Read one file once (header and pixels); raise :class:`DicomError` naming what is wrong."""
-    with _quiet():
-        return _read_slice(path)
+    with _quiet(), _as_dicom_error():
+        sl = _read_slice(path)
+        # the rescale and window values are parsed lazily: parse them here, inside the error handling
+        for key in ("RescaleSlope", "RescaleIntercept"):
+            first_value(sl.ds.get(key), 0.0)
+        return sl
 
 
 def _read_slice(path) -> DicomSlice:

@@ -25,15 +25,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ichpipe.config import Config, save_config
+from ichpipe.config import Config, changed_settings, describe_changes, save_config
 from ichpipe.data import SliceDataset, build_transform, normalize
 from ichpipe.device import amp_settings, autocast, init_runtime
 from ichpipe.folds import check_fold_table
 from ichpipe.io import InputError, atomic_path, write_text_atomic
 from ichpipe.labels import N_LABELS
 from ichpipe.models import create_model, load_weights
-from ichpipe.paths import DataPaths, epoch_number, read_metadata, run_dir
+from ichpipe.paths import data_paths, epoch_number, read_metadata, run_dir
 from ichpipe.preprocess import output_name
+
+# The settings an embeddings folder depends on: when one differs from the folder's, it is redone.
+EMBED_KEYS = ("seed", "model.backbone", "embed.tta", "embed.keep_views", "train.image_size", "train.crop_border",
+              "train.amp", "preprocess.size", "preprocess.windows", "preprocess.mode", "preprocess.name")
 
 VIEWS = {"none": lambda x: x, "hflip": lambda x: x.flip(-1), "transpose": lambda x: x.transpose(-1, -2)}
 
@@ -90,8 +94,8 @@ def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
         raise InputError(f"{out}/checkpoints: no epoch checkpoints; run `make train fold={cfg.fold}` first")
     if cfg.embed.epochs:
         ckpts = [c for c in ckpts if epoch_number(c) in cfg.embed.epochs]
-    paths = DataPaths(cfg.data.root)
-    meta = read_metadata(paths.root)
+    paths = data_paths(cfg)
+    meta = read_metadata(paths)
     check_fold_table(out, meta)
     png_dir = paths.processed / output_name(cfg.preprocess)
     tf = build_transform([], cfg.train.image_size, train=False)
@@ -105,11 +109,20 @@ def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
     for ckpt in ckpts:
         folder = out / "embeddings" / ckpt.stem
         if (folder / "done").exists():
-            continue
+            changed = changed_settings(folder / "config.yaml", cfg, EMBED_KEYS)
+            if not changed and (folder / "done").stat().st_mtime >= ckpt.stat().st_mtime:
+                continue
+            reason = describe_changes(changed) if changed else f"{ckpt.name} is newer"
+            tqdm.write(f"fold {cfg.fold} {ckpt.stem}: embeddings were made with other settings ({reason}); redoing")
+            (folder / "done").unlink()
         folder.mkdir(parents=True, exist_ok=True)
         load_weights(model, torch.load(ckpt, map_location="cpu", weights_only=True), ckpt, cfg.model.backbone)
         for name, rows in sets.items():
+            if rows.empty:
+                raise InputError(f"{paths.metadata}: no {'held-out' if name == 'oof' else 'test'} images "
+                                 f"for fold {cfg.fold}; run `make preprocess` with every DICOM in place")
             ds = SliceDataset(rows, png_dir, tf, cfg.seed, crop)
+            ds.check_files()
             loader = DataLoader(ds, batch_size=cfg.embed.batch_size, num_workers=cfg.train.loader_workers,
                                 pin_memory=rt.device.type == "cuda")
             n, v = len(ds), len(cfg.embed.tta)

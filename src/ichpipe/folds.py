@@ -26,6 +26,10 @@ def assign_folds(meta: pd.DataFrame, n_folds: int, seed: int) -> pd.Series:
     if n_folds < 2:
         raise ValueError(f"n_folds must be at least 2, got {n_folds}")
     labelled = meta[meta["any"].notna()]
+    n_patients = labelled.PatientID.nunique()
+    if n_folds > n_patients:
+        raise InputError(f"preprocess.n_folds={n_folds}: the training set has {n_patients} patients; "
+                         f"folds are groups of patients, so at most {n_patients}")
     per_patient = labelled.groupby("PatientID").agg(
         n=("any", "size"), epidural=("epidural", "sum"), any=("any", "sum"))
     strata = np.where(per_patient.epidural > 0, 0, np.where(per_patient["any"] > 0, 1, 2))

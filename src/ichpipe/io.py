@@ -104,6 +104,19 @@ def long_to_wide(df: pd.DataFrame, path: str | os.PathLike = "<labels>") -> pd.D
     return wide
 
 
+def read_labels(path: str | os.PathLike) -> pd.DataFrame:
+    """Wide labels (image_id index, six columns) of an ``ID,Label`` truth file; a value other than 0 or 1 is
+    an error naming an example (a 2, -1 or 0.5 would otherwise be trained on, or scored against)."""
+    labels = long_to_wide(read_long_csv(path), path)
+    bad = ~labels.isin([0.0, 1.0])
+    if bad.any().any():
+        image = labels.index[bad.any(axis=1)][0]
+        column = labels.columns[bad.loc[image]][0]
+        raise InputError(f"{path}: {int(bad.any(axis=1).sum())} images have a label that is not 0 or 1, "
+                         f"e.g. {image}_{column}={labels.loc[image, column]:g}")
+    return labels
+
+
 def wide_to_long(wide: pd.DataFrame) -> pd.DataFrame:
     """One row per image and label column → the ``ID,Label`` long form, six rows per image."""
     values = wide[list(LABELS)].to_numpy()

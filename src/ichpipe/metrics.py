@@ -80,6 +80,10 @@ def score_files(pred_path: str, labels_path: str, eps: float = EPS) -> dict:
     """Score an ``ID,Label`` predictions file against an ``ID,Label`` labels file."""
     pred = read_long_csv(pred_path)
     truth = read_long_csv(labels_path)
+    bad = ~truth["Label"].isin([0.0, 1.0])
+    if bad.any():
+        raise InputError(f"{labels_path}: {int(bad.sum())} labels are not 0 or 1, e.g. "
+                         f"{truth.loc[bad, 'ID'].iloc[0]}={truth.loc[bad, 'Label'].iloc[0]:g}")
     if pred["Label"].isna().any():
         raise InputError(f"{pred_path}: non-numeric or empty Label, e.g. {pred.loc[pred['Label'].isna(), 'ID'].head(5).tolist()}")
     label_of = dict(zip(truth["ID"], truth["Label"], strict=True))

@@ -18,10 +18,15 @@ from ichpipe.io import InputError
 
 @dataclass(frozen=True)
 class DataPaths:
-    root: Path
+    """The competition's files under ``root``; everything the pipeline writes under ``work`` (default:
+    ``root``; set ``data.work_dir`` where the data root is read-only, as ``/kaggle/input`` is)."""
 
-    def __init__(self, root: str | os.PathLike):
+    root: Path
+    work: Path
+
+    def __init__(self, root: str | os.PathLike, work: str | os.PathLike | None = None):
         object.__setattr__(self, "root", Path(root))
+        object.__setattr__(self, "work", Path(work) if work else Path(root))
 
     # --- the competition's files -------------------------------------------------------------
     @property
@@ -49,7 +54,15 @@ class DataPaths:
     # --- derived -------------------------------------------------------------------------------
     @property
     def processed(self) -> Path:
-        return self.root / "processed"
+        return self.work / "processed"
+
+    @property
+    def runs(self) -> Path:
+        return self.work / "runs"
+
+    @property
+    def eda(self) -> Path:
+        return self.work / "eda"
 
     @property
     def metadata(self) -> Path:
@@ -57,9 +70,14 @@ class DataPaths:
         return self.processed / "metadata.parquet"
 
 
-def read_metadata(root: str | os.PathLike) -> pd.DataFrame:
+def data_paths(cfg: Any) -> DataPaths:
+    """The paths of a Config: ``data.root`` to read the competition's files, ``data.work_dir`` to write."""
+    return DataPaths(cfg.data.root, cfg.data.work_dir or None)
+
+
+def read_metadata(paths: DataPaths | str | os.PathLike) -> pd.DataFrame:
     """Stage 1's metadata table; a one-line error when stage 1 has not run."""
-    path = DataPaths(root).metadata
+    path = (paths if isinstance(paths, DataPaths) else DataPaths(paths)).metadata
     if not path.exists():
         raise InputError(f"{path}: not found; run `make preprocess` first")
     return pd.read_parquet(path)
@@ -76,5 +94,5 @@ def finished_dirs(folder: str | os.PathLike) -> list[Path]:
 
 
 def run_dir(cfg: Any, fold: int | None = None) -> Path:
-    """``<data root>/runs/<experiment>/fold<k>``: where stages 2-4 of one fold write (``cfg``: a Config)."""
-    return DataPaths(cfg.data.root).root / "runs" / cfg.experiment / f"fold{cfg.fold if fold is None else fold}"
+    """``<work dir>/runs/<experiment>/fold<k>``: where stages 2-4 of one fold write (``cfg``: a Config)."""
+    return data_paths(cfg).runs / cfg.experiment / f"fold{cfg.fold if fold is None else fold}"

@@ -6,7 +6,7 @@ Outputs, under ``<data root>/processed/``::
                                  window of slices s-1, s, s+1 in z order); <name> = "<size>" by default
     <name>/bad_files.csv         file, reason: every input left out, and why
     <name>/preprocess_config.yaml the resolved config of the run
-    <name>/parts/chunk<S>/chunk_*.parquet  per-chunk metadata, written as chunks finish (resume bookkeeping)
+    <name>/parts/chunk<S>/chunk_<k>_<files hash>.parquet  per-chunk metadata, written as chunks finish
     metadata.parquet             one row per usable image: ids, z, slice index, series length,
                                  size, window tags, quirk flags, the six labels (train), fold (train);
                                  written last, only when the stage succeeds
@@ -17,14 +17,17 @@ table, and this stage refuses to change the folds of a table that runs were trai
 ``preprocess.replace_folds=true``.
 
 Work is split into fixed chunks of the sorted input list. Each finished chunk writes its part file
-atomically; each PNG is written to a temporary name and renamed. A killed run therefore leaves no
-half-written file, and a rerun skips finished chunks and finished PNGs. ``shard=(i, n)`` runs only
+atomically, named by a hash of its files; each PNG is written to a temporary name and renamed. A
+killed run therefore leaves no half-written file, and a rerun goes by the files: it does the chunks
+whose inputs changed (files added later give other chunks) or whose PNGs are missing or truncated,
+and skips every PNG that is there and whole. ``shard=(i, n)`` runs only
 chunks ``k`` with ``k % n == i``, for cluster array jobs; the table is assembled by whichever run
 finds every chunk done.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -38,10 +41,10 @@ import yaml
 from ichpipe.config import Config, PreprocessConfig, save_config
 from ichpipe.dicom import DicomError, read_header, read_slice
 from ichpipe.folds import assign_folds, fold_table_id, runs_on_fold_table
-from ichpipe.io import InputError, atomic_path, long_to_wide, read_long_csv, sweep_temp_files
+from ichpipe.io import InputError, atomic_path, read_labels, sweep_temp_files
 from ichpipe.labels import LABELS
 from ichpipe.parallel import n_workers, run_pool
-from ichpipe.paths import DataPaths
+from ichpipe.paths import DataPaths, data_paths
 from ichpipe.windowing import window_stored
 
 SPLITS = ("train", "test")
@@ -115,7 +118,10 @@ def resize_to(img: np.ndarray, size: int) -> np.ndarray:
 def render_file(path: Path, windows, size: int) -> tuple[dict, np.ndarray]:
     """(metadata row, windowed uint8 image at ``size``) of one DICOM, read once."""
     sl = read_slice(path)
-    img = window_stored(sl.stored, sl.ds, windows)
+    try:
+        img = window_stored(sl.stored, sl.ds, windows)
+    except (ValueError, TypeError, OverflowError, MemoryError) as exc:  # e.g. stored values far outside the type
+        raise DicomError(f"pixel values cannot be windowed ({type(exc).__name__}: {str(exc)[:160]})") from None
     return sl.meta, resize_to(img, size)
 
 
@@ -139,7 +145,7 @@ def process_chunk(job: ChunkJob) -> tuple[int, int, int]:
         out = out_dir / f"{path.stem}.png"
         try:
             img = None
-            if out.exists():  # written by an interrupted run: only the header is needed
+            if png_ok(out):  # written by an interrupted run: only the header is needed
                 meta = read_header(path)
                 skipped += 1
             else:
@@ -184,7 +190,9 @@ def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool 
     """Run (or resume) the stage; returns a summary. See the module docstring for the outputs."""
     pcfg = cfg.preprocess
     check_settings(pcfg)
-    paths = DataPaths(cfg.data.root)
+    paths = data_paths(cfg)
+    files = list_inputs(paths)  # inputs and labels first: a wrong DATA_DIR creates nothing
+    _check_labels_first(paths, files)
     out_dir = paths.processed / output_name(pcfg)
     _check_previous_run(out_dir, pcfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,18 +201,16 @@ def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool 
     pass_dir = out_dir / "brain" if pcfg.mode == "2.5d" else out_dir
     pass_dir.mkdir(parents=True, exist_ok=True)
     windows = pcfg.windows[:1] if pcfg.mode == "2.5d" else pcfg.windows
-    # Chunks are defined by the chunk size: a rerun with another size keeps none of the old parts
-    # (finished PNGs are still skipped, at the cost of a header read each).
+    # Resume is by file: a part is named by the files of its chunk, so files that arrive later (the test
+    # set unzipped after a first run) give new parts, and a finished part whose PNGs are missing or
+    # truncated is redone. Finished PNGs are skipped either way, at the cost of a header read each.
     parts_dir = out_dir / "parts" / f"chunk{pcfg.chunk_size}"
     parts_dir.mkdir(parents=True, exist_ok=True)
-    files = list_inputs(paths)
-    n_chunks = (len(files) + pcfg.chunk_size - 1) // pcfg.chunk_size
-    jobs = []
-    for k in range(shard[0], n_chunks, shard[1]):
-        part = parts_dir / f"chunk_{k:06d}.parquet"
-        if not part.exists():
-            chunk = files[k * pcfg.chunk_size:(k + 1) * pcfg.chunk_size]
-            jobs.append(ChunkJob(k, chunk, str(pass_dir), str(part), windows, pcfg.size, png_settings(pcfg)))
+    chunks = [files[i:i + pcfg.chunk_size] for i in range(0, len(files), pcfg.chunk_size)]
+    parts = [parts_dir / f"chunk_{k:06d}_{_digest(chunk)}.parquet" for k, chunk in enumerate(chunks)]
+    n_chunks = len(chunks)
+    jobs = [ChunkJob(k, chunks[k], str(pass_dir), str(parts[k]), windows, pcfg.size, png_settings(pcfg))
+            for k in range(shard[0], n_chunks, shard[1]) if not _part_complete(parts[k], pass_dir)]
     workers = n_workers(cfg.data.workers)
     start = time.perf_counter()
     results = run_pool(process_chunk, jobs, workers, total=sum(len(j.files) for j in jobs), size=lambda r: r[0],
@@ -212,12 +218,12 @@ def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool 
     summary = {"files": len(files), "processed": sum(r[0] - r[2] for r in results),
                "skipped": len(files) - sum(r[0] - r[2] for r in results), "seconds": time.perf_counter() - start,
                "out_dir": str(out_dir), "complete": False}
-    done = sum((parts_dir / f"chunk_{k:06d}.parquet").exists() for k in range(n_chunks))
+    done = sum(p.exists() for p in parts)
     if done < n_chunks:
         summary["pending_chunks"] = n_chunks - done
         return summary
     sweep_temp_files(pass_dir)  # every chunk is done: no writer left, so stray temp files are a kill's
-    meta, bad = _merge(cfg, paths, out_dir, parts_dir, n_chunks)
+    meta, bad = _merge(cfg, paths, out_dir, parts)
     # The table is written last, only when the stage succeeds: a failed run leaves the previous table (or none).
     if len(bad) > pcfg.max_bad_fraction * len(files):
         raise PreprocessError(f"{len(bad)} of {len(files)} files are unusable, more than preprocess.max_bad_fraction="
@@ -240,7 +246,7 @@ def _check_fold_change(paths: DataPaths, meta: pd.DataFrame, pcfg: PreprocessCon
     old_id, new_id = fold_table_id(old), fold_table_id(meta)
     if old_id == new_id:
         return
-    runs = runs_on_fold_table(paths.root, old_id)
+    runs = runs_on_fold_table(paths.work, old_id)
     if runs:
         raise PreprocessError(f"{paths.metadata}: these settings (preprocess.n_folds={pcfg.n_folds}, fold_seed="
                               f"{pcfg.fold_seed}) give fold table {new_id}, but {len(runs)} run folder(s) were trained "
@@ -248,14 +254,46 @@ def _check_fold_change(paths: DataPaths, meta: pd.DataFrame, pcfg: PreprocessCon
                               f"or add preprocess.replace_folds=true (those runs then stop working)")
 
 
-def _merge(cfg: Config, paths: DataPaths, out_dir: Path, parts_dir: Path, n_chunks: int):
+def _digest(chunk: list[tuple[str, str]]) -> str:
+    return hashlib.sha1("\n".join(f"{split}\t{path}" for split, path in chunk).encode()).hexdigest()[:10]
+
+
+PNG_END = b"IEND\xaeB`\x82"  # the last 8 bytes of every complete PNG
+
+
+def png_ok(path: Path) -> bool:
+    """A PNG that exists and was written to the end (cheap: a stat and its last 8 bytes, no decode)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-len(PNG_END), os.SEEK_END)
+            return f.read() == PNG_END
+    except OSError:  # missing, or shorter than 8 bytes
+        return False
+
+
+def _part_complete(part: Path, pass_dir: Path) -> bool:
+    """A finished chunk: its part file exists and every good file's PNG is there and whole."""
+    if not part.exists():
+        return False
+    rows = pd.read_parquet(part, columns=["image_id", "error"])
+    return all(png_ok(pass_dir / f"{i}.png") for i in rows.image_id[rows.error == ""])
+
+
+def _check_labels_first(paths: DataPaths, files: list[tuple[str, str]]) -> None:
+    """The training labels must be readable before the DICOM pass (not 'N files unusable' after it)."""
+    if any(split == "train" for split, _ in files):
+        if not paths.train_csv.exists():
+            raise PreprocessError(f"{paths.train_csv}: not found; the training DICOMs need their labels")
+        read_labels(paths.train_csv)
+
+
+def _merge(cfg: Config, paths: DataPaths, out_dir: Path, part_files: list[Path]):
     """Assemble the metadata table from the parts (z order, labels, folds); write the bad-files report."""
-    parts = pd.concat([pd.read_parquet(parts_dir / f"chunk_{k:06d}.parquet") for k in range(n_chunks)],
-                      ignore_index=True)
+    parts = pd.concat([pd.read_parquet(p) for p in part_files], ignore_index=True)
     bad = parts[parts.error != ""][["file", "error"]].rename(columns={"error": "reason"})
     meta = parts[parts.error == ""].drop(columns=["error", "file"])
     if paths.train_csv.exists():
-        labels = long_to_wide(read_long_csv(paths.train_csv), paths.train_csv)
+        labels = read_labels(paths.train_csv)
     else:
         labels = pd.DataFrame(columns=list(LABELS), dtype=float)
     is_train = meta.split == "train"
@@ -287,7 +325,7 @@ def _stack_job(job) -> tuple[int, int, int]:
         slices = [read_png(Path(brain_dir) / f"{i}.png") for i in ids]
         for s, image_id in enumerate(ids):
             out = Path(out_dir) / f"{image_id}.png"
-            if out.exists():
+            if png_ok(out):
                 continue
             rgb = np.dstack([slices[max(s - 1, 0)], slices[s], slices[min(s + 1, len(ids) - 1)]])
             write_bytes_atomic(out, encode_png(rgb, *png))

@@ -36,7 +36,7 @@ from ichpipe.io import InputError, atomic_path, write_text_atomic  # noqa: E402
 from ichpipe.labels import ABBREVIATIONS, ANY_INDEX, LABELS, SUBTYPES  # noqa: E402
 from ichpipe.metrics import auc_or_nan, per_class_log_loss, weighted_log_loss  # noqa: E402
 from ichpipe.metrics import prior as prior_of  # noqa: E402
-from ichpipe.paths import DataPaths, finished_dirs, read_metadata, run_dir  # noqa: E402
+from ichpipe.paths import data_paths, finished_dirs, read_metadata, run_dir  # noqa: E402
 from ichpipe.preprocess import output_name, read_png  # noqa: E402
 
 COLUMNS = (*SUBTYPES, "control")
@@ -310,8 +310,8 @@ def run_report(cfg: Config) -> dict:
     unknown = set(rcfg.target_recall) - set(LABELS)
     if unknown:
         raise InputError(f"report.target_recall: unknown labels {sorted(unknown)}")
-    paths = DataPaths(cfg.data.root)
-    meta = read_metadata(paths.root)
+    paths = data_paths(cfg)
+    meta = read_metadata(paths)
     for k in sorted(int(f) for f in meta.fold.dropna().unique()):
         check_fold_table(run_dir(cfg, k), meta)
     meta = meta.set_index("image_id")

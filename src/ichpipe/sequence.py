@@ -35,16 +35,17 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from tqdm import tqdm
 
-from ichpipe.config import Config, LstmConfig, save_config
+from ichpipe.config import Config, LstmConfig, changed_settings, describe_changes, save_config
 from ichpipe.device import default_device
 from ichpipe.folds import assign_folds, check_fold_table
 from ichpipe.io import InputError, atomic_path, write_text_atomic
 from ichpipe.labels import LABELS, N_LABELS
 from ichpipe.losses import make_loss
 from ichpipe.metrics import sigmoid, weighted_log_loss
-from ichpipe.paths import finished_dirs, read_metadata, run_dir
+from ichpipe.paths import data_paths, finished_dirs, read_metadata, run_dir
 
 SERIES_KEYS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID"]
+LSTM_KEYS = ("seed", "lstm.")  # an LSTM folder with other values of these is redone
 
 
 class SequenceModel(nn.Module):
@@ -212,7 +213,7 @@ def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
     folders = finished_dirs(out / "embeddings")
     if not folders:
         raise InputError(f"{out}/embeddings: no finished embeddings; run `make embed fold={cfg.fold}` first")
-    meta = read_metadata(cfg.data.root)
+    meta = read_metadata(data_paths(cfg))
     check_fold_table(out, meta)
     results = {}
     for folder in folders:
@@ -221,6 +222,13 @@ def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
         if oof_feats.labels is None:
             raise InputError(f"{folder}: OOF rows without labels; the embeddings do not match the metadata")
         cnn_loss = weighted_log_loss(oof_feats.labels, sigmoid(oof_feats.logits))
+        if (target / "done").exists():
+            changed = changed_settings(target / "config.yaml", cfg, LSTM_KEYS)
+            if changed or (target / "done").stat().st_mtime < (folder / "done").stat().st_mtime:
+                reason = describe_changes(changed) if changed else f"{folder} was embedded again"
+                tqdm.write(f"fold {cfg.fold} {folder.name}: the LSTM was trained with other settings ({reason}); "
+                           "redoing")
+                (target / "done").unlink()
         if (target / "done").exists():
             oof = pd.read_parquet(target / "oof.parquet").set_index("image_id").loc[oof_feats.ids, list(LABELS)]
             results[folder.name] = {"cnn": cnn_loss, "lstm": weighted_log_loss(oof_feats.labels, oof.to_numpy())}

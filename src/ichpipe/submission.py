@@ -55,7 +55,14 @@ def check_submission(path: str | os.PathLike, sample_path: str | os.PathLike) ->
         sub = pd.read_csv(path, dtype={"ID": str}, keep_default_na=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError, OSError) as exc:
         return [f"not a readable CSV ({str(exc).splitlines()[0]})"]
-    sample = pd.read_csv(sample_path, dtype={"ID": str})
+    try:
+        sample = pd.read_csv(sample_path, dtype={"ID": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError, OSError) as exc:
+        raise InputError(f"{sample_path}: the sample submission is not a readable CSV "
+                         f"({str(exc).splitlines()[0]})") from None
+    if "ID" not in sample.columns or sample.empty:
+        raise InputError(f"{sample_path}: not a sample submission (needs an 'ID' column and rows; found "
+                         f"{','.join(map(str, sample.columns))!r}, {len(sample)} rows)")
     problems: list[str] = []
     if list(sub.columns) != ["ID", "Label"]:
         return [f"header must be 'ID,Label', found {','.join(map(str, sub.columns))!r}"]

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
-from ichpipe.config import Config, load_config, save_config, to_dict
+from ichpipe.config import Config, changed_settings, describe_changes, save_config
 from ichpipe.data import DEFAULT_AUGMENT, SliceDataset, build_transform, normalize
 from ichpipe.device import Runtime, amp_settings, autocast, close_runtime, init_runtime
 from ichpipe.folds import record_fold_table
@@ -41,7 +41,7 @@ from ichpipe.labels import LABELS
 from ichpipe.losses import make_loss
 from ichpipe.metrics import auc_or_nan, logit, per_class_log_loss, prior, weighted_log_loss
 from ichpipe.models import create_model, load_weights
-from ichpipe.paths import DataPaths, read_metadata, run_dir
+from ichpipe.paths import data_paths, read_metadata, run_dir
 from ichpipe.preprocess import output_name
 
 
@@ -140,8 +140,8 @@ def _loader(ds, batch_size, workers, sampler, device) -> DataLoader:
 
 def load_fold(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, Path, pd.DataFrame]:
     """(training rows, validation rows, PNG folder, whole metadata) of ``cfg.fold``."""
-    paths = DataPaths(cfg.data.root)
-    meta = read_metadata(paths.root)
+    paths = data_paths(cfg)
+    meta = read_metadata(paths)
     labelled = meta[meta.fold.notna()]
     folds = sorted(int(k) for k in labelled.fold.unique())
     if cfg.fold not in folds:
@@ -162,24 +162,11 @@ RESUME_KEYS = ("seed", "model.backbone", "model.drop_rate", "train.image_size", 
                "preprocess.mode", "preprocess.name")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def check_resume(cfg: Config, out: Path) -> None:
     """Refuse a resume whose settings differ from the run's in a way that changes the result."""
-    saved_path = out / "config.yaml"
-    if not saved_path.exists():
-        return
-    saved = _flat(to_dict(load_config(saved_path)))
-    now = _flat(to_dict(cfg))
-    changed = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    changed = changed_settings(out / "config.yaml", cfg, RESUME_KEYS)
     if changed:
-        diffs = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in changed)
-        raise InputError(f"{out}: resume with other settings than the run's: {diffs}; "
+        raise InputError(f"{out}: resume with other settings than the run's: {describe_changes(changed)}; "
                          f"use the run's settings, or set experiment=<new name>")
 
 
@@ -247,6 +234,8 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0)
                             tcfg.crop_margin if tcfg.crop_border else None, labelled=True)
     val_ds = SliceDataset(val_meta, png_dir, build_transform([], tcfg.image_size, train=False), cfg.seed,
                           0.0 if tcfg.crop_border else None, labelled=True)
+    train_ds.check_files()
+    val_ds.check_files()
     sampler = EpochSampler(len(train_ds), cfg.seed, rt.rank, rt.world_size)
     train_loader = _loader(EpochDataset(train_ds), micro, tcfg.loader_workers, sampler, rt.device)
     val_rows = _shard(len(val_ds), rt)  # validation is split across the processes, then gathered

@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""The sequence stage and the blend at the real data's size, on fake but real-sized inputs.
+
+    python benchmarks/bench_scale.py [--scale 1.0] [--work /tmp/ichpipe_scale] [--config ...] [key=value ...]
+
+Builds (once, under --work) a data root shaped like the competition's after stages 1-3: 752k train +
+121k test slices in ~21k series of ~19k patients, five folds, and for every fold three embedded
+checkpoints (logits + ids; fold 0's last checkpoint also with 2048-d embeddings) and their LSTM
+outputs. Then, each in its own process so that its peak RSS is its own:
+
+- ``lstm``: fold 0's features as stage 4 loads them (memory-mapped), one inner LSTM trained for
+  ``--lstm-epochs`` epoch(s) with the config's LSTM settings, and its prediction of the inner-validation
+  and test series: seconds per epoch and per prediction, and the projection for the whole stage
+  (5 folds x 3 checkpoints x inner folds x epochs);
+- ``blend``: stage 5 over every fold and checkpoint: seconds and peak RSS.
+
+``--scale 0.01`` runs the same path on 1% of the slices (a quick check of the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ichpipe.config import load_config
+from ichpipe.folds import record_fold_table
+from ichpipe.io import wide_to_long
+from ichpipe.labels import LABELS
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = {"train": 752_803, "test": 121_232, "series": 21_744, "patients": 18_938}  # RSNA_FACTS.md, stage 2
+N_FOLDS, CHECKPOINTS, DIM = 5, (2, 3, 4), 2048
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def build(root: Path, scale: float, dim: int, seed: int = 0) -> dict:
+    """The fake data root; returns its sizes. Skipped when ``root/sizes.json`` exists for the same scale."""
+    marker = root / "sizes.json"
+    if marker.exists() and json.loads(marker.read_text()).get("scale") == scale:
+        return json.loads(marker.read_text())
+    rng = np.random.default_rng(seed)
+    n_series = max(10, int(REAL["series"] * scale))
+    n_slices = int((REAL["train"] + REAL["test"]) * scale)
+    lengths = rng.multinomial(n_slices - 20 * n_series, np.ones(n_series) / n_series) + 20  # >= 20 slices each
+    patients = rng.integers(0, max(2, int(REAL["patients"] * scale)), n_series)
+    test_series = rng.random(n_series) < REAL["test"] / (REAL["train"] + REAL["test"])
+    series_of = np.repeat(np.arange(n_series), lengths)
+    n = len(series_of)
+    labels = (rng.random((n, len(LABELS))) < 0.03).astype(np.float32)
+    labels[:, -1] = labels[:, :-1].max(axis=1)
+    split = np.where(test_series[series_of], "test", "train")
+    patient = np.char.add("P", patients[series_of].astype(str))
+    patient = np.where(split == "test", np.char.add("T", patient), patient)
+    fold_of_patient = {p: i % N_FOLDS for i, p in enumerate(rng.permutation(np.unique(patient[split == "train"])))}
+    meta = pd.DataFrame({
+        "image_id": [f"ID_{i:09x}" for i in range(n)], "split": split, "PatientID": patient,
+        "StudyInstanceUID": np.char.add("S", series_of.astype(str)), "SeriesInstanceUID": np.char.add("S", series_of.astype(str)),
+        "slice_index": np.concatenate([np.arange(k) for k in lengths]),
+    })
+    meta[list(LABELS)] = np.where((split == "train")[:, None], labels, np.nan)
+    meta["fold"] = pd.array([fold_of_patient.get(p) if s == "train" else None for p, s in zip(patient, split, strict=True)],
+                            dtype="Int64")
+    (root / "processed").mkdir(parents=True, exist_ok=True)
+    meta.to_parquet(root / "processed" / "metadata.parquet", index=False)
+    test_ids = meta.image_id[meta.split == "test"].to_numpy()
+    wide_to_long(pd.DataFrame(0.5, index=test_ids, columns=list(LABELS))).to_csv(
+        root / "stage_2_sample_submission.csv", index=False)
+    sets_of = {k: {"oof": meta.image_id[meta.fold == k].to_numpy(), "test": test_ids} for k in range(N_FOLDS)}
+    for k in range(N_FOLDS):
+        run = root / "runs" / "scale" / f"fold{k}"
+        record_fold_table(run, meta)
+        for e in CHECKPOINTS:
+            emb_dir, lstm_dir = run / "embeddings" / f"epoch{e:02d}", run / "lstm" / f"epoch{e:02d}"
+            emb_dir.mkdir(parents=True, exist_ok=True)
+            lstm_dir.mkdir(parents=True, exist_ok=True)
+            for name, ids in sets_of[k].items():
+                pd.DataFrame({"image_id": ids}).to_csv(emb_dir / f"{name}_ids.csv", index=False)
+                np.save(emb_dir / f"{name}_logits.npy", rng.normal(-3, 1.5, (len(ids), len(LABELS))).astype(np.float32))
+                if k == 0 and e == CHECKPOINTS[-1]:  # written in chunks: never N x 2048 in RAM here either
+                    emb = np.lib.format.open_memmap(emb_dir / f"{name}_emb.npy", mode="w+", dtype=np.float32,
+                                                    shape=(len(ids), dim))
+                    for i in range(0, len(ids), 20_000):
+                        emb[i:i + 20_000] = rng.standard_normal((min(20_000, len(ids) - i), dim), dtype=np.float32)
+                    emb.flush()
+                    del emb
+                probs = rng.uniform(0.001, 0.2, (len(ids), len(LABELS))).astype(np.float32)
+                pd.DataFrame(probs, columns=list(LABELS)).assign(image_id=ids).to_parquet(lstm_dir / f"{name}.parquet")
+            (emb_dir / "done").write_text("none\n")
+            (lstm_dir / "done").write_text("fake\n")
+    sizes = {"scale": scale, "slices": n, "train": int((split == "train").sum()), "test": len(test_ids),
+             "series": n_series, "patients": int(len(np.unique(patient))), "dim": dim,
+             "fold0_oof": len(sets_of[0]["oof"])}
+    marker.write_text(json.dumps(sizes))
+    return sizes
+
+
+def part_lstm(cfg, epochs: int) -> dict:
+    from ichpipe.device import default_device
+    from ichpipe.paths import data_paths, read_metadata, run_dir
+    from ichpipe.sequence import PREDICT_BATCH, SequenceModel, _inner_groups, _predict, fit_predict, load_features
+
+    schedule = cfg.lstm  # the configured epochs and bagging, for the projection
+    lcfg = dataclasses.replace(cfg.lstm, epochs=epochs, bag_last=1)  # this run: a few epochs only
+    folder = run_dir(cfg, 0) / "embeddings" / f"epoch{CHECKPOINTS[-1]:02d}"
+    start = time.perf_counter()
+    meta = read_metadata(data_paths(cfg))
+    oof, test = load_features(folder, "oof", meta), load_features(folder, "test", meta)
+    groups = _inner_groups(oof, lcfg.inner_folds, cfg.seed)
+    load_s = time.perf_counter() - start
+    all_series = np.arange(len(oof.series))
+    train, val = list(all_series[groups != 0]), list(all_series[groups == 0])
+    device = default_device()
+    start = time.perf_counter()
+    fit_predict(oof, train, [(oof, val), (test, list(range(len(test.series))))], lcfg, cfg.seed, device)
+    fit_s = time.perf_counter() - start
+    # predictions alone, to split the fit's time into training and prediction
+    model = SequenceModel(oof.emb.shape[1], lcfg.reduce_dim, lcfg.hidden, lcfg.layers, lcfg.dropout).to(device)
+    mean, std = np.zeros(oof.emb.shape[1], np.float32), np.ones(oof.emb.shape[1], np.float32)
+    start = time.perf_counter()
+    _predict(model, test, list(range(len(test.series))), mean, std, PREDICT_BATCH, device)
+    test_s = time.perf_counter() - start
+    start = time.perf_counter()
+    _predict(model, oof, val, mean, std, PREDICT_BATCH, device)
+    val_s = time.perf_counter() - start
+    epoch_s = (fit_s - test_s - val_s) / epochs
+    inner = len(np.unique(groups))
+    per_inner = schedule.epochs * epoch_s + schedule.epochs * val_s + schedule.bag_last * test_s
+    return {"device": str(device), "load_s": load_s, "train_slices": int(sum(len(oof.series[i]) for i in train)),
+            "epoch_s": epoch_s, "predict_val_s": val_s, "predict_test_s": test_s, "inner_folds": inner,
+            "projected_stage_h": N_FOLDS * len(CHECKPOINTS) * inner * per_inner / 3600,
+            "projection": f"{N_FOLDS} folds x {len(CHECKPOINTS)} checkpoints x {inner} inner x "
+                          f"({schedule.epochs} epochs + predictions)", "peak_rss_gb": _rss_gb()}
+
+
+def part_blend(cfg) -> dict:
+    from ichpipe.blend import run_blend
+
+    start = time.perf_counter()
+    result = run_blend(cfg)
+    return {"seconds": time.perf_counter() - start, "peak_rss_gb": _rss_gb(),
+            "oof_images": result["scores"]["oof"]["blend"]["n_images"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0, help="share of the real slice and series counts")
+    parser.add_argument("--dim", type=int, default=DIM, help="embedding width (2048: ResNeXt-101)")
+    parser.add_argument("--work", default="/tmp/ichpipe_scale", help="where the fake data root is built (~3 GB)")
+    parser.add_argument("--config", default=str(REPO / "configs" / "cnn" / "resnext101_384.yaml"))
+    parser.add_argument("--lstm-epochs", type=int, default=1)
+    parser.add_argument("--part", choices=["all", "lstm", "blend"], default="all")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    root = Path(args.work)
+    cfg = load_config(args.config, [f"data.root={root}", "experiment=scale", f"blend.out_dir={root / 'subs'}",
+                                    *args.overrides])
+    if args.part == "lstm":
+        print(json.dumps(part_lstm(cfg, args.lstm_epochs)))
+        return 0
+    if args.part == "blend":
+        print(json.dumps(part_blend(cfg)))
+        return 0
+    start = time.perf_counter()
+    sizes = build(root, args.scale, args.dim)
+    print(f"inputs: {sizes['train']} train + {sizes['test']} test slices, {sizes['series']} series, "
+          f"{sizes['patients']} patients, {sizes['dim']}-d embeddings (fold 0: {sizes['fold0_oof']} OOF slices); "
+          f"built or found in {time.perf_counter() - start:.0f} s under {root}")
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"cuda={torch.cuda.is_available()}")
+    results = {}
+    for part in ("lstm", "blend"):
+        cmd = [sys.executable, __file__, "--part", part, "--work", str(root), "--config", args.config,
+               "--lstm-epochs", str(args.lstm_epochs), *args.overrides]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            print(res.stderr[-3000:], file=sys.stderr)
+            return res.returncode
+        results[part] = json.loads(res.stdout.strip().splitlines()[-1])
+    lstm, blend = results["lstm"], results["blend"]
+    print(f"lstm ({lstm['device']}, reduce {cfg.lstm.reduce_dim}, hidden {cfg.lstm.hidden}, batch {cfg.lstm.batch_size}): "
+          f"load {lstm['load_s']:.1f} s; one epoch over {lstm['train_slices']} slices {lstm['epoch_s']:.1f} s; "
+          f"predict inner-val {lstm['predict_val_s']:.1f} s, test {lstm['predict_test_s']:.1f} s; "
+          f"peak RSS {lstm['peak_rss_gb']:.2f} GB")
+    print(f"lstm whole stage, projected: {lstm['projected_stage_h']:.1f} h ({lstm['projection']})")
+    print(f"blend: {blend['seconds']:.1f} s for {blend['oof_images']} OOF images x {len(CHECKPOINTS)} checkpoints "
+          f"x {N_FOLDS} folds; peak RSS {blend['peak_rss_gb']:.2f} GB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
