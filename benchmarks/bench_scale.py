@@ -56,7 +56,11 @@ def build(root: Path, scale: float, dim: int, seed: int = 0) -> dict:
     n_series = max(10, int(REAL["series"] * scale))
     n_slices = int((REAL["train"] + REAL["test"]) * scale)
     lengths = rng.multinomial(n_slices - 20 * n_series, np.ones(n_series) / n_series) + 20  # >= 20 slices each
-    patients = rng.integers(0, max(2, int(REAL["patients"] * scale)), n_series)
+    n_patients = max(2, int(REAL["patients"] * scale))
+    # every patient has a series; the rest are second studies of random patients (as the real ~1.15 per patient)
+    patients = np.concatenate([np.arange(min(n_patients, n_series)),
+                               rng.integers(0, n_patients, max(0, n_series - n_patients))])
+    patients = rng.permutation(patients)
     test_series = rng.random(n_series) < REAL["test"] / (REAL["train"] + REAL["test"])
     series_of = np.repeat(np.arange(n_series), lengths)
     n = len(series_of)
