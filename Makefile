@@ -19,7 +19,7 @@ OVERRIDES := $(foreach w,$(MAKEOVERRIDES),$(if $(and $(findstring =,$(w)),$(filt
 # Quoted, so that a DATA_DIR or CONFIG with spaces stays one argument.
 STAGE_ARGS = --config "$(CONFIG)" data.root="$(DATA_DIR)" data.workers=$(WORKERS) $(OVERRIDES)
 
-.PHONY: help setup demo synthetic preprocess train embed lstm submission submit report eda test lint bench bench-preprocess bench-train bench-scale clean-data
+.PHONY: help setup demo synthetic preprocess train embed lstm submission submit report bundle predict eda test lint bench bench-preprocess bench-train bench-scale clean-data
 
 help:
 	@echo "make demo        set up, generate the synthetic set and run the pipeline on it"
@@ -33,6 +33,8 @@ help:
 	@echo "make submission     blend folds/bags/TTA, CV table, validated submissions/*.csv.gz + YAML"
 	@echo "make report         figures and report.md of the experiment (after make submission)"
 	@echo "make submit         upload the newest submission with the kaggle CLI (FILE=... for another)"
+	@echo "make bundle         pack the experiment into a portable model bundle (runs/<experiment>/bundle)"
+	@echo "make predict STUDY=folder-or-zip [BUNDLE=...]   run a bundle on new DICOM studies"
 	@echo "make eda         dataset overview figures from the metadata table (DATA_DIR/eda)"
 	@echo "make bench       print the benchmark figures"
 
@@ -85,6 +87,17 @@ submission: setup
 report: setup
 	$(PY) scripts/07_report.py $(STAGE_ARGS)
 
+# A portable model bundle of the experiment (runs/<experiment>/bundle unless BUNDLE=...).
+bundle: setup
+	$(PY) scripts/08_bundle.py $(STAGE_ARGS) $(if $(BUNDLE),--out "$(BUNDLE)")
+
+# A bundle on new studies: make predict STUDY=folder-or-zip [BUNDLE=...] [OUT=predictions]
+BUNDLE ?=
+OUT ?= predictions
+predict: setup
+	@test -n "$(STUDY)" || { echo "error: give STUDY=<folder or zip of DICOMs>"; exit 2; }
+	$(PY) -m ichpipe predict "$(STUDY)" --bundle "$(or $(BUNDLE),$(DATA_DIR)/runs/demo/bundle)" --out "$(OUT)"
+
 # FILE=submissions/X.csv.gz uploads that file instead of the experiment's newest.
 submit: setup
 	$(PY) scripts/06_submit.py $(STAGE_ARGS) $(if $(FILE),--file $(FILE))
@@ -96,7 +109,9 @@ eda: setup
 # A second `make demo` continues where the first stopped (resume=true: finished folds are kept).
 demo: setup
 	$(MAKE) --no-print-directory synthetic preprocess eda
-	$(MAKE) --no-print-directory train embed lstm submission report resume=true
+	$(MAKE) --no-print-directory train embed lstm submission report bundle resume=true
+	$(PY) -m ichpipe predict "$(DATA_DIR)/synthetic_example_study.zip" --bundle "$(DATA_DIR)/runs/demo/bundle" \
+		--out "$(DATA_DIR)/runs/demo/predict_example"
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
 
+from ichpipe.bundle import load_bundle, make_bundle
+from ichpipe.config import load_config
+from ichpipe.io import InputError, read_long_csv
+from ichpipe.labels import LABELS
+from ichpipe.predict import predict
 from ichpipe.submission import check_submission
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,12 +35,20 @@ TINY_DEMO = [
 ]
 
 
-def test_make_demo_runs_every_stage(tmp_path):
-    root, subs = tmp_path / "data", tmp_path / "subs"
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`make demo` on the tiny set, once for this module: (data root, submissions folder, command, result)."""
+    tmp = tmp_path_factory.mktemp("demo")
+    root, subs = tmp / "data", tmp / "subs"
     cmd = ["make", "--no-print-directory", "-o", ".venv/.installed", "demo", f"PY={sys.executable}",
            f"DATA_DIR={root}", "WORKERS=2", *TINY_DEMO, f"blend.out_dir={subs}"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return root, subs, cmd, res
+
+
+def test_make_demo_runs_every_stage(demo):
+    root, subs, cmd, res = demo
 
     meta = pd.read_parquet(root / "processed" / "metadata.parquet")
     exp = root / "runs" / "demo"
@@ -67,3 +85,103 @@ def test_make_demo_runs_every_stage(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already there" in again.stdout and "embedded 0 checkpoint(s)" in again.stdout
     assert [p.name for p in subs.glob("*_demo_cv*.csv.gz")] == [final.name]
+
+
+def _submission_values(subs) -> pd.DataFrame:
+    (final,) = subs.glob("*_demo_cv*.csv.gz")
+    long = read_long_csv(final)
+    return long.pivot(index="image_id", columns="label", values="Label")[list(LABELS)]
+
+
+def test_the_bundle_predicts_what_the_pipeline_predicted(demo, tmp_path):
+    """No train/serve skew: the demo bundle on the synthetic test DICOMs gives the submission's numbers."""
+    root, subs, _, res = demo
+    bundle = root / "runs" / "demo" / "bundle"
+    example = root / "runs" / "demo" / "predict_example"  # make demo ends with predict on one test study
+    for name in ("slices.csv", "series.csv", "series_0.png"):
+        assert (example / name).stat().st_size > 100, name
+    assert pd.read_csv(example / "skipped.csv").empty  # one synthetic study: nothing to skip
+    result = predict(root / "stage_2_test", bundle, tmp_path / "all", figures=False, progress=False)
+    slices = pd.read_csv(tmp_path / "all" / "slices.csv").set_index("SOPInstanceUID")
+    pipeline = _submission_values(subs)
+    assert result["slices"] == len(pipeline) and sorted(slices.index) == sorted(pipeline.index)
+    np.testing.assert_allclose(slices.loc[pipeline.index, list(LABELS)].to_numpy(), pipeline.to_numpy(),
+                               rtol=1e-5, atol=1e-5)
+    info = load_bundle(bundle).info
+    flags = slices[[f"flag_{c}" for c in LABELS]].to_numpy()
+    thresholds = np.array([info["thresholds"][c]["threshold"] for c in LABELS])
+    assert (flags == (slices[list(LABELS)].to_numpy() >= thresholds)).all()
+    series = pd.read_csv(tmp_path / "all" / "series.csv")
+    assert series.slices.sum() == len(slices) and ((series.series_any >= 0) & (series.series_any <= 1)).all()
+    assert (series.max_any.to_numpy() == slices.groupby("SeriesInstanceUID")["any"].max()
+            .loc[series.SeriesInstanceUID].to_numpy()).all()
+    # the same from the bundle alone, as a Kaggle submission
+    out = tmp_path / "kaggle.csv.gz"
+    run = subprocess.run([sys.executable, "-m", "ichpipe", "predict", "--kaggle", str(root), "--bundle", str(bundle),
+                          "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert check_submission(out, root / "stage_2_sample_submission.csv") == []
+
+
+def test_predict_reads_real_files_and_says_what_it_skips(demo, tmp_path):
+    root, *_ = demo
+    bundle = root / "runs" / "demo" / "bundle"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("CT_small.dcm", "693_J2KI.dcm", "693_UNCR.dcm", "MR_small.dcm"):
+        (folder / name).write_bytes(open(get_testdata_file(name), "rb").read())
+    scout = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.SeriesInstanceUID = "1.2.3.4.5.scout"
+    scout.SOPInstanceUID = "1.2.3.4.5.scout.1"
+    scout.save_as(folder / "scout.dcm")
+    (folder / "notes.txt").write_text("not a DICOM")
+    (folder / "copy.dcm").write_bytes((folder / "CT_small.dcm").read_bytes())  # the same slice twice
+    r = predict(folder, bundle, tmp_path / "out", progress=False)
+    slices = pd.read_csv(tmp_path / "out" / "slices.csv")
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    reasons = dict(zip(skipped.what.map(str), skipped.reason, strict=True))
+    # real CT files: CT_small (one series) and two slices of a CQ500 head CT series (JPEG 2000 and uncompressed)
+    assert r["series"] == 2 and sorted(slices.SOPInstanceUID) == sorted(
+        str(pydicom.dcmread(get_testdata_file(n)).SOPInstanceUID) for n in ("CT_small.dcm", "693_J2KI.dcm",
+                                                                            "693_UNCR.dcm"))
+    assert reasons[str(folder / "copy.dcm")].startswith("duplicate of SOPInstanceUID")
+    assert ((slices[list(LABELS)] > 0) & (slices[list(LABELS)] < 1)).all().all()
+    assert any(v == "modality MR, not CT" for v in reasons.values())
+    assert any(v == "a localiser/scout image, not an axial slice" for v in reasons.values())
+    assert reasons[str(folder / "notes.txt")].startswith("not a readable DICOM file")
+    assert len(list((tmp_path / "out").glob("series_*.png"))) == 2  # one figure per series
+    with pytest.raises(InputError, match="no usable CT series"):
+        predict(folder / "notes.txt", bundle, tmp_path / "none", progress=False)
+    assert not (tmp_path / "none").exists()  # nothing written on an error
+
+
+def test_a_changed_bundle_is_refused(demo, tmp_path):
+    root, *_ = demo
+    bundle = tmp_path / "bundle"
+    shutil.copytree(root / "runs" / "demo" / "bundle", bundle)
+    load_bundle(bundle)  # intact: loads
+    weights = sorted((bundle / "cnn").glob("*.pt"))[0]
+    data = bytearray(weights.read_bytes())
+    data[-20] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"changed since the bundle was made .sha256 differs"):
+        load_bundle(bundle)
+    weights.unlink()
+    with pytest.raises(InputError, match=r"listed in the bundle's manifest but missing"):
+        load_bundle(bundle)
+
+
+def test_an_fp16_archive_bundle_predicts_alike(demo, tmp_path):
+    root, subs, _, _ = demo
+    cfg = load_config(REPO / "configs" / "cnn" / "cpu_small.yaml", [*TINY_DEMO, f"data.root={root}",
+                                                                     f"blend.out_dir={subs}"])
+    make_bundle(cfg, tmp_path / "small", fp16=True, archive=True)
+    full = sum(p.stat().st_size for p in (root / "runs" / "demo" / "bundle" / "cnn").glob("*.pt"))
+    half = sum(p.stat().st_size for p in (tmp_path / "small" / "cnn").glob("*.pt"))
+    assert half < 0.6 * full
+    example = root / "synthetic_example_study.zip"
+    predict(example, tmp_path / "small.tar.gz", tmp_path / "half", figures=False, progress=False)
+    a = pd.read_csv(root / "runs" / "demo" / "predict_example" / "slices.csv")[list(LABELS)].to_numpy()
+    b = pd.read_csv(tmp_path / "half" / "slices.csv")[list(LABELS)].to_numpy()
+    np.testing.assert_allclose(a, b, atol=5e-3)  # fp16 weights, fp32 compute

@@ -132,19 +132,22 @@ def test_nested_folds_never_train_on_the_predicted_patient(embedded, monkeypatch
     calls = []
     real = sequence.fit_predict
 
-    def spy(feats, train_series, targets, lcfg, seed):
+    def spy(feats, train_series, targets, lcfg, seed, **kw):
         train_patients = {feats.patients[feats.series[i][0]] for i in train_series}
-        val_patients = {feats.patients[feats.series[i][0]] for i in targets[0][1]}
-        calls.append((train_patients, val_patients))
-        return real(feats, train_series, targets, lcfg, seed)
+        target = targets[0][0]
+        predicted = {target.patients[target.series[i][0]] for i in targets[0][1]}
+        calls.append((train_patients, predicted, target.labels is None))
+        return real(feats, train_series, targets, lcfg, seed, **kw)
 
     monkeypatch.setattr(sequence, "fit_predict", spy)
     results = train_sequence_fold(cfg, progress=False)
     fold_patients = set(meta[meta.fold == cfg.fold].PatientID)
-    assert len(calls) == 2
-    for train_patients, val_patients in calls:
+    assert len(calls) == 3  # two inner folds, then the refit for the test set
+    for train_patients, val_patients, _ in calls[:2]:
         assert train_patients and val_patients and not train_patients & val_patients
         assert train_patients | val_patients == fold_patients  # only the fold's own (held-out) patients
+    refit_train, refit_predicted, on_test = calls[2]
+    assert on_test and refit_train == fold_patients and refit_predicted == set(meta[meta.split == "test"].PatientID)
     out = root / "runs" / "lstm" / f"fold{cfg.fold}" / "lstm" / "epoch00"
     oof = pd.read_parquet(out / "oof.parquet")
     assert sorted(oof.image_id) == sorted(meta[meta.fold == cfg.fold].image_id)
@@ -163,7 +166,7 @@ def test_nested_folds_never_train_on_the_predicted_patient(embedded, monkeypatch
     wider = _train_cfg(root, "lstm", "train.epochs=1", "embed.tta=[none]", "lstm.epochs=3", "lstm.bag_last=2",
                        "lstm.inner_folds=2", f"fold={cfg.fold}", "lstm.hidden=12")
     changed = train_sequence_fold(wider, progress=False)["epoch00"]
-    assert len(calls) == 2 and changed["lstm"] != results["epoch00"]["lstm"]
+    assert len(calls) == 3 and changed["lstm"] != results["epoch00"]["lstm"]
     assert yaml.safe_load((out / "config.yaml").read_text())["lstm"]["hidden"] == 12
 
 
@@ -183,3 +186,15 @@ def test_cpu_results_are_bit_identical_to_before_the_device_support():
     reference, now = np.load(REFERENCE), compute()
     for key in ("val", "test", "val_loss"):
         np.testing.assert_array_equal(now[key], reference[key], err_msg=key)
+
+
+def test_the_saved_refit_reproduces_the_test_predictions(embedded):
+    root, meta, cfg = embedded
+    train_sequence_fold(cfg, progress=False)
+    folder = root / "runs" / "lstm" / f"fold{cfg.fold}"
+    models, mean, std = sequence.load_models(folder / "lstm" / "epoch00" / "models.pt")
+    assert len(models) == 2  # lstm.bag_last=2
+    feats = load_features(folder / "embeddings" / "epoch00", "test", meta)
+    again = sequence.predict_bag(models, feats, mean, std)
+    saved = pd.read_parquet(folder / "lstm" / "epoch00" / "test.parquet").set_index("image_id").loc[feats.ids, list(LABELS)]
+    np.testing.assert_allclose(again, saved.to_numpy(), rtol=1e-5, atol=1e-6)

@@ -97,6 +97,18 @@ def checked_labels(meta: pd.DataFrame) -> np.ndarray:
     return labels
 
 
+def to_input(img: np.ndarray, transform: A.Compose, seed: int, crop_margin: float | None) -> torch.Tensor:
+    """A stage-1 RGB image (H, W, 3 uint8) → the network's uint8 CHW input: border crop, resize, augmentation.
+
+    The one path from image to tensor, for training, stage 3 and `predict` alike.
+    """
+    if crop_margin is not None:
+        img = crop_border(img, np.random.default_rng(seed), crop_margin)
+    transform.set_random_seed(seed)
+    x = transform(image=img)["image"]
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
 def _nonempty(path: Path) -> bool:
     try:
         return path.stat().st_size > 0
@@ -141,8 +153,4 @@ class SliceDataset(Dataset):
             raise InputError(f"{path}: missing or unreadable PNG (run `make preprocess`)")
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
-        if self.crop_margin is not None:
-            img = crop_border(img, np.random.default_rng(seed), self.crop_margin)
-        self.transform.set_random_seed(seed)
-        x = self.transform(image=img)["image"]
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))), torch.from_numpy(self.labels[i]), i
+        return to_input(img, self.transform, seed, self.crop_margin), torch.from_numpy(self.labels[i]), i

@@ -137,12 +137,17 @@ def read_header(path: str | os.PathLike, ds=None) -> dict:
         return _read_header(path, ds)
 
 
-def _read_header(path, ds) -> dict:
+def read_dataset(path: str | os.PathLike, pixels: bool = False):
+    """pydicom's dataset of one file (header only unless ``pixels``); a file that is no DICOM is a DicomError."""
     try:
-        if ds is None:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
     except (InvalidDicomError, EOFError, OSError) as exc:
         raise DicomError(f"not a readable DICOM file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def _read_header(path, ds) -> dict:
+    if ds is None:
+        ds = read_dataset(path)
     missing = [t for t in REQUIRED_TAGS if t not in ds]
     if missing:
         raise DicomError(f"missing required tag(s) {', '.join(missing)}")

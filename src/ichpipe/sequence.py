@@ -10,14 +10,16 @@ in the batch and packed, so padding reaches neither the LSTM, the loss nor the p
 How leakage is avoided. Embedding spaces of different fold CNNs are not aligned, so the LSTM of
 fold k uses CNN_k's embeddings only: those of fold k's patients, whom CNN_k never saw, and of the
 test set. Fold k's patients are split again, by patient, into ``lstm.inner_folds`` groups; each
-inner LSTM trains on the other groups and predicts its own group and the test set. Every OOF
-prediction therefore comes from an LSTM that never saw the patient, over features from a CNN
-that never saw the patient. Test predictions are the mean of the inner LSTMs.
+inner LSTM trains on the other groups and predicts its own group. Every OOF prediction therefore
+comes from an LSTM that never saw the patient, over features from a CNN that never saw the
+patient. Test predictions (and new studies, through a model bundle) come from one more LSTM
+refit on all of fold k's patients, bagged over its last epochs; its weights are saved.
 
 For fold k and each embedded checkpoint ``embeddings/epoch<NN>/``, writes
 ``runs/<experiment>/fold<k>/lstm/epoch<NN>/``::
 
     oof.parquet, test.parquet    image_id + six probabilities (bagged over the last epochs)
+    models.pt                    the refit's bagged weights + standardisation (weights only)
     history.csv                  inner fold, epoch, train loss, inner-validation loss (one model per epoch)
     config.yaml                  the resolved config
     done                         written last: a folder without it is redone
@@ -46,6 +48,7 @@ from ichpipe.paths import data_paths, finished_dirs, read_metadata, run_dir
 
 SERIES_KEYS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID"]
 LSTM_KEYS = ("seed", "lstm.")  # an LSTM folder with other values of these is redone
+REFIT = 999  # seed offset of the refit on all the fold's patients (inner folds use their index)
 
 
 class SequenceModel(nn.Module):
@@ -146,12 +149,14 @@ def _predict(model: SequenceModel, feats: SliceFeatures, series: list[int], mean
 
 
 def fit_predict(feats: SliceFeatures, train_series: list[int], targets: list[tuple[SliceFeatures, list[int]]],
-                cfg: LstmConfig, seed: int, device: torch.device | None = None) -> tuple[list[np.ndarray], list[dict]]:
+                cfg: LstmConfig, seed: int, device: torch.device | None = None,
+                keep: dict | None = None) -> tuple[list[np.ndarray], list[dict]]:
     """Train one LSTM on ``train_series`` of ``feats``; probabilities for each target, bagged over the last epochs.
 
     Runs on ``device`` (default: the GPU when there is one). Returns one (N, 6) array per target (rows
     outside its series: NaN) and the per-epoch history (train loss, and the first target's loss when it
-    has labels).
+    has labels). With ``keep`` (a dict), also stores what predicting again needs: the standardisation
+    ``mean``/``std`` and the weights of every bagged epoch (``bag``), on the CPU.
     """
     device = device or default_device()
     torch.manual_seed(seed)
@@ -191,9 +196,35 @@ def fit_predict(feats: SliceFeatures, train_series: list[int], targets: list[tup
                 record["val_loss"] = weighted_log_loss(target.labels[rows], probs[rows])
             if bagging:
                 bag += probs
+        if bagging and keep is not None:
+            keep.setdefault("bag", []).append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
         n_bagged += bagging
         history.append(record)
+    if keep is not None:
+        keep.update(mean=torch.from_numpy(np.asarray(mean, np.float32)), std=torch.from_numpy(np.asarray(std, np.float32)),
+                    emb_dim=int(feats.emb.shape[1]), lstm={k: getattr(cfg, k) for k in MODEL_KEYS})
     return [bag / n_bagged for bag in bags], history
+
+
+MODEL_KEYS = ("reduce_dim", "hidden", "layers", "dropout")  # what rebuilds a SequenceModel from saved weights
+
+
+def load_models(path: str | Path, device: torch.device | None = None) -> tuple[list[SequenceModel], np.ndarray, np.ndarray]:
+    """The bagged models of a ``models.pt`` (weights only: safe to load from anyone) and their standardisation."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    models = []
+    for weights in state["bag"]:
+        model = SequenceModel(state["emb_dim"], **state["lstm"])
+        model.load_state_dict(weights)
+        models.append(model.to(device or torch.device("cpu")).eval())
+    return models, state["mean"].numpy(), state["std"].numpy()
+
+
+def predict_bag(models: list[SequenceModel], feats: SliceFeatures, mean, std, device=None) -> np.ndarray:
+    """(N, 6) mean probability of the bagged models over every series of ``feats``."""
+    series = list(range(len(feats.series)))
+    return np.mean([_predict(m, feats, series, mean, std, PREDICT_BATCH, device or torch.device("cpu"))
+                    for m in models], axis=0)
 
 
 def _inner_groups(feats: SliceFeatures, n: int, seed: int) -> np.ndarray:
@@ -224,8 +255,10 @@ def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
         cnn_loss = weighted_log_loss(oof_feats.labels, sigmoid(oof_feats.logits))
         if (target / "done").exists():
             changed = changed_settings(target / "config.yaml", cfg, LSTM_KEYS)
-            if changed or (target / "done").stat().st_mtime < (folder / "done").stat().st_mtime:
-                reason = describe_changes(changed) if changed else f"{folder} was embedded again"
+            older = (target / "done").stat().st_mtime < (folder / "done").stat().st_mtime
+            if changed or older or not (target / "models.pt").exists():
+                reason = (describe_changes(changed) if changed else f"{folder} was embedded again" if older
+                          else "no saved models.pt (made before stage 4 saved its models)")
                 tqdm.write(f"fold {cfg.fold} {folder.name}: the LSTM was trained with other settings ({reason}); "
                            "redoing")
                 (target / "done").unlink()
@@ -237,19 +270,22 @@ def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
         groups = _inner_groups(oof_feats, lcfg.inner_folds, cfg.seed)
         all_series = np.arange(len(oof_feats.series))
         oof = np.full((len(oof_feats.ids), N_LABELS), np.nan)
-        test = np.zeros((len(test_feats.ids), N_LABELS))
         history = []
         inner_folds = np.unique(groups)
         for j in tqdm(inner_folds, desc=f"fold {cfg.fold} {folder.name} LSTM", leave=False, disable=not progress):
             train_series, val_series = list(all_series[groups != j]), list(all_series[groups == j])
-            (val_pred, test_pred), hist = fit_predict(
-                oof_feats, train_series, [(oof_feats, val_series), (test_feats, list(range(len(test_feats.series))))],
-                lcfg, cfg.seed * 1000 + int(j))
+            (val_pred,), hist = fit_predict(oof_feats, train_series, [(oof_feats, val_series)], lcfg,
+                                            cfg.seed * 1000 + int(j))
             rows = np.concatenate([oof_feats.series[i] for i in val_series])
             oof[rows] = val_pred[rows]
-            test += test_pred / len(inner_folds)
             history += [{"inner_fold": int(j), **h} for h in hist]
+        # The test set and new studies: one refit on all the fold's patients, its bagged epochs saved.
+        keep: dict = {}
+        (test,), _ = fit_predict(oof_feats, list(all_series), [(test_feats, list(range(len(test_feats.series))))],
+                                 lcfg, cfg.seed * 1000 + REFIT, keep=keep)
         target.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target / "models.pt") as tmp:
+            torch.save(keep, tmp)
         for name, ids, probs in (("oof", oof_feats.ids, oof), ("test", test_feats.ids, test)):
             with atomic_path(target / f"{name}.parquet") as tmp:
                 pd.DataFrame(probs.astype(np.float32), columns=list(LABELS)).assign(image_id=ids)[

@@ -6,6 +6,7 @@
     <root>/stage_2_sample_submission.csv      every test row, Label 0.5
     <root>/synthetic_test_labels.csv          synthetic only: the test set's answer key (ID,Label)
     <root>/synthetic_slices.csv               synthetic only: one row per file with its geometry and quirks
+    <root>/synthetic_example_study.zip        synthetic only: one test study's DICOMs, for `predict`
 
 The whole plan (patients, studies, bleeds, quirks) is drawn from one seeded generator in the main
 process; each series is then rendered and written by a worker from its own seed, so the bytes of
@@ -15,6 +16,7 @@ every file depend on the seed alone, not on the number of workers.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from ichpipe.synthetic.phantom import (
     sample_patient,
 )
 
+EXAMPLE_STUDY = "synthetic_example_study.zip"  # one test study's DICOMs, to try `python -m ichpipe predict` on
 _ID_BITS = {"image": 36, "patient": 32, "study": 40, "series": 40}  # 9, 8, 10, 10 hex digits as Kaggle's
 _ID_SALT = {"image": 0x9E3779B1, "patient": 0x85EBCA77, "study": 0xC2B2AE3D, "series": 0x27D4EB2F}
 
@@ -262,6 +265,12 @@ def _write_csvs(table: pd.DataFrame, paths: DataPaths, cfg: SyntheticConfig) -> 
         test_long.assign(Label=0.5).to_csv(tmp, index=False)
     with atomic_path(paths.root / "synthetic_slices.csv") as tmp:
         table.to_csv(tmp, index=False)
+    if len(test):  # one test study as a zip of its DICOMs: what `make demo` gives `predict` to read
+        study = test.StudyInstanceUID.min()
+        with atomic_path(paths.root / EXAMPLE_STUDY) as tmp, zipfile.ZipFile(tmp, "w") as z:
+            for image_id in sorted(test.index[test.StudyInstanceUID == study]):
+                info = zipfile.ZipInfo(f"{study}/{image_id}.dcm", date_time=(2019, 9, 1, 0, 0, 0))  # same bytes every run
+                z.writestr(info, (paths.test_dir / f"{image_id}.dcm").read_bytes(), zipfile.ZIP_DEFLATED)
 
 
 def missing_files(root: str | os.PathLike) -> list[str]:
@@ -273,6 +282,8 @@ def missing_files(root: str | os.PathLike) -> list[str]:
     if missing:
         return missing
     table = pd.read_csv(table_path, usecols=["image_id", "split"])
+    if (table.split == "test").any() and not (paths.root / EXAMPLE_STUDY).exists():
+        return [str(paths.root / EXAMPLE_STUDY)]
     folder = np.where(table.split == "train", str(paths.train_dir), str(paths.test_dir))
     files = [Path(d) / f"{i}.dcm" for d, i in zip(folder, table.image_id, strict=True)]
     return [str(f) for f in files if not f.is_file() or f.stat().st_size == 0]

@@ -1,0 +1,50 @@
+"""``python -m ichpipe predict ...``: run a model bundle on new studies (see ichpipe.predict)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ichpipe.cli import one_line
+from ichpipe.io import InputError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ichpipe", description="ichpipe commands")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="run a model bundle on a folder or zip of DICOMs",
+                       description="Research tool, not a medical device: not for diagnosis.")
+    p.add_argument("path", nargs="?", help="a folder (searched recursively) or a zip of DICOM files")
+    p.add_argument("--bundle", required=True, help="a bundle folder or .tar.gz (make bundle)")
+    p.add_argument("--out", required=True, help="output folder (with --kaggle: the submission .csv.gz)")
+    p.add_argument("--min-slices", type=int, default=1, help="skip series with fewer slices (default 1)")
+    p.add_argument("--no-figures", action="store_true", help="skip the per-series figures")
+    p.add_argument("--kaggle", metavar="DATA_DIR", help="predict DATA_DIR/stage_2_test into a validated submission")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    args = parser.parse_args(argv)
+    import torch
+
+    from ichpipe.predict import predict, predict_kaggle
+
+    device = None if args.device == "auto" else torch.device(args.device)
+    try:
+        if args.kaggle:
+            r = predict_kaggle(args.kaggle, args.bundle, args.out)
+            print(f"submission for {r['slices']} test slices written and validated: {r['file']}"
+                  + (f" ({r['filled']} images without a prediction got the prior)" if r["filled"] else ""))
+            return 0
+        if not args.path:
+            parser.error("give PATH (a folder or zip of DICOMs), or --kaggle DATA_DIR")
+        r = predict(args.path, args.bundle, args.out, args.min_slices, not args.no_figures, device=device)
+    except InputError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    for s in r["skipped"]:
+        print(f"skipped {s['what']}: {s['reason']}")
+    print(f"{r['series']} series, {r['slices']} slices in {r['seconds']:.1f} s -> {r['out']}/slices.csv, series.csv"
+          " (research tool, not for diagnosis)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""A portable model bundle: everything `predict` needs to run a finished experiment on new studies.
+
+    <bundle>/
+      bundle.yaml        what the models expect and how to combine them: preprocessing (windows, size,
+                         mode), network input (size, border crop, TTA views), backbone, folds and epochs,
+                         blend weights, the training prior, operating thresholds per class, series-level
+                         calibration, CV scores, git commit, and the resolved configs of the runs
+      cnn/fold<k>_epoch<NN>.pt    the bagged CNN checkpoints of every fold (weights only; fp16 with fp16=True)
+      lstm/fold<k>_epoch<NN>.pt   the sequence models of every fold (the refit of stage 4: bagged weights
+                                  and standardisation)
+      manifest.json      sha256 of every file above, written last
+
+Loading checks the manifest (a changed, missing or extra file is a one-line error) and reads every
+tensor file with ``torch.load(weights_only=True)``: a bundle holds no pickled code, so it is safe to
+receive from someone else. Nothing outside the bundle is needed: no training data, no network.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from sklearn.linear_model import LogisticRegression
+
+from ichpipe.blend import git_state
+from ichpipe.config import Config, to_dict
+from ichpipe.folds import check_fold_table
+from ichpipe.io import InputError
+from ichpipe.labels import LABELS
+from ichpipe.metrics import logit
+from ichpipe.metrics import prior as prior_of
+from ichpipe.paths import data_paths, epoch_number, finished_dirs, read_metadata, run_dir
+from ichpipe.report import threshold_for_recall
+from ichpipe.sequence import SERIES_KEYS
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _series_calibration(oof: pd.DataFrame, meta: pd.DataFrame) -> dict:
+    """Per class, Platt scaling of the series' highest slice probability against "the series has it"."""
+    frame = meta.set_index("image_id").loc[oof.index, [*SERIES_KEYS, *LABELS]]
+    probs = oof.add_prefix("p_")
+    joined = pd.concat([frame, probs], axis=1).groupby(SERIES_KEYS)
+    out = {}
+    for name in LABELS:
+        x = logit(np.clip(joined[f"p_{name}"].max().to_numpy(), 1e-6, 1 - 1e-6))[:, None]
+        y = joined[name].max().to_numpy().astype(int)
+        if 0 < y.sum() < len(y):
+            fit = LogisticRegression(C=1e4).fit(x, y)
+            out[name] = {"slope": float(fit.coef_[0, 0]), "intercept": float(fit.intercept_[0])}
+        else:  # one class only among the OOF series: the identity
+            out[name] = {"slope": 1.0, "intercept": 0.0}
+    return out
+
+
+def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive: bool = False) -> Path:
+    """Pack the finished experiment of ``cfg`` into the directory ``out`` (and ``out.tar.gz`` with ``archive``)."""
+    out = Path(out)
+    paths = data_paths(cfg)
+    meta = read_metadata(paths)
+    exp = run_dir(cfg, 0).parent
+    preds_path = exp / "oof_predictions.parquet"
+    if not preds_path.exists():
+        raise InputError(f"{preds_path}: not found; run `make submission` first (the bundle carries its CV scores)")
+    folds = sorted(int(k) for k in meta.fold.dropna().unique())
+    use_lstm = cfg.blend.lstm_weight > 0
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        (tmp / "cnn").mkdir()
+        (tmp / "lstm").mkdir()
+        epochs: dict[int, list[int]] = {}
+        for k in folds:
+            run = run_dir(cfg, k)
+            check_fold_table(run, meta)
+            done = finished_dirs(run / "embeddings")
+            if not done:
+                raise InputError(f"{run}/embeddings: no finished embeddings; run `make embed fold={k}` first")
+            epochs[k] = [epoch_number(d) for d in done]
+            for e in epochs[k]:
+                state = torch.load(run / "checkpoints" / f"epoch{e:02d}.pt", map_location="cpu", weights_only=True)
+                if fp16:
+                    state = {n: t.half() if t.is_floating_point() else t for n, t in state.items()}
+                torch.save(state, tmp / "cnn" / f"fold{k}_epoch{e:02d}.pt")
+                if use_lstm:
+                    models = run / "lstm" / f"epoch{e:02d}" / "models.pt"
+                    if not models.exists():
+                        raise InputError(f"{models}: not found; run `make lstm fold={k}` (stage 4 saves its models)")
+                    shutil.copyfile(models, tmp / "lstm" / f"fold{k}_epoch{e:02d}.pt")
+        oof = pd.read_parquet(preds_path)
+        final = oof[oof.model == "blend"].set_index("image_id")[list(LABELS)]
+        truth = meta.set_index("image_id").loc[final.index, list(LABELS)].to_numpy()
+        thresholds = {}
+        for i, name in enumerate(LABELS):
+            target = cfg.report.target_recall.get(name, cfg.report.default_recall)
+            if truth[:, i].sum():
+                thresholds[name] = {"threshold": float(threshold_for_recall(truth[:, i], final[name].to_numpy(),
+                                                                           target).threshold), "recall": target}
+            else:
+                thresholds[name] = {"threshold": 0.5, "recall": None}
+        cv = json.loads((exp / "cv.json").read_text()) if (exp / "cv.json").exists() else {}
+        pcfg, tcfg = cfg.preprocess, cfg.train
+        info = {
+            "format": FORMAT, "experiment": cfg.experiment, "created": dt.datetime.now().isoformat(timespec="seconds"),
+            "git": git_state(), "backbone": cfg.model.backbone, "fp16": fp16,
+            "preprocess": {"windows": pcfg.windows, "size": pcfg.size, "mode": pcfg.mode},
+            "input": {"image_size": tcfg.image_size, "crop_border": tcfg.crop_border, "tta": list(cfg.embed.tta),
+                      "batch_size": cfg.embed.batch_size},
+            "folds": folds, "epochs": {int(k): v for k, v in epochs.items()}, "lstm": use_lstm,
+            "blend": {"epoch_weights": dict(cfg.blend.epoch_weights), "fold_weights": dict(cfg.blend.fold_weights),
+                      "lstm_weight": cfg.blend.lstm_weight, "clip": cfg.blend.clip},
+            "prior": [float(x) for x in prior_of(meta[meta.fold.notna()][list(LABELS)])],
+            "thresholds": thresholds, "series_calibration": _series_calibration(final, meta),
+            "cv": {where: {m: s.get("weighted") for m, s in rows.items()} for where, rows in cv.items()
+                   if where in ("oof", "test")},
+            "config": to_dict(cfg),
+        }
+        (tmp / "bundle.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {"format": FORMAT, "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    if archive:
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".tar.gz", delete=False) as f:
+            with tarfile.open(fileobj=f, mode="w:gz") as tar:
+                tar.add(out, arcname=out.name)
+        os.replace(f.name, out.with_name(out.name + ".tar.gz"))
+    return out
+
+
+@dataclass
+class Bundle:
+    root: Path
+    info: dict
+
+    def cnn_path(self, fold: int, epoch: int) -> Path:
+        return self.root / "cnn" / f"fold{fold}_epoch{epoch:02d}.pt"
+
+    def lstm_path(self, fold: int, epoch: int) -> Path:
+        return self.root / "lstm" / f"fold{fold}_epoch{epoch:02d}.pt"
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Open a bundle directory (or its ``.tar.gz``) after checking every file against the manifest."""
+    path = Path(path)
+    if path.is_file() and path.name.endswith(".tar.gz"):
+        target = Path(tempfile.mkdtemp(prefix="ichpipe_bundle_"))
+        with tarfile.open(path) as tar:
+            tar.extractall(target, filter="data")  # no links or paths outside the folder
+        dirs = [p for p in target.iterdir() if p.is_dir()]
+        if len(dirs) != 1:
+            raise InputError(f"{path}: not a bundle archive (one folder expected inside)")
+        path = dirs[0]
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise InputError(f"{path}: not a model bundle (no {MANIFEST}); make one with `make bundle`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        listed = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{manifest_path}: not a readable manifest") from None
+    for rel, digest in listed.items():
+        file = path / rel
+        if not file.is_file():
+            raise InputError(f"{file}: listed in the bundle's manifest but missing")
+        if sha256(file) != digest:
+            raise InputError(f"{file}: changed since the bundle was made (sha256 differs from the manifest); "
+                             f"refusing to load it")
+    extra = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()
+                   and p.name != MANIFEST and p.relative_to(path).as_posix() not in listed)
+    if extra:
+        raise InputError(f"{path / extra[0]}: not in the bundle's manifest; refusing to load it")
+    info = yaml.safe_load((path / "bundle.yaml").read_text())
+    if info.get("format") != FORMAT:
+        raise InputError(f"{path}: bundle format {info.get('format')}, this ichpipe reads format {FORMAT}")
+    return Bundle(path, info)

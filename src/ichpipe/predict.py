@@ -1,0 +1,345 @@
+"""Run a model bundle on new CT studies: ``python -m ichpipe predict PATH --bundle B --out DIR``.
+
+PATH is a folder (searched recursively) or a zip of DICOM files of one or many studies. Files are
+grouped by StudyInstanceUID/SeriesInstanceUID; a series is kept when it is CT, not a localiser or
+scout, axial (tilted gantries included) and has at least ``min_slices`` slices; anything else is
+skipped with a one-line reason, and unreadable files are listed and skipped. Slices are ordered by
+ImagePositionPatient along the slice normal. Each kept series goes through exactly the code of the
+pipeline (stage 1's DICOM reading and windowing, the loader's resize/crop, stage 3's TTA, stage 4's
+sequence model, stage 5's blend), in memory. Writes, into DIR (all at once: nothing half-written)::
+
+    slices.csv     one row per slice: ids, z, the six probabilities, a 0/1 flag per class at the
+                   bundle's operating threshold
+    series.csv     one row per series: slices, per class the highest slice probability, a calibrated
+                   series-level probability and the number of flagged slices
+    skipped.csv    file or series, reason: what was left out and why
+    series_<n>.png per series: the flagged slices (or the most suspicious ones) with a Grad-CAM heatmap
+                   of the CNN, and the six probabilities along z
+
+This is a research tool, not a medical device: its output must not be used for diagnosis.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ichpipe.bundle import Bundle, load_bundle
+from ichpipe.data import build_transform, normalize, to_input
+from ichpipe.device import amp_settings, default_device
+from ichpipe.dicom import DicomError, _as_dicom_error, _quiet, read_dataset, read_header
+from ichpipe.embed import embed_loader
+from ichpipe.io import InputError
+from ichpipe.labels import ANY_INDEX, LABELS, N_LABELS
+from ichpipe.metrics import logit, sigmoid
+from ichpipe.models import create_model, load_weights
+from ichpipe.preprocess import render_file
+from ichpipe.sequence import SliceFeatures, load_models, predict_bag
+
+
+@dataclass
+class Series:
+    study: str
+    series: str
+    patient: str
+    files: list[Path] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    z: list[float] = field(default_factory=list)
+
+
+def _files(path: Path, workdir: Path) -> list[Path]:
+    if path.is_file() and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            for member in z.infolist():  # extracted one by one, never outside workdir
+                target = (workdir / member.filename).resolve()
+                if not member.is_dir() and target.is_relative_to(workdir.resolve()):
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with z.open(member) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        path = workdir
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise InputError(f"{path}: not found (give a folder or a zip of DICOM files)")
+    return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _why_not(ds) -> str | None:
+    """Why a file's series is not a head CT axial series the models can read (None: it is)."""
+    modality = str(ds.get("Modality", "CT") or "CT")
+    if modality != "CT":
+        return f"modality {modality}, not CT"
+    image_type = [str(t).upper() for t in (ds.get("ImageType") or [])]
+    if "LOCALIZER" in image_type or "SCOUT" in image_type:
+        return "a localiser/scout image, not an axial slice"
+    iop = ds.get("ImageOrientationPatient")
+    if iop is not None and len(iop) == 6:
+        normal = np.cross(np.array([float(x) for x in iop[:3]]), np.array([float(x) for x in iop[3:]]))
+        if abs(normal[2]) < 0.7:  # axial up to ~45 degrees of gantry tilt
+            return "not axial (ImageOrientationPatient " + "\\".join(f"{float(x):g}" for x in iop) + ")"
+    return None
+
+
+def find_series(path: str | os.PathLike, workdir: Path, min_slices: int = 1) -> tuple[list[Series], list[dict]]:
+    """The usable series under ``path`` in z order, and what was skipped (file or series, reason)."""
+    skipped: list[dict] = []
+    found: dict[tuple[str, str], Series] = {}
+    rejected: dict[tuple[str, str], str] = {}
+    for f in _files(Path(path), workdir):
+        try:
+            with _quiet(), _as_dicom_error():
+                ds = read_dataset(f)
+                row = read_header(f, ds)
+                reason = _why_not(ds)
+        except DicomError as exc:
+            skipped.append({"what": str(f), "reason": str(exc)})
+            continue
+        key = (row["StudyInstanceUID"], row["SeriesInstanceUID"])
+        if reason:
+            rejected.setdefault(key, reason)
+            continue
+        s = found.setdefault(key, Series(row["StudyInstanceUID"], row["SeriesInstanceUID"], row["PatientID"]))
+        if row["image_id"] in s.ids:  # the same slice twice (e.g. once compressed, once not): read it once
+            skipped.append({"what": str(f), "reason": f"duplicate of SOPInstanceUID {row['image_id']} "
+                                                      f"({s.files[s.ids.index(row['image_id'])].name})"})
+            continue
+        s.files.append(f)
+        s.ids.append(row["image_id"])
+        s.z.append(row["z"])
+    for (study, series), reason in rejected.items():
+        found.pop((study, series), None)
+        skipped.append({"what": f"series {series} (study {study})", "reason": reason})
+    kept = []
+    for s in found.values():
+        if len(s.files) < min_slices:
+            skipped.append({"what": f"series {s.series} (study {s.study})",
+                            "reason": f"{len(s.files)} slice(s), fewer than min_slices={min_slices}"})
+            continue
+        order = np.argsort(np.asarray(s.z), kind="stable")
+        s.files, s.ids, s.z = [s.files[i] for i in order], [s.ids[i] for i in order], [s.z[i] for i in order]
+        kept.append(s)
+    return sorted(kept, key=lambda s: (s.study, s.series)), skipped
+
+
+def render_series(s: Series, info: dict) -> tuple[np.ndarray, list[int]]:
+    """Stage 1's images of a series, in memory: (N, H, W, 3) uint8, exactly what its PNGs hold; and the
+    positions of slices that could not be read (left out)."""
+    p = info["preprocess"]
+    windows = p["windows"][:1] if p["mode"] == "2.5d" else p["windows"]
+    images, bad = [], []
+    for i, f in enumerate(s.files):
+        try:
+            _, img = render_file(f, windows, p["size"])
+        except DicomError:
+            bad.append(i)
+            continue
+        images.append(img)
+    if p["mode"] == "2.5d":  # the brain window of slices s-1, s, s+1, as stage 1 stacks them
+        brain = [img[..., 0] for img in images]
+        images = [np.dstack([brain[max(k - 1, 0)], brain[k], brain[min(k + 1, len(brain) - 1)]])
+                  for k in range(len(brain))]
+    return (np.stack(images) if images else np.zeros((0, p["size"], p["size"], 3), np.uint8)), bad
+
+
+class Predictor:
+    """The bundle's models, loaded once; ``predict(images)`` → per-slice probabilities of one series."""
+
+    def __init__(self, bundle: Bundle, device: torch.device | None = None):
+        self.bundle, self.info = bundle, bundle.info
+        self.device = device or default_device()
+        inp = self.info["input"]
+        self.transform = build_transform([], inp["image_size"], train=False)
+        self.crop = 0.0 if inp["crop_border"] else None
+        self.cnn = {}
+        for k in self.info["folds"]:
+            for e in self.info["epochs"][k]:
+                model = create_model(self.info["backbone"], pretrained=False)
+                state = torch.load(bundle.cnn_path(k, e), map_location="cpu", weights_only=True)
+                load_weights(model, {n: t.float() if t.is_floating_point() else t for n, t in state.items()},
+                             bundle.cnn_path(k, e), self.info["backbone"])
+                self.cnn[k, e] = model.to(self.device).eval()
+        self.lstm = {key: load_models(bundle.lstm_path(*key), self.device) for key in self.cnn} \
+            if self.info["lstm"] else {}
+
+    def inputs(self, images: np.ndarray) -> torch.Tensor:
+        return torch.stack([to_input(img, self.transform, 0, self.crop) for img in images])
+
+    def predict(self, images: np.ndarray, ids: list[str]) -> np.ndarray:
+        """(N, 6) final probabilities of one series' slices (z order), blended as stage 5 blends the test set."""
+        x = self.inputs(images)
+        batches = [(x[i:i + self.info["input"]["batch_size"]], None, None)
+                   for i in range(0, len(x), self.info["input"]["batch_size"])]
+        b = self.info["blend"]
+        amp = amp_settings(self.info["config"]["train"]["amp"], self.device)  # as stage 3 ran
+        fold_cnn, fold_lstm = [], []
+        for k in self.info["folds"]:
+            cnn, lstm, weights = [], [], []
+            for e in self.info["epochs"][k]:
+                out = {"emb": None, "logits": np.zeros((len(x), N_LABELS), np.float32)}
+                dim = getattr(self.cnn[k, e], "head_hidden_size", None) or self.cnn[k, e].num_features
+                out["emb"] = np.zeros((len(x), dim), np.float32)
+                embed_loader(self.cnn[k, e], batches, self.info["input"]["tta"], self.device, amp, False, "", out)
+                cnn.append(sigmoid(out["logits"]))
+                weights.append(b["epoch_weights"].get(e, 1.0))
+                if self.lstm:
+                    models, mean, std = self.lstm[k, e]
+                    feats = SliceFeatures(np.asarray(ids), out["emb"], out["logits"], None,
+                                          np.zeros(len(x), dtype=object), [np.arange(len(x))])
+                    lstm.append(predict_bag(models, feats, mean, std, self.device))
+            fold_cnn.append(sum(w * c for w, c in zip(weights, cnn, strict=True)) / sum(weights))
+            if lstm:
+                fold_lstm.append(sum(w * p for w, p in zip(weights, lstm, strict=True)) / sum(weights))
+        fw = [b["fold_weights"].get(k, 1.0) for k in self.info["folds"]]
+        cnn_all = sum(w * c for w, c in zip(fw, fold_cnn, strict=True)) / sum(fw)
+        final = cnn_all
+        if fold_lstm:
+            lstm_all = sum(w * p for w, p in zip(fw, fold_lstm, strict=True)) / sum(fw)
+            final = b["lstm_weight"] * lstm_all + (1 - b["lstm_weight"]) * cnn_all
+        return np.clip(final, b["clip"], 1 - b["clip"])
+
+    def grad_cam(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W) Grad-CAM of the `any` output of the first fold's last CNN, scaled to [0, 1] per image."""
+        k = self.info["folds"][0]
+        model = self.cnn[k, self.info["epochs"][k][-1]]
+        x = normalize(self.inputs(images).to(self.device))
+        with torch.enable_grad():
+            features = model.forward_features(x).detach().requires_grad_(True)
+            score = model.forward_head(features)[:, ANY_INDEX].sum()
+            (grads,) = torch.autograd.grad(score, features)
+        cam = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * features).sum(1, keepdim=True))
+        cam = torch.nn.functional.interpolate(cam, size=images.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
+        top = cam.flatten(1).max(dim=1).values.clamp(min=1e-8)[:, None, None]
+        return (cam / top).detach().cpu().numpy()
+
+
+def _series_figure(path: Path, s: Series, images: np.ndarray, probs: np.ndarray, flags: np.ndarray,
+                   predictor: Predictor, thresholds: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = np.flatnonzero(flags[:, ANY_INDEX])
+    title = "flagged slices (any)"
+    if not len(chosen):
+        chosen, title = np.argsort(-probs[:, ANY_INDEX])[:3], "no slice flagged; the three highest (any)"
+    chosen = chosen[np.argsort(-probs[chosen, ANY_INDEX])][:6]
+    chosen = np.sort(chosen)
+    cams = predictor.grad_cam(images[chosen])
+    fig = plt.figure(figsize=(3 * max(len(chosen), 3), 7.5))
+    grid = fig.add_gridspec(2, max(len(chosen), 3), height_ratios=[1.1, 1])
+    for j, i in enumerate(chosen):
+        ax = fig.add_subplot(grid[0, j])
+        ax.imshow(images[i][..., 0], cmap="gray")  # the first window (brain, or slice s-1 in 2.5D)
+        ax.imshow(cams[j], cmap="jet", alpha=0.35)
+        ax.set_title(f"slice {i + 1}/{len(images)}, z={s.z[i]:.1f}\nany {probs[i, ANY_INDEX]:.2f}", fontsize=9)
+        ax.axis("off")
+    ax = fig.add_subplot(grid[1, :])
+    for c, name in enumerate(LABELS):
+        line, = ax.plot(s.z, probs[:, c], label=name, lw=2.2 if name == "any" else 1.2, marker=".")
+        ax.axhline(thresholds[name]["threshold"], color=line.get_color(), ls=":", lw=0.8)
+    ax.set_xlabel("z (mm, along the slice normal)")
+    ax.set_ylabel("probability")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=8, ncol=3)
+    fig.suptitle(f"{title} with Grad-CAM of the CNN; probabilities along the series (dotted: thresholds)\n"
+                 f"study ...{s.study[-16:]}, series ...{s.series[-16:]} ({len(images)} slices) - research tool, "
+                 "not for diagnosis", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def predict(path: str | os.PathLike, bundle_path: str | os.PathLike, out: str | os.PathLike,
+            min_slices: int = 1, figures: bool = True, progress: bool = True, device: torch.device | None = None) -> dict:
+    """Predict every usable series under ``path`` with the bundle; write the outputs into ``out`` at once."""
+    start = time.perf_counter()
+    out = Path(out)
+    bundle = load_bundle(bundle_path)
+    info = bundle.info
+    with tempfile.TemporaryDirectory(prefix="ichpipe_predict_") as work:
+        series, skipped = find_series(path, Path(work), min_slices)
+        if not series:
+            reasons = "; ".join(f"{s['what']}: {s['reason']}" for s in skipped[:3]) or "no files"
+            raise InputError(f"{path}: no usable CT series ({reasons})")
+        predictor = Predictor(bundle, device)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+        try:
+            slice_rows, series_rows = [], []
+            for n, s in enumerate(tqdm(series, desc="predict", unit="series", disable=not progress)):
+                images, bad = render_series(s, info)
+                for i in bad:
+                    skipped.append({"what": str(s.files[i]), "reason": "pixel data unreadable"})
+                keep = [i for i in range(len(s.files)) if i not in set(bad)]
+                s.files, s.ids, s.z = [s.files[i] for i in keep], [s.ids[i] for i in keep], [s.z[i] for i in keep]
+                if not len(images):
+                    skipped.append({"what": f"series {s.series}", "reason": "no readable slice"})
+                    continue
+                probs = predictor.predict(images, s.ids)
+                thresholds = info["thresholds"]
+                flags = np.stack([probs[:, c] >= thresholds[name]["threshold"] for c, name in enumerate(LABELS)], 1)
+                for i in range(len(s.ids)):
+                    slice_rows.append({"SOPInstanceUID": s.ids[i], "StudyInstanceUID": s.study,
+                                       "SeriesInstanceUID": s.series, "PatientID": s.patient, "slice": i, "z": s.z[i],
+                                       **{name: float(probs[i, c]) for c, name in enumerate(LABELS)},
+                                       **{f"flag_{name}": int(flags[i, c]) for c, name in enumerate(LABELS)}})
+                row = {"StudyInstanceUID": s.study, "SeriesInstanceUID": s.series, "PatientID": s.patient,
+                       "slices": len(s.ids), "figure": f"series_{n}.png" if figures else ""}
+                for c, name in enumerate(LABELS):
+                    cal = info["series_calibration"][name]
+                    top = float(probs[:, c].max())
+                    row[f"max_{name}"] = top
+                    row[f"series_{name}"] = float(sigmoid(cal["slope"] * logit(np.clip(top, 1e-6, 1 - 1e-6))
+                                                          + cal["intercept"]))
+                    row[f"flagged_{name}"] = int(flags[:, c].sum())
+                series_rows.append(row)
+                if figures:
+                    _series_figure(tmp / f"series_{n}.png", s, images, probs, flags, predictor, thresholds)
+            pd.DataFrame(slice_rows).to_csv(tmp / "slices.csv", index=False)
+            pd.DataFrame(series_rows).to_csv(tmp / "series.csv", index=False)
+            pd.DataFrame(skipped, columns=["what", "reason"]).to_csv(tmp / "skipped.csv", index=False)
+            if out.exists():
+                shutil.rmtree(out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    return {"series": len(series_rows), "slices": len(slice_rows), "skipped": skipped, "out": str(out),
+            "seconds": time.perf_counter() - start}
+
+
+def predict_kaggle(data_dir: str | os.PathLike, bundle_path: str | os.PathLike, out_file: str | os.PathLike,
+                   max_missing: float = 0.01, progress: bool = True) -> dict:
+    """A submission for the competition's test set (``stage_2_test/``) from the bundle alone, validated."""
+    from ichpipe.blend import _write_checked
+    from ichpipe.io import read_long_csv
+    from ichpipe.paths import DataPaths
+
+    paths = DataPaths(data_dir)
+    if not paths.sample_submission_csv.exists():
+        raise InputError(f"{paths.sample_submission_csv}: not found; it lists the test images to predict")
+    with tempfile.TemporaryDirectory(prefix="ichpipe_kaggle_") as tmp:
+        result = predict(paths.test_dir, bundle_path, Path(tmp) / "out", figures=False, progress=progress)
+        slices = pd.read_csv(Path(tmp) / "out" / "slices.csv").set_index("SOPInstanceUID")[list(LABELS)]
+    sample_ids = pd.Index(read_long_csv(paths.sample_submission_csv).image_id.unique(), name="image_id")
+    pred = slices.reindex(sample_ids)
+    missing = ~sample_ids.isin(slices.index)
+    if missing.sum() > max_missing * len(sample_ids):
+        raise InputError(f"{paths.test_dir}: {int(missing.sum())} of {len(sample_ids)} test images have no "
+                         f"prediction, more than {max_missing}; see the skipped files")
+    pred.loc[missing] = load_bundle(bundle_path).info["prior"]
+    out_file = Path(out_file)
+    _write_checked(pred, out_file, paths.sample_submission_csv, {"bundle": str(bundle_path), "filled": int(missing.sum()),
+                                                                   "model": "bundle"})
+    return {**result, "file": str(out_file), "filled": int(missing.sum())}

@@ -1,0 +1,50 @@
+"""`predict`'s own pieces on the tiny set: stage 1's images in memory, the loader's tensors, series and z order."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pydicom
+import torch
+
+from ichpipe.data import SliceDataset, build_transform, to_input
+from ichpipe.predict import _why_not, find_series, render_series
+from ichpipe.preprocess import read_png
+
+
+def test_in_memory_images_equal_stage_1_and_the_loader(processed, tmp_path):
+    root, _, meta = processed
+    series, skipped = find_series(root / "stage_2_test", tmp_path / "work")
+    assert series and not skipped
+    s = series[0]
+    rows = meta.set_index("image_id").loc[s.ids]
+    assert (np.diff(rows.slice_index.to_numpy()) == 1).all()  # z order = stage 1's slice order
+    info = {"preprocess": {"windows": [[40, 80], [80, 200], [40, 380]], "size": 512, "mode": "windows"}}
+    images, bad = render_series(s, info)
+    assert not bad
+    for img, image_id in zip(images, s.ids, strict=True):
+        assert np.array_equal(img, read_png(root / "processed" / "512" / f"{image_id}.png"))  # no PNG needed
+    tf = build_transform([], 64, train=False)
+    ds = SliceDataset(meta.set_index("image_id").loc[s.ids].reset_index(), root / "processed" / "512", tf)
+    for i, img in enumerate(images[:3]):
+        assert torch.equal(to_input(img, tf, 0, None), ds[i][0])
+
+
+def test_series_are_found_in_z_order_and_tilt_is_axial(processed, tmp_path):
+    root, _, meta = processed
+    test = meta[meta.split == "test"]
+    sid = test.SeriesInstanceUID.iloc[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ids = test[test.SeriesInstanceUID == sid].sort_values("slice_index").image_id.tolist()
+    for k, image_id in enumerate(reversed(ids)):  # file names in reverse z order
+        shutil.copy(root / "stage_2_test" / f"{image_id}.dcm", folder / f"{k:03d}.dcm")
+    (s,), _ = find_series(folder, tmp_path / "work")
+    assert s.ids == ids and s.z == sorted(s.z)
+    ds = pydicom.dcmread(folder / "000.dcm")
+    c, t = np.cos(np.radians(20)), np.sin(np.radians(20))
+    ds.ImageOrientationPatient = [1, 0, 0, 0, c, t]  # 20 degrees of gantry tilt: still axial
+    assert _why_not(ds) is None
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # sagittal
+    assert _why_not(ds).startswith("not axial")
