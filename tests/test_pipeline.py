@@ -137,7 +137,7 @@ def test_predict_reads_real_files_and_says_what_it_skips(demo, tmp_path):
     scout.save_as(folder / "scout.dcm")
     (folder / "notes.txt").write_text("not a DICOM")
     (folder / "copy.dcm").write_bytes((folder / "CT_small.dcm").read_bytes())  # the same slice twice
-    r = predict(folder, bundle, tmp_path / "out", progress=False)
+    r = predict(folder, bundle, tmp_path / "out", progress=False, dicom_sc=True)
     slices = pd.read_csv(tmp_path / "out" / "slices.csv")
     skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
     reasons = dict(zip(skipped.what.map(str), skipped.reason, strict=True))
@@ -151,6 +151,11 @@ def test_predict_reads_real_files_and_says_what_it_skips(demo, tmp_path):
     assert any(v == "a localiser/scout image, not an axial slice" for v in reasons.values())
     assert reasons[str(folder / "notes.txt")].startswith("not a readable DICOM file")
     assert len(list((tmp_path / "out").glob("series_*.png"))) == 2  # one figure per series
+    assert len(list((tmp_path / "out").glob("series_*.dcm"))) == 2
+    for sc_file in (tmp_path / "out").glob("series_*.dcm"):  # and as a Secondary Capture in its study
+        sc = pydicom.dcmread(sc_file)
+        assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.StudyInstanceUID in set(slices.StudyInstanceUID)
+        assert sc.pixel_array.ndim == 3 and "not for diagnosis" in sc.SeriesDescription
     with pytest.raises(InputError, match="no usable CT series"):
         predict(folder / "notes.txt", bundle, tmp_path / "none", progress=False)
     assert not (tmp_path / "none").exists()  # nothing written on an error

@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (with --kaggle: the submission .csv.gz)")
     p.add_argument("--min-slices", type=int, default=1, help="skip series with fewer slices (default 1)")
     p.add_argument("--no-figures", action="store_true", help="skip the per-series figures")
+    p.add_argument("--dicom-sc", action="store_true",
+                   help="also write each series' figure as a DICOM Secondary Capture in its study (for a PACS)")
     p.add_argument("--kaggle", metavar="DATA_DIR", help="predict DATA_DIR/stage_2_test into a validated submission")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = parser.parse_args(argv)
@@ -35,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.path:
             parser.error("give PATH (a folder or zip of DICOMs), or --kaggle DATA_DIR")
-        r = predict(args.path, args.bundle, args.out, args.min_slices, not args.no_figures, device=device)
+        r = predict(args.path, args.bundle, args.out, args.min_slices, not args.no_figures, device=device,
+                    dicom_sc=args.dicom_sc)
     except InputError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ sequence model, stage 5's blend), in memory. Writes, into DIR (all at once: noth
     skipped.csv    file or series, reason: what was left out and why
     series_<n>.png per series: the flagged slices (or the most suspicious ones) with a Grad-CAM heatmap
                    of the CNN, and the six probabilities along z
+    series_<n>.dcm with ``--dicom-sc``: that figure as a DICOM Secondary Capture in the series' study
+                   (highdicom), which a PACS viewer opens beside the CT
 
 This is a research tool, not a medical device: its output must not be used for diagnosis.
 """
@@ -25,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,9 +263,31 @@ def _series_figure(path: Path, s: Series, images: np.ndarray, probs: np.ndarray,
     plt.close(fig)
 
 
+def write_secondary_capture(figure: Path, ref: Path, out: Path, series_number: int) -> None:
+    """The series figure as a DICOM Secondary Capture in the original study (highdicom), for a PACS viewer."""
+    import cv2
+    import highdicom as hd
+
+    from ichpipe.dicom import read_dataset
+
+    img = cv2.cvtColor(cv2.imread(str(figure)), cv2.COLOR_BGR2RGB)
+    with warnings.catch_warnings():  # highdicom's remarks on the source study's own names are not ours to fix
+        warnings.simplefilter("ignore", UserWarning)
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=read_dataset(ref), pixel_array=img, photometric_interpretation="RGB", bits_allocated=8,
+            coordinate_system="PATIENT", patient_orientation=("L", "P"), series_instance_uid=hd.UID(),
+            series_number=series_number, sop_instance_uid=hd.UID(), instance_number=1, manufacturer="ichpipe")
+    sc.SeriesDescription = "ichpipe ICH probabilities - research only, not for diagnosis"  # LO: <= 64 chars
+    sc.save_as(out)
+
+
 def predict(path: str | os.PathLike, bundle_path: str | os.PathLike, out: str | os.PathLike,
-            min_slices: int = 1, figures: bool = True, progress: bool = True, device: torch.device | None = None) -> dict:
-    """Predict every usable series under ``path`` with the bundle; write the outputs into ``out`` at once."""
+            min_slices: int = 1, figures: bool = True, progress: bool = True, device: torch.device | None = None,
+            dicom_sc: bool = False) -> dict:
+    """Predict every usable series under ``path`` with the bundle; write the outputs into ``out`` at once.
+
+    ``dicom_sc``: also each series' figure as a DICOM Secondary Capture (``series_<n>.dcm``) in its study.
+    """
     start = time.perf_counter()
     out = Path(out)
     bundle = load_bundle(bundle_path)
@@ -303,8 +328,10 @@ def predict(path: str | os.PathLike, bundle_path: str | os.PathLike, out: str | 
                                                           + cal["intercept"]))
                     row[f"flagged_{name}"] = int(flags[:, c].sum())
                 series_rows.append(row)
-                if figures:
+                if figures or dicom_sc:
                     _series_figure(tmp / f"series_{n}.png", s, images, probs, flags, predictor, thresholds)
+                if dicom_sc:
+                    write_secondary_capture(tmp / f"series_{n}.png", s.files[0], tmp / f"series_{n}.dcm", 900 + n)
             pd.DataFrame(slice_rows).to_csv(tmp / "slices.csv", index=False)
             pd.DataFrame(series_rows).to_csv(tmp / "series.csv", index=False)
             pd.DataFrame(skipped, columns=["what", "reason"]).to_csv(tmp / "skipped.csv", index=False)
