@@ -36,7 +36,7 @@ from sklearn.linear_model import LogisticRegression
 from ichpipe.blend import git_state
 from ichpipe.config import Config, to_dict
 from ichpipe.folds import check_fold_table
-from ichpipe.io import InputError
+from ichpipe.io import InputError, atomic_dir
 from ichpipe.labels import LABELS
 from ichpipe.metrics import logit
 from ichpipe.metrics import prior as prior_of
@@ -84,8 +84,7 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
         raise InputError(f"{preds_path}: not found; run `make submission` first (the bundle carries its CV scores)")
     folds = sorted(int(k) for k in meta.fold.dropna().unique())
     use_lstm = cfg.blend.lstm_weight > 0
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "cnn").mkdir()
         (tmp / "lstm").mkdir()
         epochs: dict[int, list[int]] = {}
@@ -138,13 +137,6 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {"format": FORMAT, "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     if archive:
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".tar.gz", delete=False) as f:
             with tarfile.open(fileobj=f, mode="w:gz") as tar:

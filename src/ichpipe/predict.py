@@ -42,7 +42,7 @@ from ichpipe.data import build_transform, normalize, to_input
 from ichpipe.device import amp_settings, default_device
 from ichpipe.dicom import DicomError, _as_dicom_error, _quiet, read_dataset, read_header
 from ichpipe.embed import embed_loader
-from ichpipe.io import InputError
+from ichpipe.io import InputError, atomic_dir
 from ichpipe.labels import ANY_INDEX, LABELS, N_LABELS
 from ichpipe.metrics import logit, sigmoid
 from ichpipe.models import create_model, load_weights
@@ -298,8 +298,7 @@ def predict(path: str | os.PathLike, bundle_path: str | os.PathLike, out: str | 
             reasons = "; ".join(f"{s['what']}: {s['reason']}" for s in skipped[:3]) or "no files"
             raise InputError(f"{path}: no usable CT series ({reasons})")
         predictor = Predictor(bundle, device)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-        try:
+        with atomic_dir(out) as tmp:
             slice_rows, series_rows = [], []
             for n, s in enumerate(tqdm(series, desc="predict", unit="series", disable=not progress)):
                 images, bad = render_series(s, info)
@@ -335,13 +334,6 @@ def predict(path: str | os.PathLike, bundle_path: str | os.PathLike, out: str | 
             pd.DataFrame(slice_rows).to_csv(tmp / "slices.csv", index=False)
             pd.DataFrame(series_rows).to_csv(tmp / "series.csv", index=False)
             pd.DataFrame(skipped, columns=["what", "reason"]).to_csv(tmp / "skipped.csv", index=False)
-            if out.exists():
-                shutil.rmtree(out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
     return {"series": len(series_rows), "slices": len(slice_rows), "skipped": skipped, "out": str(out),
             "seconds": time.perf_counter() - start}
 
