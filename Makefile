@@ -65,13 +65,15 @@ TRAIN_CMD = $(PY) scripts/02_train_cnn.py
 else
 TRAIN_CMD = $(PY) -m torch.distributed.run --standalone --nproc_per_node $(GPUS) scripts/02_train_cnn.py
 endif
-# $(call per_fold,COMMAND): COMMAND for fold=$(fold), or for every fold of stage 1's table in turn
-# (a config or table that cannot be read stops here with its one-line error).
-per_fold = $(if $(fold),$(1) $(FOLD_ARGS) fold=$(fold),folds=$$($(PY) -m ichpipe.cli folds $(FOLD_ARGS)) || exit 1; \
+# $(call per_fold,COMMAND): COMMAND for fold=$(fold), or for every fold of stage 1's table in turn, in
+# one process (--all-folds; a config or table that cannot be read stops it with its one-line error).
+per_fold = $(if $(fold),$(1) $(FOLD_ARGS) fold=$(fold),$(1) $(FOLD_ARGS) --all-folds)
+# torchrun starts its processes per fold: the shell loops over the table's folds.
+per_fold_loop = $(if $(fold),$(1) $(FOLD_ARGS) fold=$(fold),folds=$$($(PY) -m ichpipe.cli folds $(FOLD_ARGS)) || exit 1; \
 	for k in $$folds; do $(1) $(FOLD_ARGS) fold=$$k || exit 1; done)
 
 train: setup
-	$(call per_fold,$(TRAIN_CMD))
+	$(if $(filter 1,$(GPUS)),$(call per_fold,$(TRAIN_CMD)),$(call per_fold_loop,$(TRAIN_CMD)))
 
 # Embeddings + logits of the OOF and test slices per epoch checkpoint, with TTA.
 embed: setup

@@ -10,10 +10,11 @@ Writes <data root>/runs/<experiment>/fold<k>/ (checkpoints per epoch, OOF predic
 import sys
 
 from ichpipe.cli import stage_main
-from ichpipe.train import train_fold
 
 
 def run(cfg, args):
+    from ichpipe.train import train_fold  # torch & co. load after the config is read: a bad one fails at once
+
     m = train_fold(cfg)
     if m["rank"] != 0:  # under torchrun, rank 0 reports for all
         return
@@ -25,4 +26,4 @@ def run(cfg, args):
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, run))
+    sys.exit(stage_main(__doc__, run, per_fold=True))

@@ -10,14 +10,15 @@ checkpoints are skipped on a rerun.
 import sys
 
 from ichpipe.cli import stage_main
-from ichpipe.embed import embed_fold
 
 
 def run(cfg, args):
+    from ichpipe.embed import embed_fold  # torch & co. load after the config is read: a bad one fails at once
+
     folders = embed_fold(cfg)
     print(f"fold {cfg.fold}: embedded {len(folders)} checkpoint(s) with TTA {'+'.join(cfg.embed.tta)}"
           + (f" -> {folders[-1].rsplit('/', 1)[0]}" if folders else " (all were done already)"))
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, run))
+    sys.exit(stage_main(__doc__, run, per_fold=True))

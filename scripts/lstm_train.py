@@ -11,14 +11,15 @@ are skipped on a rerun.
 import sys
 
 from ichpipe.cli import stage_main
-from ichpipe.sequence import train_sequence_fold
 
 
 def run(cfg, args):
+    from ichpipe.sequence import train_sequence_fold  # torch loads after the config is read
+
     results = train_sequence_fold(cfg)
     for name, r in results.items():
         print(f"fold {cfg.fold} {name}: OOF weighted log loss  CNN {r['cnn']:.4f}  ->  LSTM {r['lstm']:.4f}")
 
 
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, run))
+    sys.exit(stage_main(__doc__, run, per_fold=True))

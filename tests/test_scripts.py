@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from ichpipe.config import load_config
+from ichpipe.preprocess import run_preprocess
+from ichpipe.train import train_fold
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -147,10 +151,10 @@ def test_work_dir_takes_every_output_and_the_data_root_is_only_read(processed, t
         os.symlink(root / name, data / name)
     before = sorted(p.name for p in data.iterdir())
     args = [f"data.root={data}", f"data.work_dir={work}", "preprocess.size=32", "data.workers=2"]
-    assert _run(REPO / "scripts/01_preprocess.py", *args).returncode == 0
-    res = _run(REPO / "scripts/02_train_cnn.py", *args, "model.backbone=test_resnet", "model.pretrained=false",
-               "train.image_size=32", "train.epochs=1", "train.loader_workers=0", "experiment=w")
-    assert res.returncode == 0, res.stderr
+    run_preprocess(load_config(overrides=args), progress=False)
+    train_fold(load_config(overrides=[*args, "model.backbone=test_resnet", "model.pretrained=false",
+                                      "train.image_size=32", "train.epochs=1", "train.loader_workers=0",
+                                      "experiment=w"]), progress=False)
     assert _run(REPO / "eda/01_dataset_overview.py", *args).returncode == 0
     assert sorted(p.name for p in data.iterdir()) == before  # nothing written beside the competition files
     assert (work / "processed" / "metadata.parquet").exists() and (work / "processed" / "32").is_dir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import errno
 import sys
 from collections.abc import Callable
@@ -13,21 +14,32 @@ from ichpipe.io import InputError
 
 def stage_main(description: str, run: Callable[[Config, argparse.Namespace], int | None],
                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-               argv: list[str] | None = None) -> int:
+               argv: list[str] | None = None, per_fold: bool = False) -> int:
     """Parse ``[--config FILE] [key=value ...]``, load the config and call ``run(cfg, args)``.
 
-    Bad configs and bad input files end the program with a one-line ``error:`` message and exit
-    code 2, not a traceback.
+    ``per_fold`` stages also take ``--all-folds``: ``run`` for every fold of the metadata table in
+    turn, in this one process (one start-up instead of one per fold). Bad configs and bad input
+    files end the program with a one-line ``error:`` message and exit code 2, not a traceback.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. fold=0 data.root=/mnt/rsna")
+    if per_fold:
+        parser.add_argument("--all-folds", action="store_true", help="every fold of the metadata table in turn")
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        return run(cfg, args) or 0
+        if not getattr(args, "all_folds", False):
+            return run(cfg, args) or 0
+        for k in table_folds(cfg):
+            cfg_k = copy.deepcopy(cfg)
+            cfg_k.fold = k
+            code = run(cfg_k, args) or 0
+            if code:
+                return code
+        return 0
     except (ConfigError, InputError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
@@ -53,12 +65,16 @@ def one_line(exc: BaseException) -> str:
     return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") else last
 
 
-def print_folds(cfg: Config, args: argparse.Namespace) -> None:
-    """The folds of stage 1's metadata table, space-separated (``make train`` loops over them)."""
+def table_folds(cfg: Config) -> list[int]:
+    """The folds of stage 1's metadata table (an error when stage 1 has not run)."""
     from ichpipe.paths import data_paths, read_metadata
 
-    meta = read_metadata(data_paths(cfg))
-    print(" ".join(str(int(k)) for k in sorted(meta.fold.dropna().unique())))
+    return [int(k) for k in sorted(read_metadata(data_paths(cfg)).fold.dropna().unique())]
+
+
+def print_folds(cfg: Config, args: argparse.Namespace) -> None:
+    """The folds of stage 1's metadata table, space-separated (``make train GPUS=N`` loops over them)."""
+    print(" ".join(map(str, table_folds(cfg))))
 
 
 if __name__ == "__main__":  # python -m ichpipe.cli folds [--config FILE] [key=value ...]
