@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from ichpipe.io import InputError
+from ichpipe.io import InputError, non_binary_labels
 from ichpipe.labels import LABELS
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -88,13 +88,12 @@ def checked_labels(meta: pd.DataFrame) -> np.ndarray:
     missing = [c for c in LABELS if c not in meta.columns]
     if missing:
         raise InputError(f"metadata: no label column(s) {', '.join(missing)}; run `make preprocess` again")
-    labels = meta[list(LABELS)].to_numpy(dtype=np.float32)
-    bad = np.isnan(labels) | ((labels != 0) & (labels != 1))
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
-        raise InputError(f"metadata: image {meta.image_id.iloc[row]} has label {LABELS[col]}={labels[row, col]} "
-                         f"({int(bad.any(axis=1).sum())} images have a label that is not 0 or 1)")
-    return labels
+    found = non_binary_labels(meta.set_index("image_id"))
+    if found:
+        n, image, column, value = found
+        raise InputError(f"metadata: image {image} has label {column}={value} ({n} images have a label that is "
+                         f"not 0 or 1)")
+    return meta[list(LABELS)].to_numpy(dtype=np.float32)
 
 
 def to_input(img: np.ndarray, transform: A.Compose, seed: int, crop_margin: float | None) -> torch.Tensor:

@@ -129,13 +129,22 @@ def read_labels(path: str | os.PathLike) -> pd.DataFrame:
     """Wide labels (image_id index, six columns) of an ``ID,Label`` truth file; a value other than 0 or 1 is
     an error naming an example (a 2, -1 or 0.5 would otherwise be trained on, or scored against)."""
     labels = long_to_wide(read_long_csv(path), path)
-    bad = ~labels.isin([0.0, 1.0])
-    if bad.any().any():
-        image = labels.index[bad.any(axis=1)][0]
-        column = labels.columns[bad.loc[image]][0]
-        raise InputError(f"{path}: {int(bad.any(axis=1).sum())} images have a label that is not 0 or 1, "
-                         f"e.g. {image}_{column}={labels.loc[image, column]:g}")
+    found = non_binary_labels(labels)
+    if found:
+        n, image, column, value = found
+        raise InputError(f"{path}: {n} images have a label that is not 0 or 1, e.g. {image}_{column}={value:g}")
     return labels
+
+
+def non_binary_labels(wide: pd.DataFrame) -> tuple[int, str, str, float] | None:
+    """(images with a label that is not 0 or 1 (NaN included), first such image, its column, its value) of
+    a wide label frame indexed by image id; None when every label is 0 or 1."""
+    values = wide[list(LABELS)].to_numpy(dtype=np.float64)
+    bad = ~np.isin(values, (0.0, 1.0))
+    if not bad.any():
+        return None
+    row, col = np.argwhere(bad)[0]
+    return int(bad.any(axis=1).sum()), str(wide.index[row]), LABELS[col], float(values[row, col])
 
 
 def wide_to_long(wide: pd.DataFrame) -> pd.DataFrame:

@@ -192,7 +192,7 @@ def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool 
     check_settings(pcfg)
     paths = data_paths(cfg)
     files = list_inputs(paths)  # inputs and labels first: a wrong DATA_DIR creates nothing
-    _check_labels_first(paths, files)
+    labels = _read_labels_first(paths, files)
     out_dir = paths.processed / output_name(pcfg)
     _check_previous_run(out_dir, pcfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -223,7 +223,7 @@ def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool 
         summary["pending_chunks"] = n_chunks - done
         return summary
     sweep_temp_files(pass_dir)  # every chunk is done: no writer left, so stray temp files are a kill's
-    meta, bad = _merge(cfg, paths, out_dir, parts)
+    meta, bad = _merge(cfg, paths, out_dir, parts, labels)
     # The table is written last, only when the stage succeeds: a failed run leaves the previous table (or none).
     if len(bad) > pcfg.max_bad_fraction * len(files):
         raise PreprocessError(f"{len(bad)} of {len(files)} files are unusable, more than preprocess.max_bad_fraction="
@@ -233,8 +233,7 @@ def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool 
         _stack_neighbours(meta, pass_dir, out_dir, pcfg, workers, progress)
     with atomic_path(paths.metadata) as tmp:
         meta.to_parquet(tmp, index=False)
-    summary.update(complete=True, images=len(meta), bad=len(bad), metadata=str(paths.metadata),
-                   fold_table=fold_table_id(meta))
+    summary.update(complete=True, images=len(meta), bad=len(bad), metadata=str(paths.metadata))
     return summary
 
 
@@ -279,23 +278,20 @@ def _part_complete(part: Path, pass_dir: Path) -> bool:
     return all(png_ok(pass_dir / f"{i}.png") for i in rows.image_id[rows.error == ""])
 
 
-def _check_labels_first(paths: DataPaths, files: list[tuple[str, str]]) -> None:
-    """The training labels must be readable before the DICOM pass (not 'N files unusable' after it)."""
+def _read_labels_first(paths: DataPaths, files: list[tuple[str, str]]) -> pd.DataFrame:
+    """The training labels, read and checked before the DICOM pass (not 'N files unusable' after it)."""
     if any(split == "train" for split, _ in files):
         if not paths.train_csv.exists():
             raise PreprocessError(f"{paths.train_csv}: not found; the training DICOMs need their labels")
-        read_labels(paths.train_csv)
+        return read_labels(paths.train_csv)
+    return pd.DataFrame(columns=list(LABELS), dtype=float)
 
 
-def _merge(cfg: Config, paths: DataPaths, out_dir: Path, part_files: list[Path]):
+def _merge(cfg: Config, paths: DataPaths, out_dir: Path, part_files: list[Path], labels: pd.DataFrame):
     """Assemble the metadata table from the parts (z order, labels, folds); write the bad-files report."""
     parts = pd.concat([pd.read_parquet(p) for p in part_files], ignore_index=True)
     bad = parts[parts.error != ""][["file", "error"]].rename(columns={"error": "reason"})
     meta = parts[parts.error == ""].drop(columns=["error", "file"])
-    if paths.train_csv.exists():
-        labels = read_labels(paths.train_csv)
-    else:
-        labels = pd.DataFrame(columns=list(LABELS), dtype=float)
     is_train = meta.split == "train"
     unlabelled = is_train & ~meta.image_id.isin(labels.index)
     if unlabelled.any():
