@@ -121,8 +121,8 @@ def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
         raise InputError(f"{run_dir(cfg, missing[0]).parent}: no LSTM output for fold(s) {missing}; "
                          f"run `make lstm fold={missing[0]}` (or remove every fold's lstm/ for a CNN-only blend)")
     epochs: set[int] = set()
+    check_fold_table([run_dir(cfg, k) for k in folds], meta)
     for k in folds:
-        check_fold_table(run_dir(cfg, k), meta)
         emb_dirs = finished_dirs(run_dir(cfg, k) / "embeddings")
         if not emb_dirs:
             raise InputError(f"{run_dir(cfg, k)}/embeddings: no finished embeddings; run `make embed fold={k}`")

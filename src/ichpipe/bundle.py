@@ -88,9 +88,9 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
         (tmp / "cnn").mkdir()
         (tmp / "lstm").mkdir()
         epochs: dict[int, list[int]] = {}
+        check_fold_table([run_dir(cfg, k) for k in folds], meta)
         for k in folds:
             run = run_dir(cfg, k)
-            check_fold_table(run, meta)
             done = finished_dirs(run / "embeddings")
             if not done:
                 raise InputError(f"{run}/embeddings: no finished embeddings; run `make embed fold={k}` first")

@@ -83,13 +83,21 @@ def recorded_fold_table(run_folder: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def check_fold_table(run_folder: str | os.PathLike, meta: pd.DataFrame) -> None:
-    """Refuse a run trained on other folds than the metadata's today (its OOF rows would not be out-of-fold)."""
+def check_fold_table(run_folders: str | os.PathLike | list, meta: pd.DataFrame) -> None:
+    """Refuse runs trained on other folds than the metadata's today (their OOF rows would not be out-of-fold).
+
+    ``run_folders``: one run folder or several (the table's hash is computed once for all).
+    """
+    now = _describe(meta)
+    for run_folder in run_folders if isinstance(run_folders, list) else [run_folders]:
+        _check_one(run_folder, now)
+
+
+def _check_one(run_folder: str | os.PathLike, now: dict) -> None:
     saved = recorded_fold_table(run_folder)
     if saved is None:
         raise InputError(f"{run_folder}: no {FOLD_RECORD}, so which folds it was trained on is unknown; "
                          f"train the fold again (`make train fold=...`)")
-    now = _describe(meta)
     if saved["fold_table"] != now["fold_table"]:
         raise InputError(f"{run_folder}: trained on fold table {saved['fold_table']} ({saved['n_folds']} folds, "
                          f"{saved['patients']} patients) but the metadata now has {now['fold_table']} "

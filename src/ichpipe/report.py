@@ -312,8 +312,7 @@ def run_report(cfg: Config) -> dict:
         raise InputError(f"report.target_recall: unknown labels {sorted(unknown)}")
     paths = data_paths(cfg)
     meta = read_metadata(paths)
-    for k in sorted(int(f) for f in meta.fold.dropna().unique()):
-        check_fold_table(run_dir(cfg, k), meta)
+    check_fold_table([run_dir(cfg, int(k)) for k in sorted(meta.fold.dropna().unique())], meta)
     meta = meta.set_index("image_id")
     chosen = preds[preds.model == rcfg.model].set_index("image_id")
     labelled = meta.index[meta.fold.notna()]
