@@ -83,6 +83,14 @@ def _epoch_weights(folders: list[Path], bcfg) -> list[float]:
     return [bcfg.epoch_weights.get(epoch_number(d), 1.0) for d in folders]
 
 
+def final_blend(cnn: pd.DataFrame, lstm: pd.DataFrame | None, lstm_weight: float) -> pd.DataFrame:
+    """The final blend: ``lstm_weight`` x LSTM + the rest x CNN (bagged), in the LSTM's row order; the CNN
+    alone when there is no LSTM. Stage 5 and `predict` both blend here."""
+    if lstm is None:
+        return cnn
+    return lstm_weight * lstm + (1 - lstm_weight) * cnn.loc[lstm.index]
+
+
 def _check_oof_rows(frame: pd.DataFrame, expected: pd.Index, fold: int) -> None:
     """Every held-out image of the fold must have its OOF prediction: a smaller-n CV would not be comparable."""
     missing = expected.difference(frame.index)
@@ -159,11 +167,7 @@ def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
         preds.oof[m] = pd.concat(per_fold[m])
         preds.test[m] = weighted_mean(tests[m], fold_w)
     for where in (preds.oof, preds.test):
-        if "lstm" in where:
-            w = bcfg.lstm_weight
-            where["blend"] = w * where["lstm"] + (1 - w) * where["cnn_bagged"].loc[where["lstm"].index]
-        else:
-            where["blend"] = where["cnn_bagged"]
+        where["blend"] = final_blend(where["cnn_bagged"], where.get("lstm"), bcfg.lstm_weight)
         for m in where:
             where[m] = where[m].clip(bcfg.clip, 1 - bcfg.clip)
     return preds, used
@@ -239,7 +243,7 @@ def submissions_dir(cfg: Config) -> Path:
     return out if out.is_absolute() else REPO_ROOT / out
 
 
-def _write_checked(pred: pd.DataFrame, path: Path, sample: Path, info: dict) -> None:
+def write_checked(pred: pd.DataFrame, path: Path, sample: Path, info: dict) -> None:
     """Write ``pred`` as a submission and ``info`` as the YAML beside it, together or not at all.
 
     Both go to temporary names; the submission must pass validation; then the YAML is renamed into
@@ -340,6 +344,6 @@ def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
             "cv_table": {w: {m: s[m]["weighted"] for m in s} for w, s in scores.items()},
             "images_filled_with_prior": filled, "used": used,
             "configs": {"blend": to_dict(cfg), **_run_configs(cfg, used["folds"])}}
-        _write_checked(test, path, paths.sample_submission_csv, info)
+        write_checked(test, path, paths.sample_submission_csv, info)
         written[model] = {"path": str(path), "cv": cv, "filled": filled}
     return {"scores": scores, "written": written, "table": format_table(scores), "cv_dir": str(exp_dir)}

@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from ichpipe.blend import final_blend, weighted_mean, write_checked
 from ichpipe.bundle import Bundle, load_bundle
 from ichpipe.data import build_transform, normalize, to_input
 from ichpipe.device import amp_settings, default_device
@@ -184,31 +185,32 @@ class Predictor:
                    for i in range(0, len(x), self.info["input"]["batch_size"])]
         b = self.info["blend"]
         amp = amp_settings(self.info["config"]["train"]["amp"], self.device)  # as stage 3 ran
+        index = pd.Index(ids, name="image_id")
+
+        def frame(probs: np.ndarray) -> pd.DataFrame:
+            return pd.DataFrame(probs, index=index, columns=list(LABELS))
+
         fold_cnn, fold_lstm = [], []
         for k in self.info["folds"]:
             cnn, lstm, weights = [], [], []
             for e in self.info["epochs"][k]:
-                out = {"emb": None, "logits": np.zeros((len(x), N_LABELS), np.float32)}
                 dim = getattr(self.cnn[k, e], "head_hidden_size", None) or self.cnn[k, e].num_features
-                out["emb"] = np.zeros((len(x), dim), np.float32)
+                out = {"emb": np.zeros((len(x), dim), np.float32), "logits": np.zeros((len(x), N_LABELS), np.float32)}
                 embed_loader(self.cnn[k, e], batches, self.info["input"]["tta"], self.device, amp, False, "", out)
-                cnn.append(sigmoid(out["logits"]))
+                cnn.append(frame(sigmoid(out["logits"])))
                 weights.append(b["epoch_weights"].get(e, 1.0))
                 if self.lstm:
                     models, mean, std = self.lstm[k, e]
                     feats = SliceFeatures(np.asarray(ids), out["emb"], out["logits"], None,
                                           np.zeros(len(x), dtype=object), [np.arange(len(x))])
-                    lstm.append(predict_bag(models, feats, mean, std, self.device))
-            fold_cnn.append(sum(w * c for w, c in zip(weights, cnn, strict=True)) / sum(weights))
+                    lstm.append(frame(predict_bag(models, feats, mean, std, self.device)))
+            fold_cnn.append(weighted_mean(cnn, weights))  # epochs, then folds: as stage 5 averages the test set
             if lstm:
-                fold_lstm.append(sum(w * p for w, p in zip(weights, lstm, strict=True)) / sum(weights))
+                fold_lstm.append(weighted_mean(lstm, weights))
         fw = [b["fold_weights"].get(k, 1.0) for k in self.info["folds"]]
-        cnn_all = sum(w * c for w, c in zip(fw, fold_cnn, strict=True)) / sum(fw)
-        final = cnn_all
-        if fold_lstm:
-            lstm_all = sum(w * p for w, p in zip(fw, fold_lstm, strict=True)) / sum(fw)
-            final = b["lstm_weight"] * lstm_all + (1 - b["lstm_weight"]) * cnn_all
-        return np.clip(final, b["clip"], 1 - b["clip"])
+        final = final_blend(weighted_mean(fold_cnn, fw), weighted_mean(fold_lstm, fw) if fold_lstm else None,
+                            b["lstm_weight"])
+        return final.clip(b["clip"], 1 - b["clip"]).to_numpy()
 
     def grad_cam(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W) Grad-CAM of the `any` output of the first fold's last CNN, scaled to [0, 1] per image."""
@@ -341,7 +343,6 @@ def predict(path: str | os.PathLike, bundle_path: str | os.PathLike, out: str | 
 def predict_kaggle(data_dir: str | os.PathLike, bundle_path: str | os.PathLike, out_file: str | os.PathLike,
                    max_missing: float = 0.01, progress: bool = True) -> dict:
     """A submission for the competition's test set (``stage_2_test/``) from the bundle alone, validated."""
-    from ichpipe.blend import _write_checked
     from ichpipe.io import read_long_csv
     from ichpipe.paths import DataPaths
 
@@ -359,6 +360,6 @@ def predict_kaggle(data_dir: str | os.PathLike, bundle_path: str | os.PathLike, 
                          f"prediction, more than {max_missing}; see the skipped files")
     pred.loc[missing] = load_bundle(bundle_path).info["prior"]
     out_file = Path(out_file)
-    _write_checked(pred, out_file, paths.sample_submission_csv, {"bundle": str(bundle_path), "filled": int(missing.sum()),
+    write_checked(pred, out_file, paths.sample_submission_csv, {"bundle": str(bundle_path), "filled": int(missing.sum()),
                                                                    "model": "bundle"})
     return {**result, "file": str(out_file), "filled": int(missing.sum())}

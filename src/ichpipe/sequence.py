@@ -133,15 +133,12 @@ PREDICT_BATCH = 64  # series per prediction batch (no gradients: larger than the
 
 def _predict(model: SequenceModel, feats: SliceFeatures, series: list[int], mean, std, batch_size: int,
              device: torch.device) -> np.ndarray:
-    """(N, 6) probabilities for the rows of ``series`` (others stay NaN).
-
-    """
+    """(N, 6) probabilities for the rows of ``series`` (others stay NaN)."""
     out = np.full((len(feats.ids), N_LABELS), np.nan, np.float32)
-    order = list(series)
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(order), batch_size):
-            emb, logits, _, lengths, rows = feats.batch(order[i:i + batch_size], mean, std)
+        for i in range(0, len(series), batch_size):
+            emb, logits, _, lengths, rows = feats.batch(series[i:i + batch_size], mean, std)
             probs = torch.sigmoid(model(emb.to(device), logits.to(device), lengths)).cpu().numpy()
             for j, r in enumerate(rows):
                 out[r] = probs[j, :len(r)]
