@@ -19,7 +19,7 @@ OVERRIDES := $(foreach w,$(MAKEOVERRIDES),$(if $(and $(findstring =,$(w)),$(filt
 # Quoted, so that a DATA_DIR or CONFIG with spaces stays one argument.
 STAGE_ARGS = --config "$(CONFIG)" data.root="$(DATA_DIR)" data.workers=$(WORKERS) $(OVERRIDES)
 
-.PHONY: help setup demo synthetic preprocess train embed lstm submission submit report bundle predict eda test lint bench bench-preprocess bench-train bench-scale clean-data
+.PHONY: help setup judge demo synthetic preprocess train embed lstm submission submit report bundle predict eda test lint bench bench-preprocess bench-train bench-scale clean-data
 
 help:
 	@echo "make demo        set up, generate the synthetic set and run the pipeline on it"
@@ -37,6 +37,7 @@ help:
 	@echo "make predict STUDY=folder-or-zip [BUNDLE=...]   run a bundle on new DICOM studies"
 	@echo "make eda         dataset overview figures from the metadata table (DATA_DIR/eda)"
 	@echo "make bench       print the benchmark figures"
+	@echo "make judge [N=6] BLAST-CT v1 (trained on real CT) on N synthetic series, in its own venv"
 
 # The venv is rebuilt only when the requirements change.
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -106,6 +107,24 @@ submit: setup
 
 eda: setup
 	$(PY) eda/01_dataset_overview.py $(STAGE_ARGS)
+	$(PY) eda/02_shortcut_rule.py $(STAGE_ARGS)
+	$(PY) eda/03_real_vs_synthetic.py $(STAGE_ARGS)
+
+# The independent judge of the synthetic set (README: the table). Its own venv: SimpleITK on top of
+# the project's torch/numpy/scipy/pandas, which it reads from $(VENV) through a .pth file instead of a
+# second 5 GB torch; BLAST-CT's code and weights come from BLAST_CT. Never part of make test.
+JUDGE_VENV ?= .venv-judge
+BLAST_CT ?= ../shared/blast-ct-v1
+N ?= 6
+$(JUDGE_VENV)/.installed: $(VENV)/.installed
+	test -x $(JUDGE_VENV)/bin/python || $(PYTHON) -m venv $(JUDGE_VENV)
+	$(JUDGE_VENV)/bin/python -m pip install --quiet SimpleITK==2.5.7
+	$(PY) -c "import sysconfig, ichpipe, pathlib; print(sysconfig.get_paths()['purelib']); print(pathlib.Path(ichpipe.__file__).parents[1])" \
+		> "$$($(JUDGE_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/ichpipe-main-venv.pth"
+	touch $@
+
+judge: $(JUDGE_VENV)/.installed
+	$(JUDGE_VENV)/bin/python scripts/09_judge.py $(STAGE_ARGS) --patients $(N) --blast-ct "$(BLAST_CT)"
 
 # The whole pipeline on the synthetic set, on the CPU (README: what it trades away).
 # A second `make demo` continues where the first stopped (resume=true: finished folds are kept).

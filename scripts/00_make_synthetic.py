@@ -12,6 +12,7 @@ from ichpipe.cli import stage_main
 from ichpipe.config import load_config, save_config
 from ichpipe.labels import LABELS
 from ichpipe.synthetic.dataset import generate_dataset, missing_files
+from ichpipe.synthetic.realism import format_summary, set_summary
 
 
 def run(cfg, args):
@@ -26,13 +27,17 @@ def run(cfg, args):
               "writing it again")
     start = time.perf_counter()
     table = generate_dataset(cfg.synthetic, cfg.data.root, workers=cfg.data.workers)
+    elapsed = time.perf_counter() - start
     save_config(cfg, f"{cfg.data.root}/synthetic_config.yaml")
     train = table[table.split == "train"]
     prevalence = ", ".join(f"{name} {100 * train[name].mean():.2f}%" for name in LABELS)
     print(f"wrote {len(train)} train and {len(table) - len(train)} test DICOMs of "
           f"{table.PatientID.nunique()} patients / {table.SeriesInstanceUID.nunique()} series under "
-          f"{cfg.data.root} in {time.perf_counter() - start:.1f} s")
+          f"{cfg.data.root} in {elapsed:.1f} s")
     print(f"train prevalence: {prevalence}")
+    print(f"realism (issue 12 targets; the 55-90 HU rule over train slices, the rest medians of mid-series slices; "
+          f"{len(table) / elapsed:.1f} slices/s):")
+    print("\n".join(format_summary(set_summary(table))))
 
 
 if __name__ == "__main__":

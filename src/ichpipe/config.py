@@ -52,13 +52,15 @@ class SyntheticConfig:
         "epidural": 0.08, "intraparenchymal": 0.5, "intraventricular": 0.45,
         "subarachnoid": 0.3, "subdural": 0.2,
     })
-    faint_rate: float = 0.25  # bleeds only ~10-25 HU above brain
+    faint_rate: float = 0.25  # bleeds that are not acute: hyperacute, subacute (isodense), chronic or mixed (subdurals)
     min_label_area_mm2: float = 6.0  # a slice is labelled when a bleed covers at least this much
     # The real data's quirks, as rates per study (series) or counts.
     rate_12bit_quirk: float = 0.1  # unsigned 12-bit, PixelRepresentation 0, intercept > -100
     rate_multivalue_window: float = 0.2  # WindowCenter/Width stored as two values
     rate_non512: float = 0.05  # series of another matrix size
     rate_fov_padding: float = 0.3  # pixels outside the scan circle at -2000 HU (padding)
+    rate_gantry_tilt: float = 0.15  # series with a tilted gantry (ImageOrientationPatient not axial)
+    rate_motion: float = 0.05  # series with a few slices blurred by patient motion
     n_truncated: int = 1  # train files whose pixel data is shorter than declared
     n_duplicate_images: int = 2  # images whose six label rows appear twice in stage_2_train.csv
 
@@ -344,6 +346,7 @@ AT_LEAST = {
 RANGES = {  # closed intervals
     "preprocess.max_bad_fraction": (0.0, 1.0), "preprocess.png_level": (0, 9), "lstm.dropout": (0.0, 1.0),
     "blend.lstm_weight": (0.0, 1.0), "blend.clip": (0.0, 0.5), "synthetic.test_fraction": (0.0, 1.0),
+    "synthetic.rate_gantry_tilt": (0.0, 1.0), "synthetic.rate_motion": (0.0, 1.0),
 }
 
 

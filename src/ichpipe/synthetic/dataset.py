@@ -39,6 +39,7 @@ from ichpipe.synthetic.phantom import (
     sample_bleed,
     sample_patient,
 )
+from ichpipe.synthetic.realism import shortcut_score, slice_measures
 
 EXAMPLE_STUDY = "synthetic_example_study.zip"  # one test study's DICOMs, to try `python -m ichpipe predict` on
 _ID_BITS = {"image": 36, "patient": 32, "study": 40, "series": 40}  # 9, 8, 10, 10 hex digits as Kaggle's
@@ -76,6 +77,9 @@ class SeriesSpec:
     storage: str  # "int16" | "uint12" | "quirk12"
     multivalue_window: bool
     fov_padding: bool
+    tilt: float = 0.0  # gantry tilt (radians)
+    thickness: float = 5.0  # mm
+    motion_slices: list[int] = field(default_factory=list)  # slices with patient motion
     truncate_slices: list[int] = field(default_factory=list)
     seed: int = 0
     dataset_seed: int = 0
@@ -109,13 +113,20 @@ def plan_dataset(cfg: SyntheticConfig) -> list[SeriesSpec]:
             padding = not quirk12 and rng.random() < cfg.rate_fov_padding
             storage = "quirk12" if quirk12 else ("int16" if padding or rng.random() < 0.5 else "uint12")
             fov_mm = rng.uniform(220, 250)
+            spacing = (z1 - z0) / (n - 1)
+            motion: list[int] = []
+            if rng.random() < cfg.rate_motion:  # a run of a few slices where the head moved
+                first = int(rng.integers(n))
+                motion = list(range(first, min(n, first + int(rng.integers(1, 5)))))
             specs.append(SeriesSpec(
                 patient_index=p, study_index=s, split="test" if p in test_patients else "train",
-                patient=patient, bleeds=bleeds, n_slices=n, z_start=z0, spacing=(z1 - z0) / (n - 1),
+                patient=patient, bleeds=bleeds, n_slices=n, z_start=z0, spacing=spacing,
                 size=size, pixel_mm=fov_mm / size,
                 center_px=(size / 2 + rng.normal(0, 0.04 * size), size / 2 + rng.normal(0, 0.04 * size)),
-                angle=rng.normal(0, 0.12), noise_hu=rng.uniform(3.0, 6.0), storage=storage,
+                angle=rng.normal(0, 0.12), noise_hu=rng.uniform(3.5, 7.0), storage=storage,
                 multivalue_window=bool(rng.random() < cfg.rate_multivalue_window), fov_padding=padding,
+                tilt=float(np.radians(rng.uniform(8, 25))) if rng.random() < cfg.rate_gantry_tilt else 0.0,
+                thickness=float(np.clip(spacing, 2.5, 5.0)), motion_slices=motion,
                 seed=int(rng.integers(2**31)), dataset_seed=cfg.seed,
             ))
     train = [sp for sp in specs if sp.split == "train"]
@@ -142,6 +153,8 @@ def encode_pixels(hu: np.ndarray, storage: str) -> np.ndarray:
 
 def make_dicom(pixels: np.ndarray, spec: SeriesSpec, ids: dict[str, str], z_patient: float) -> Dataset:
     """A CT Image Storage dataset carrying the tags of the competition's files.
+
+    ``z_patient`` is the slice's position along its normal (for an axial series, ImagePositionPatient's z).
 
     The UIDs are Kaggle's ``ID_<hex>`` strings, not valid DICOM UIDs, exactly as in the real files,
     so value validation is off while they are set; ``save_as`` writes them unchecked.
@@ -172,8 +185,14 @@ def _make_dicom(pixels: np.ndarray, spec: SeriesSpec, ids: dict[str, str], z_pat
     ds.SeriesInstanceUID = ids["series"]
     ds.StudyID = ""
     half = spec.size * spec.pixel_mm / 2
-    ds.ImagePositionPatient = [f"{-half:.4f}", f"{-half:.4f}", f"{z_patient:.4f}"]
-    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ct, st = np.cos(spec.tilt), np.sin(spec.tilt)
+    # top-left pixel: in-plane (-half, -half) on the tilted plane whose distance along the normal
+    # (0, sin, cos) is z_patient
+    ds.ImagePositionPatient = [f"{-half:.4f}", f"{-half * ct + z_patient * st:.4f}", f"{half * st + z_patient * ct:.4f}"]
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", f"{ct:.6f}", f"{-st:.6f}"] if spec.tilt else ["1", "0", "0", "0", "1", "0"]
+    ds.SliceThickness = f"{spec.thickness:.2f}"
+    if spec.tilt:
+        ds.GantryDetectorTilt = f"{np.degrees(spec.tilt):.1f}"
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape
@@ -204,9 +223,15 @@ def _write_series(spec: SeriesSpec, train_dir: str, test_dir: str, min_area_mm2:
     min_px = min_area_mm2 / spec.pixel_mm**2
     for i in range(spec.n_slices):
         z = spec.z_start + i * spec.spacing
-        geo = SliceGeometry(spec.size, spec.pixel_mm, spec.center_px, spec.angle, z)
+        geo = SliceGeometry(spec.size, spec.pixel_mm, spec.center_px, spec.angle, z, tilt=spec.tilt,
+                            thickness=spec.thickness, motion=0.25 if i in spec.motion_slices else 0.0)
         hu, _, masks = render_slice(spec.patient, spec.bleeds, geo, rng, spec.noise_hu, spec.fov_padding)
         labels = {sub: int(sub in masks and masks[sub].sum() >= min_px) for sub in SUBTYPES}
+        hu = np.rint(hu)  # what the file stores: the measures see what a reader of the DICOM sees
+        measures = {"shortcut_score": shortcut_score(hu)}
+        if i == spec.n_slices // 2 + spec.n_slices // 8:  # a mid-series slice (lateral ventricles' level)
+            blood = np.logical_or.reduce(list(masks.values())) if masks else None
+            measures.update(slice_measures(hu, spec.pixel_mm, blood))
         labels["any"] = int(any(labels.values()))
         image_id = synthetic_id("image", spec.key * 256 + i, seed)
         ds = make_dicom(encode_pixels(hu, spec.storage), spec, {**ids, "image": image_id}, table_z + z)
@@ -221,7 +246,9 @@ def _write_series(spec: SeriesSpec, train_dir: str, test_dir: str, min_area_mm2:
                      "slice_index": i, "z": float(f"{table_z + z:.4f}"),  # z as written in the file
                      "size": spec.size, "storage": spec.storage,
                      "multivalue_window": spec.multivalue_window, "fov_padding": spec.fov_padding,
-                     "truncated": truncated, "faint": any(b.faint for b in spec.bleeds), **labels})
+                     "truncated": truncated, "faint": any(b.faint for b in spec.bleeds),
+                     "tilt_deg": round(float(np.degrees(spec.tilt)), 2), "motion": i in spec.motion_slices,
+                     **labels, **measures})
     return rows
 
 
