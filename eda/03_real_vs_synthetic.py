@@ -43,8 +43,9 @@ def real_slices() -> list[tuple[str, np.ndarray, float]]:
 def synthetic_slices(cfg) -> list[tuple[str, np.ndarray, float]]:
     paths = data_paths(cfg)
     table = pd.read_csv(paths.root / "synthetic_slices.csv")
-    ok = table[(table.split == "train") & (table.tilt_deg == 0) & ~table.truncated & (table["size"] == 512)
-               & ~table.motion]
+    train = table[(table.split == "train") & ~table.truncated]
+    ok = train[(train.tilt_deg == 0) & ~train.motion]  # an untilted, still series if there is one
+    ok = ok if len(ok) else train
     lengths = ok.groupby("SeriesInstanceUID").size()
     series = ok[ok.SeriesInstanceUID == lengths.idxmax()].sort_values("slice_index")
     out = []
