@@ -720,10 +720,12 @@ def _posterior_fossa(pl: _Plane, pat: Patient, intra, us, t, s, texture) -> np.n
     edge = np.abs(np.abs(us) - slope * (v - v0)) / np.sqrt(1 + slope * slope)
     tent = intra & lowz & (t > -0.48) & (v > v0)
     pl.blend(np.where(tent, np.clip(1.0 - edge / 0.9, 0, 1), 0).astype(np.float32), 70.0, DURA)
-    # cerebellum: folia (fine concentric striations) in the infratentorial brain
+    # cerebellum: folia (fine concentric striations of cortex and white matter) in the infratentorial
+    # brain, on average between grey and white matter as on real CT
     cb = infra & (pl.tissue == BRAIN)
     r = np.hypot(us, v - np.float32(0.15 * b))
-    pl.hu[cb] = (pat.gm_hu - 3 + texture + 4.0 * np.sin(r * 1.4 + 2 * np.sin(np.arctan2(v, us) * 3)))[cb]
+    folia = np.sin(r * 1.4 + 2 * np.sin(np.arctan2(v, us) * 3))
+    pl.hu[cb] = ((pat.gm_hu + pat.wm_hu) / 2 + texture + 0.4 * (pat.gm_hu - pat.wm_hu) * folia)[cb]
     vermis = cb & (np.abs(us) < 1.2) & (v > 0.3 * b)
     pl.paint(vermis, 8.0, CSF)
     # transverse sinuses along the back of the tentorium's rim
