@@ -14,7 +14,7 @@ TINY_OVERRIDES = [
     "synthetic.n_patients=8", "synthetic.slices_min=12", "synthetic.slices_max=16",
     "synthetic.control_rate=0.2", "synthetic.rate_12bit_quirk=0.3", "synthetic.rate_multivalue_window=0.4",
     "synthetic.rate_non512=0.2", "synthetic.rate_fov_padding=0.4", "synthetic.rate_gantry_tilt=0.4",
-    "synthetic.rate_motion=0.3", "synthetic.seed=10",
+    "synthetic.rate_motion=0.3", "synthetic.seed=8",
 ]
 
 

@@ -245,12 +245,15 @@ def test_resume_refuses_changed_settings_and_broken_checkpoints(processed):
 
 
 def test_a_tiny_run_learns_more_than_the_prior(processed):
-    # fold 1 of the tiny set holds bleeding and control patients; four short epochs at 64 px
-    root, _, _ = processed
-    m = train_fold(_train_cfg(root, "learns", "fold=1", "train.image_size=64", "train.epochs=4", "train.lr=2e-3",
+    # validate on the tiny set's fold with the most bleeding slices; four short epochs at 64 px
+    root, _, meta = processed
+    train = meta[meta.split == "train"]
+    fold = int(train.groupby("fold")["any"].sum().idxmax())
+    assert 0 < train.loc[train.fold == fold, "any"].mean() < 1 and train.loc[train.fold != fold, "any"].sum() > 0
+    m = train_fold(_train_cfg(root, "learns", f"fold={fold}", "train.image_size=64", "train.epochs=4", "train.lr=2e-3",
                               "train.batch_size=8"), progress=False)
-    assert m["val_loss"] < m["prior_loss"] - 0.01, m  # measured: 0.349 vs the prior's 0.379
-    assert m["auc_any"] > 0.8, m  # measured: 0.94
+    assert m["val_loss"] < m["prior_loss"] - 0.01, m
+    assert m["auc_any"] > 0.8, m
 
 
 def test_missing_pngs_stop_training_before_the_first_epoch(processed, tmp_path):

@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from ichpipe.config import SyntheticConfig
+from ichpipe.dicom import slice_position
 from ichpipe.io import atomic_path, wide_to_long
 from ichpipe.labels import LABELS, SUBTYPES
 from ichpipe.parallel import n_workers, run_pool
@@ -188,7 +189,9 @@ def _make_dicom(pixels: np.ndarray, spec: SeriesSpec, ids: dict[str, str], z_pat
     ct, st = np.cos(spec.tilt), np.sin(spec.tilt)
     # top-left pixel: in-plane (-half, -half) on the tilted plane whose distance along the normal
     # (0, sin, cos) is z_patient
-    ds.ImagePositionPatient = [f"{-half:.4f}", f"{-half * ct + z_patient * st:.4f}", f"{half * st + z_patient * ct:.4f}"]
+    digits = 6 if spec.tilt else 4  # tilted: enough digits that the projection on the normal is z to 1e-5
+    ds.ImagePositionPatient = [f"{-half:.4f}", f"{-half * ct + z_patient * st:.{digits}f}",
+                               f"{half * st + z_patient * ct:.{digits}f}"]
     ds.ImageOrientationPatient = ["1", "0", "0", "0", f"{ct:.6f}", f"{-st:.6f}"] if spec.tilt else ["1", "0", "0", "0", "1", "0"]
     ds.SliceThickness = f"{spec.thickness:.2f}"
     if spec.tilt:
@@ -243,7 +246,7 @@ def _write_series(spec: SeriesSpec, train_dir: str, test_dir: str, min_area_mm2:
             os.truncate(path, path.stat().st_size - spec.size * spec.size)
         rows.append({"image_id": image_id, "split": spec.split, "PatientID": ids["patient"],
                      "StudyInstanceUID": ids["study"], "SeriesInstanceUID": ids["series"],
-                     "slice_index": i, "z": float(f"{table_z + z:.4f}"),  # z as written in the file
+                     "slice_index": i, "z": float(f"{slice_position(ds):.4f}"),  # as a reader of the file computes it
                      "size": spec.size, "storage": spec.storage,
                      "multivalue_window": spec.multivalue_window, "fov_padding": spec.fov_padding,
                      "truncated": truncated, "faint": any(b.faint for b in spec.bleeds),
