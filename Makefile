@@ -19,7 +19,7 @@ OVERRIDES := $(foreach w,$(MAKEOVERRIDES),$(if $(and $(findstring =,$(w)),$(filt
 # Quoted, so that a DATA_DIR or CONFIG with spaces stays one argument.
 STAGE_ARGS = --config "$(CONFIG)" data.root="$(DATA_DIR)" data.workers=$(WORKERS) $(OVERRIDES)
 
-.PHONY: help setup judge demo synthetic preprocess train embed lstm submission submit report bundle predict eda test lint bench bench-preprocess bench-train bench-scale clean-data
+.PHONY: help setup judge demo synthetic preprocess train embed lstm submission ensemble submit report bundle predict eda test lint bench bench-preprocess bench-train bench-scale clean-data
 
 help:
 	@echo "make demo        set up, generate the synthetic set and run the pipeline on it"
@@ -31,6 +31,7 @@ help:
 	@echo "make embed fold=0   embeddings and logits of OOF and test slices per checkpoint, with TTA"
 	@echo "make lstm fold=0    nested-CV bidirectional LSTM over each series, on the embeddings"
 	@echo "make submission     blend folds/bags/TTA, CV table, validated submissions/*.csv.gz + YAML"
+	@echo "make ensemble EXPERIMENTS=\"a b\"   combine experiments (mean, fitted weights, stacker), one submission"
 	@echo "make report         figures and report.md of the experiment (after make submission)"
 	@echo "make submit         upload the newest submission with the kaggle CLI (FILE=... for another)"
 	@echo "make bundle         pack the experiment into a portable model bundle (runs/<experiment>/bundle)"
@@ -87,6 +88,10 @@ lstm: setup
 submission: setup
 	$(PY) scripts/05_blend.py $(STAGE_ARGS)
 
+# Several experiments combined: make ensemble EXPERIMENTS="demo demo_effnet" (or ensemble.members in CONFIG).
+ensemble: setup
+	$(PY) scripts/10_ensemble.py $(STAGE_ARGS) $(if $(EXPERIMENTS),--members $(EXPERIMENTS))
+
 report: setup
 	$(PY) scripts/07_report.py $(STAGE_ARGS)
 
@@ -126,11 +131,14 @@ $(JUDGE_VENV)/.installed: $(VENV)/.installed
 judge: $(JUDGE_VENV)/.installed
 	$(JUDGE_VENV)/bin/python scripts/09_judge.py $(STAGE_ARGS) --patients $(N) --blast-ct "$(BLAST_CT)"
 
-# The whole pipeline on the synthetic set, on the CPU (README: what it trades away).
+# The whole pipeline on the synthetic set, on the CPU (README: what it trades away): two model families
+# (test_resnet, test_efficientnet) and their ensemble.
 # A second `make demo` continues where the first stopped (resume=true: finished folds are kept).
 demo: setup
 	$(MAKE) --no-print-directory synthetic preprocess eda
 	$(MAKE) --no-print-directory train embed lstm submission report bundle resume=true
+	$(MAKE) --no-print-directory train embed lstm submission resume=true CONFIG=configs/cnn/cpu_small_effnet.yaml
+	$(MAKE) --no-print-directory ensemble EXPERIMENTS="demo demo_effnet"
 	$(PY) -m ichpipe predict "$(DATA_DIR)/synthetic_example_study.zip" --bundle "$(DATA_DIR)/runs/demo/bundle" \
 		--out "$(DATA_DIR)/runs/demo/predict_example"
 

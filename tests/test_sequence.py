@@ -19,17 +19,20 @@ from ichpipe.train import train_fold
 
 from .conftest import _train_cfg
 
+KINDS = sequence.KINDS
 
-def _model(seed=0, emb_dim=5):
+
+def _model(seed=0, emb_dim=5, kind="lstm"):
     torch.manual_seed(seed)
-    model = SequenceModel(emb_dim, reduce_dim=4, hidden=6, dropout=0.0).eval()
+    model = SequenceModel(emb_dim, reduce_dim=4, hidden=6, dropout=0.0, kind=kind, heads=2).eval()
     torch.nn.init.normal_(model.head.weight)  # trained-looking head: the LSTM output matters
     return model
 
 
-def test_untrained_head_returns_the_cnn_logits():
+@pytest.mark.parametrize("kind", KINDS)
+def test_untrained_head_returns_the_cnn_logits(kind):
     torch.manual_seed(0)
-    model = SequenceModel(5, reduce_dim=4, hidden=6).eval()
+    model = SequenceModel(5, reduce_dim=4, hidden=6, kind=kind, heads=2).eval()
     emb, logits = torch.randn(2, 7, 5), torch.randn(2, 7, 6)
     out = model(emb, logits, torch.tensor([7, 4]))
     torch.testing.assert_close(out[0], logits[0])
@@ -37,8 +40,9 @@ def test_untrained_head_returns_the_cnn_logits():
     assert (out[1, 4:] == 0).all()  # padding gives zeros, not predictions
 
 
-def test_padding_never_changes_a_series_prediction():
-    model = _model()
+@pytest.mark.parametrize("kind", KINDS)
+def test_padding_never_changes_a_series_prediction(kind):
+    model = _model(kind=kind)
     emb, logits = torch.randn(1, 4, 5), torch.randn(1, 4, 6)
     alone = model(emb, logits, torch.tensor([4]))
     # The same series in a batch with a longer one, its padding filled with garbage.
@@ -49,8 +53,9 @@ def test_padding_never_changes_a_series_prediction():
     assert (batched[0, 4:] == 0).all()
 
 
-def test_each_slice_sees_both_neighbours():
-    model = _model()
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_slice_sees_both_neighbours(kind):
+    model = _model(kind=kind)
     emb, logits, lengths = torch.randn(1, 6, 5), torch.randn(1, 6, 6), torch.tensor([6])
     base = model(emb, logits, lengths)
     for changed in (1, 4):  # a change at one slice moves the slices before and after it
@@ -86,16 +91,17 @@ def _series_features(rng, n_series=48, dim=8):
                          np.array(patients), series)
 
 
-def test_lstm_learns_from_neighbouring_slices():
+@pytest.mark.parametrize("kind", KINDS)
+def test_sequence_models_learn_from_neighbouring_slices(kind):
     feats = _series_features(np.random.default_rng(0))
     train, val = list(range(36)), list(range(36, 48))
-    cfg = LstmConfig(reduce_dim=8, hidden=16, epochs=25, bag_last=5, batch_size=4, lr=5e-3, dropout=0.1)
+    cfg = LstmConfig(reduce_dim=8, hidden=16, epochs=25, bag_last=5, batch_size=4, lr=5e-3, dropout=0.1, kind=kind)
     (pred,), history = fit_predict(feats, train, [(feats, val)], cfg, seed=1)
     rows = np.concatenate([feats.series[i] for i in val])
     assert np.isnan(pred[np.concatenate([feats.series[i] for i in train])]).all()  # only the targets are predicted
     cnn = weighted_log_loss(feats.labels[rows], 1 / (1 + np.exp(-feats.logits[rows])))
     lstm = weighted_log_loss(feats.labels[rows], pred[rows])
-    assert lstm < 0.7 * cnn, (lstm, cnn)
+    assert lstm < 0.7 * cnn, (kind, lstm, cnn)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert len(history) == 25 and "val_loss" in history[0]
 
@@ -198,3 +204,18 @@ def test_the_saved_refit_reproduces_the_test_predictions(embedded):
     again = sequence.predict_bag(models, feats, mean, std)
     saved = pd.read_parquet(folder / "lstm" / "epoch00" / "test.parquet").set_index("image_id").loc[feats.ids, list(LABELS)]
     np.testing.assert_allclose(again, saved.to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_transformer_reads_slice_positions():
+    model = _model(kind="transformer")
+    emb, logits, lengths = torch.randn(1, 6, 5), torch.randn(1, 6, 6), torch.tensor([6])
+    even = torch.arange(6.0)[None] * 5
+    assert torch.allclose(model(emb, logits, lengths), model(emb, logits, lengths, even))  # default: 5 mm apart
+    gap = even.clone()
+    gap[0, 3:] += 40  # a 45 mm gap in the series: the same slices, another context
+    assert not torch.allclose(model(emb, logits, lengths, gap), model(emb, logits, lengths, even))
+
+
+def test_unknown_kind_is_a_clear_error():
+    with pytest.raises(InputError, match="lstm.kind='rnn': one of lstm, gru, gru_attention, transformer"):
+        SequenceModel(5, kind="rnn")

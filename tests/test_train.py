@@ -268,3 +268,19 @@ def test_missing_pngs_stop_training_before_the_first_epoch(processed, tmp_path):
                                          r"run `make preprocess` again"):
         train_fold(_train_cfg(data, "lost", "train.loader_workers=2", f"fold={int(meta.fold[7])}"), progress=False)
     assert not list((data / "runs").glob("lost/*/checkpoints/*.pt"))  # stopped before any epoch
+
+
+def test_mixup_mixes_images_and_labels_with_the_same_pairs_and_smoothing_pulls_towards_half():
+    from ichpipe.train import mix_batch
+
+    y = torch.tensor(np.random.default_rng(0).integers(0, 2, (16, 6)), dtype=torch.float32)
+    x = y[:, :1, None, None].expand(16, 3, 8, 8).clone()  # each image is its first label, everywhere
+    xm, ym = mix_batch(x, y, 0.4, 0.0, np.random.default_rng([1, 2, 3]))
+    torch.testing.assert_close(xm.mean(dim=(1, 2, 3)), ym[:, 0])  # pixels and labels mixed alike
+    assert not torch.equal(ym, y) and ((ym >= 0) & (ym <= 1)).all()
+    again, _ = mix_batch(x, y, 0.4, 0.0, np.random.default_rng([1, 2, 3]))
+    torch.testing.assert_close(again, xm)  # the same seed, the same mix (resumes reproduce it)
+    _, smooth = mix_batch(x, y, 0.0, 0.1, np.random.default_rng(0))
+    torch.testing.assert_close(smooth, torch.where(y > 0, 0.95, 0.05))
+    same_x, same_y = mix_batch(x, y, 0.0, 0.0, np.random.default_rng(0))
+    assert torch.equal(same_x, x) and torch.equal(same_y, y)

@@ -11,7 +11,8 @@ Rows of the CV table: ``prior`` (each fold's training prevalence for every slice
 CNN bagged). Writes::
 
     runs/<experiment>/cv.md, cv.json          the CV table (OOF; test too when an answer key exists)
-    runs/<experiment>/oof_predictions.parquet image_id, model, six probabilities (for the report)
+    runs/<experiment>/oof_predictions.parquet image_id, model, six probabilities (the report, make ensemble)
+    runs/<experiment>/test_predictions.parquet the same for the test images (make ensemble)
     submissions/<date>_<experiment>_cv<oof>.csv.gz      the final blend, validated; .yaml beside it
     submissions/<date>_<experiment>-cnn_cv<oof>.csv.gz  the CNN-only blend, to compare
 """
@@ -318,9 +319,10 @@ def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
     exp_dir = run_dir(cfg, 0).parent
     write_text_atomic(exp_dir / "cv.md", f"# CV: {cfg.experiment}\n\n" + format_table(scores))
     write_text_atomic(exp_dir / "cv.json", json.dumps({**scores, "used": used}, indent=2) + "\n")
-    with atomic_path(exp_dir / "oof_predictions.parquet") as tmp:
-        pd.concat([p.assign(model=m) for m, p in preds.oof.items()]).reset_index()[
-            ["image_id", "model", *LABELS]].to_parquet(tmp, index=False)
+    for name, where in (("oof_predictions.parquet", preds.oof), ("test_predictions.parquet", preds.test)):
+        with atomic_path(exp_dir / name) as tmp:
+            pd.concat([p.assign(model=m) for m, p in where.items()]).rename_axis("image_id").reset_index()[
+                ["image_id", "model", *LABELS]].to_parquet(tmp, index=False)
 
     if not paths.sample_submission_csv.exists():
         raise InputError(f"{paths.sample_submission_csv}: not found; it lists the test images to predict")

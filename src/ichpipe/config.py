@@ -108,6 +108,8 @@ class TrainConfig:
     accumulate: int = 1  # micro-batches per optimizer step
     clip_grad: float = 1.0  # max gradient norm; 0 = off
     loss: str = "weighted_bce"  # weighted_bce (the metric: any x2) | mse (on probabilities)
+    mixup: float = 0.0  # Beta(α, α) of mixup, one λ per batch (0.4 as the 2nd place tried on EfficientNet); 0 = off
+    label_smoothing: float = 0.0  # training targets y(1-ε) + ε/2; 0 = off
     amp: str = "auto"  # auto (fp16 + GradScaler on CUDA, off on CPU) | bf16 | fp16 | off
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
@@ -132,10 +134,12 @@ class EmbedConfig:
 class LstmConfig:
     """The sequence model over each series' slices (``scripts/lstm_train.py``); one run per fold."""
 
+    kind: str = "lstm"  # lstm | gru | gru_attention | transformer (src/ichpipe/sequence.py)
+    heads: int = 4  # attention heads (gru_attention, transformer); must divide 2 x hidden
     inner_folds: int = 4  # patient groups inside the fold: each inner model predicts one (leakage-free OOF)
     reduce_dim: int = 64  # Linear+ReLU from the CNN embedding to this size first; 0 = use it as is
-    hidden: int = 64  # LSTM units per direction
-    layers: int = 2
+    hidden: int = 64  # units per direction (recurrent kinds); the transformer's width is 2 x hidden
+    layers: int = 2  # recurrent or encoder layers
     dropout: float = 0.2
     epochs: int = 12  # as the 2nd place
     bag_last: int = 4  # predictions averaged over the last this many epochs
@@ -154,6 +158,35 @@ class BlendConfig:
     clip: float = 1e-5  # probabilities clipped to [clip, 1 - clip], as the top teams did
     out_dir: str = "submissions"  # relative to the repository root unless absolute
     competition: str = "rsna-intracranial-hemorrhage-detection"  # for `make submit`
+
+
+@dataclass
+class StackerConfig:
+    """The ensemble's second-level model per class (scikit-learn), on the members' neighbour features."""
+
+    model: str = "logistic"  # logistic (L2 logistic regression on standardised features) | hgb (gradient boosting)
+    neighbours: list[int] = field(default_factory=lambda: [1, 2])  # features of the slices at z ± these
+    c: float = 0.01  # logistic: inverse L2 strength (demo, 5-fold-CV: 0.01 → 0.1078, 0.1 → 0.1176)
+    # hgb (HistGradientBoostingClassifier): small trees; the demo's ~1,400 training slices per fold
+    # over-fit deeper ones (15 leaves, 150 iterations: 0.138 vs 0.113 with these)
+    max_iter: int = 60
+    learning_rate: float = 0.05
+    max_leaf_nodes: int = 4
+    min_samples_leaf: int = 80
+    l2_regularization: float = 5.0
+
+
+@dataclass
+class EnsembleConfig:
+    """Experiments combined into one submission (``scripts/10_ensemble.py``, ``make ensemble``)."""
+
+    name: str = "ensemble"  # its folder under runs/ and its submissions' name
+    members: list[str] = field(default_factory=list)  # experiment names; EXPERIMENTS="a b" on make
+    member_model: str = "blend"  # which of each member's stage-5 models: blend | cnn_bagged | lstm | ...
+    combiners: list[str] = field(default_factory=lambda: ["mean", "weights", "stacker"])
+    weight_space: str = "auto"  # per-class weights on probabilities (prob), logits (logit) or by CV (auto)
+    final: str = "auto"  # the submitted combiner; auto = the lowest OOF loss
+    stacker: StackerConfig = field(default_factory=StackerConfig)
 
 
 @dataclass
@@ -181,6 +214,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     lstm: LstmConfig = field(default_factory=LstmConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
 

@@ -178,8 +178,9 @@ class Predictor:
     def inputs(self, images: np.ndarray) -> torch.Tensor:
         return torch.stack([to_input(img, self.transform, 0, self.crop) for img in images])
 
-    def predict(self, images: np.ndarray, ids: list[str]) -> np.ndarray:
-        """(N, 6) final probabilities of one series' slices (z order), blended as stage 5 blends the test set."""
+    def predict(self, images: np.ndarray, ids: list[str], z: np.ndarray | None = None) -> np.ndarray:
+        """(N, 6) final probabilities of one series' slices (z order; ``z`` their positions in mm, which the
+        transformer sequence model reads), blended as stage 5 blends the test set."""
         x = self.inputs(images)
         batches = [(x[i:i + self.info["input"]["batch_size"]], None, None)
                    for i in range(0, len(x), self.info["input"]["batch_size"])]
@@ -202,7 +203,7 @@ class Predictor:
                 if self.lstm:
                     models, mean, std = self.lstm[k, e]
                     feats = SliceFeatures(np.asarray(ids), out["emb"], out["logits"], None,
-                                          np.zeros(len(x), dtype=object), [np.arange(len(x))])
+                                          np.zeros(len(x), dtype=object), [np.arange(len(x))], z)
                     lstm.append(frame(predict_bag(models, feats, mean, std, self.device)))
             fold_cnn.append(weighted_mean(cnn, weights))  # epochs, then folds: as stage 5 averages the test set
             if lstm:
@@ -311,7 +312,7 @@ def predict(path: str | os.PathLike, bundle_path: str | os.PathLike, out: str | 
                 if not len(images):
                     skipped.append({"what": f"series {s.series}", "reason": "no readable slice"})
                     continue
-                probs = predictor.predict(images, s.ids)
+                probs = predictor.predict(images, s.ids, np.asarray(s.z, np.float64))
                 thresholds = info["thresholds"]
                 flags = np.stack([probs[:, c] >= thresholds[name]["threshold"] for c, name in enumerate(LABELS)], 1)
                 for i in range(len(s.ids)):

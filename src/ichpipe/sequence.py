@@ -51,20 +51,56 @@ LSTM_KEYS = ("seed", "lstm.")  # an LSTM folder with other values of these is re
 REFIT = 999  # seed offset of the refit on all the fold's patients (inner folds use their index)
 
 
+KINDS = ("lstm", "gru", "gru_attention", "transformer")
+
+
+def z_encoding(z: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal encoding of slice positions in mm (B, T) → (B, T, dim): wavelengths from 2 mm to ~2 m."""
+    half = dim // 2
+    freq = 2 * torch.pi / (2.0 * 1000.0 ** (torch.arange(half, device=z.device, dtype=torch.float32) / max(half - 1, 1)))
+    angle = z[..., None].float() * freq
+    enc = torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)
+    return nn.functional.pad(enc, (0, dim - 2 * half))
+
+
 class SequenceModel(nn.Module):
-    def __init__(self, emb_dim: int, reduce_dim: int = 64, hidden: int = 64, layers: int = 2, dropout: float = 0.2):
+    """A sequence model over one series' slices that corrects the CNN's logits.
+
+    ``kind``: ``lstm`` (the 2nd place's BiLSTM), ``gru`` (BiGRU), ``gru_attention`` (BiGRU, then
+    multi-head self-attention over the series with a residual), or ``transformer`` (an encoder over the
+    slices, positions from z in mm). Padding is packed away (recurrent kinds) or masked (attention).
+    """
+
+    def __init__(self, emb_dim: int, reduce_dim: int = 64, hidden: int = 64, layers: int = 2, dropout: float = 0.2,
+                 kind: str = "lstm", heads: int = 4):
         super().__init__()
+        if kind not in KINDS:
+            raise InputError(f"lstm.kind={kind!r}: one of {', '.join(KINDS)}")
+        self.kind = kind
         self.reduce = nn.Sequential(nn.Linear(emb_dim, reduce_dim), nn.ReLU()) if reduce_dim else nn.Identity()
         d = reduce_dim or emb_dim
-        self.lstm = nn.LSTM(3 * d + N_LABELS, hidden, num_layers=layers, batch_first=True, bidirectional=True,
+        width = 3 * d + N_LABELS
+        if kind == "transformer":
+            self.proj = nn.Linear(width, 2 * hidden)
+            layer = nn.TransformerEncoderLayer(2 * hidden, heads, dim_feedforward=4 * hidden, dropout=dropout,
+                                               batch_first=True, norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        else:
+            rnn = nn.LSTM if kind == "lstm" else nn.GRU
+            self.lstm = rnn(width, hidden, num_layers=layers, batch_first=True, bidirectional=True,
                             dropout=dropout if layers > 1 else 0.0)
+            if kind == "gru_attention":
+                self.attention = nn.MultiheadAttention(2 * hidden, heads, dropout=dropout, batch_first=True)
+                self.norm = nn.LayerNorm(2 * hidden)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(2 * hidden, N_LABELS)
-        nn.init.zeros_(self.head.weight)  # start as the CNN: the LSTM learns a correction
+        nn.init.zeros_(self.head.weight)  # start as the CNN: the sequence model learns a correction
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, emb: torch.Tensor, logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) embeddings, (B, T, 6) CNN logits, (B,) lengths → (B, T, 6) logits (padding: 0)."""
+    def forward(self, emb: torch.Tensor, logits: torch.Tensor, lengths: torch.Tensor,
+                z: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) embeddings, (B, T, 6) CNN logits, (B,) lengths, (B, T) slice positions in mm from the
+        series' first slice (transformer only; default 5 mm apart) → (B, T, 6) logits (padding: 0)."""
         e = self.reduce(emb)
         b, t, d = e.shape
         steps = torch.arange(t, device=e.device).expand(b, t)
@@ -72,11 +108,19 @@ class SequenceModel(nn.Module):
         prev = e.gather(1, (steps - 1).clamp(min=0)[..., None].expand(b, t, d))  # first slice: itself
         nxt = e.gather(1, torch.minimum(steps + 1, last)[..., None].expand(b, t, d))  # last slice: itself
         x = torch.cat([e, e - prev, e - nxt, logits], dim=-1)
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.lstm(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=t)
-        mask = (steps < lengths.to(e.device)[:, None]).unsqueeze(-1)
-        return (logits + self.head(self.drop(out))) * mask
+        valid = steps < lengths.to(e.device)[:, None]
+        if self.kind == "transformer":
+            pos = (z.to(e.device) if z is not None else steps * 5.0)
+            h = self.proj(x)
+            out = self.encoder(h + z_encoding(pos, h.shape[-1]), src_key_padding_mask=~valid)
+        else:
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, _ = self.lstm(packed)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=t)
+            if self.kind == "gru_attention":
+                attended, _ = self.attention(out, out, out, key_padding_mask=~valid, need_weights=False)
+                out = self.norm(out + attended)
+        return (logits + self.head(self.drop(out))) * valid.unsqueeze(-1)
 
 
 @dataclass
@@ -89,22 +133,26 @@ class SliceFeatures:
     labels: np.ndarray | None  # (N, 6) or None for the test set
     patients: np.ndarray  # (N,) PatientID
     series: list[np.ndarray]  # row indices of each series, in z order
+    z: np.ndarray | None = None  # (N,) slice position in mm (metadata ``z``); None: 5 mm apart
 
     def batch(self, which: list[int], mean: np.ndarray, std: np.ndarray):
-        """Padded tensors of the series ``which``: emb, logits, labels (or None), lengths, row indices."""
+        """Padded tensors of the series ``which``: emb, logits, labels (or None), lengths, row indices, and z
+        (mm from each series' first slice)."""
         rows = [self.series[i] for i in which]
         lengths = torch.tensor([len(r) for r in rows])
         t = int(lengths.max())
         emb = np.zeros((len(rows), t, self.emb.shape[1]), np.float32)
         logits = np.zeros((len(rows), t, N_LABELS), np.float32)
         labels = np.zeros((len(rows), t, N_LABELS), np.float32)
+        z = np.zeros((len(rows), t), np.float32)
         for j, r in enumerate(rows):
             emb[j, :len(r)] = (self.emb[r] - mean) / std
             logits[j, :len(r)] = self.logits[r]
+            z[j, :len(r)] = np.abs(self.z[r] - self.z[r[0]]) if self.z is not None else 5.0 * np.arange(len(r))
             if self.labels is not None:
                 labels[j, :len(r)] = self.labels[r]
         return (torch.from_numpy(emb), torch.from_numpy(logits),
-                torch.from_numpy(labels) if self.labels is not None else None, lengths, rows)
+                torch.from_numpy(labels) if self.labels is not None else None, lengths, rows, torch.from_numpy(z))
 
 
 def load_features(folder: Path, name: str, meta: pd.DataFrame) -> SliceFeatures:
@@ -125,7 +173,7 @@ def load_features(folder: Path, name: str, meta: pd.DataFrame) -> SliceFeatures:
     series = [g.sort_values("slice_index").row.to_numpy() for _, g in order.groupby(SERIES_KEYS, sort=True)]
     labels = rows[list(LABELS)].to_numpy(np.float32)
     return SliceFeatures(ids, emb, logits, None if np.isnan(labels).any() else labels,
-                         rows.PatientID.to_numpy(), series)
+                         rows.PatientID.to_numpy(), series, rows.z.to_numpy(np.float64) if "z" in rows else None)
 
 
 PREDICT_BATCH = 64  # series per prediction batch (no gradients: larger than the training batch)
@@ -138,8 +186,8 @@ def _predict(model: SequenceModel, feats: SliceFeatures, series: list[int], mean
     model.eval()
     with torch.no_grad():
         for i in range(0, len(series), batch_size):
-            emb, logits, _, lengths, rows = feats.batch(series[i:i + batch_size], mean, std)
-            probs = torch.sigmoid(model(emb.to(device), logits.to(device), lengths)).cpu().numpy()
+            emb, logits, _, lengths, rows, z = feats.batch(series[i:i + batch_size], mean, std)
+            probs = torch.sigmoid(model(emb.to(device), logits.to(device), lengths, z)).cpu().numpy()
             for j, r in enumerate(rows):
                 out[r] = probs[j, :len(r)]
     return out
@@ -161,7 +209,7 @@ def fit_predict(feats: SliceFeatures, train_series: list[int], targets: list[tup
     train_rows = np.concatenate([feats.series[i] for i in train_series])
     mean = feats.emb[train_rows].mean(axis=0)
     std = feats.emb[train_rows].std(axis=0) + 1e-6
-    model = SequenceModel(feats.emb.shape[1], cfg.reduce_dim, cfg.hidden, cfg.layers, cfg.dropout).to(device)
+    model = SequenceModel(feats.emb.shape[1], **{k: getattr(cfg, k) for k in MODEL_KEYS}).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = make_loss("weighted_bce", device)
     bags = [np.zeros((len(f.ids), N_LABELS), np.float64) for f, _ in targets]
@@ -172,11 +220,11 @@ def fit_predict(feats: SliceFeatures, train_series: list[int], targets: list[tup
         order = rng.permutation(train_series)
         total, count = torch.zeros((), dtype=torch.float64, device=device), 0
         for i in range(0, len(order), cfg.batch_size):
-            emb, logits, labels, lengths, _ = feats.batch(list(order[i:i + cfg.batch_size]), mean, std)
+            emb, logits, labels, lengths, _, z = feats.batch(list(order[i:i + cfg.batch_size]), mean, std)
             mask = torch.arange(emb.shape[1])[None, :] < lengths[:, None]
             n = int(mask.sum())
             mask = mask.to(device)
-            loss = loss_fn(model(emb.to(device), logits.to(device), lengths)[mask], labels.to(device)[mask])
+            loss = loss_fn(model(emb.to(device), logits.to(device), lengths, z)[mask], labels.to(device)[mask])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -203,7 +251,7 @@ def fit_predict(feats: SliceFeatures, train_series: list[int], targets: list[tup
     return [bag / n_bagged for bag in bags], history
 
 
-MODEL_KEYS = ("reduce_dim", "hidden", "layers", "dropout")  # what rebuilds a SequenceModel from saved weights
+MODEL_KEYS = ("reduce_dim", "hidden", "layers", "dropout", "kind", "heads")  # what rebuilds a SequenceModel
 
 
 def load_models(path: str | Path, device: torch.device | None = None) -> tuple[list[SequenceModel], np.ndarray, np.ndarray]:

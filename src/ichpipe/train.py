@@ -179,6 +179,21 @@ def _load_state(path: Path) -> dict:
             from None
 
 
+def mix_batch(x: torch.Tensor, y: torch.Tensor, alpha: float, smoothing: float, rng: np.random.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (``alpha`` > 0: one λ ~ Beta(α, α) per batch, images and labels mixed with a shuffled copy of
+    the batch) and label smoothing (targets pulled towards 0.5 by ``smoothing``/2). ``rng`` seeded per
+    (seed, epoch, step, rank): a resumed run mixes the same pairs."""
+    if alpha > 0:
+        lam = float(rng.beta(alpha, alpha))
+        perm = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+        x = lam * x + (1 - lam) * x[perm]
+        y = lam * y + (1 - lam) * y[perm]
+    if smoothing > 0:
+        y = y * (1 - smoothing) + smoothing / 2
+    return x, y
+
+
 def train_fold(cfg: Config, progress: bool = True, stop_after_epochs: int = 0) -> dict:
     """Train (or resume) the CNN of ``cfg.fold``; return the last epoch's validation metrics.
 
@@ -293,6 +308,9 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0)
             if tcfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(rt.device, non_blocking=True)
+            if tcfg.mixup or tcfg.label_smoothing:
+                x, y = mix_batch(x, y, tcfg.mixup, tcfg.label_smoothing,
+                                 np.random.default_rng([cfg.seed, epoch, i, rt.rank]))
             update = (i + 1) % tcfg.accumulate == 0 or (i + 1) == len(train_loader)
             # Micro-steps before the update skip DDP's gradient all-reduce; the update's backward does it.
             sync = contextlib.nullcontext() if update or not rt.distributed else net.no_sync()

@@ -1,0 +1,288 @@
+"""Ensembles of experiments: several model families, one submission (``scripts/10_ensemble.py``).
+
+Each member is an experiment whose stage 5 has run: ``runs/<member>/oof_predictions.parquet`` and
+``test_predictions.parquet`` hold its models' probabilities (``ensemble.member_model`` picks which,
+``blend`` by default). Members must have been trained on the fold table of today's metadata (every
+fold's ``folds.json``; refused otherwise: their OOF rows would not be out-of-fold for each other),
+and must hold a prediction for every labelled image (aligned by image id, never by row order).
+
+Combiners, each scored out of fold on the same folds:
+
+``mean``
+    the members' probabilities averaged.
+``weights``
+    per-class non-negative weights summing to 1 (scipy's SLSQP on the class's log loss), in
+    probability or logit space. Cross-fitted: fold k's predictions use weights fitted on the other
+    folds only, so its CV is not the in-sample optimum. The space is picked by that CV; the test set
+    uses weights fitted on every fold.
+``stacker``
+    a second-level model per class (``ensemble.stacker.model``: scikit-learn's L2 logistic regression,
+    the default, or ``HistGradientBoostingClassifier`` for large sets) on each member's six logits for the slice, for its neighbours at z±1 and z±2 in the series (the edge
+    slice repeated), and the series' max and mean. Fold k's predictions come from a stacker trained
+    on the other folds; the test set gets the mean of those fold stackers.
+
+The final model is ``ensemble.final`` (``auto``: the combiner with the lowest OOF loss). Writes::
+
+    runs/<ensemble.name>/cv.md, cv.json     the CV table: every member, every combiner, the final
+    runs/<ensemble.name>/oof_predictions.parquet, test_predictions.parquet
+    submissions/<date>_<ensemble.name>_cv<oof>.csv.gz   validated; the YAML beside it names the
+                                             members, their weights and the combiner
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from ichpipe.blend import _sweep_leftovers, _test_frame, format_table, git_state, score, submissions_dir, write_checked
+from ichpipe.config import Config, to_dict
+from ichpipe.folds import check_fold_table
+from ichpipe.io import InputError, atomic_path, long_to_wide, read_long_csv, write_text_atomic
+from ichpipe.labels import LABELS
+from ichpipe.metrics import EPS, logit, sigmoid
+from ichpipe.metrics import prior as prior_of
+from ichpipe.paths import data_paths, read_metadata
+
+COMBINERS = ("mean", "weights", "stacker")
+SERIES_KEYS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID"]
+PREDICTION_FILES = {"oof": "oof_predictions.parquet", "test": "test_predictions.parquet"}
+
+
+def load_member(runs, member: str, model: str, where: str) -> pd.DataFrame:
+    """One member's probabilities of ``model`` on ``where`` (oof | test): image_id index, six columns."""
+    path = runs / member / PREDICTION_FILES[where]
+    if not path.exists():
+        raise InputError(f"{path}: not found; run `make submission experiment={member}` (stage 5) for that member")
+    table = pd.read_parquet(path)
+    if model not in set(table.model):
+        raise InputError(f"{path}: no model {model!r} (has {', '.join(sorted(set(table.model)))}); "
+                         f"set ensemble.member_model")
+    frame = table[table.model == model].set_index("image_id")[list(LABELS)].astype(np.float64)
+    if frame.index.has_duplicates:
+        raise InputError(f"{path}: image {frame.index[frame.index.duplicated()][0]} appears twice for {model}")
+    return frame
+
+
+def aligned(frames: dict[str, pd.DataFrame], index: pd.Index, where: str) -> np.ndarray:
+    """(members, N, 6) probabilities in the row order of ``index``; a member missing an image is an error."""
+    out = []
+    for name, frame in frames.items():
+        missing = index.difference(frame.index)
+        if len(missing):
+            raise InputError(f"member {name}: no {where} prediction for {len(missing)} of {len(index)} images "
+                             f"(e.g. {missing[0]}); its stage 5 ran on other metadata: run it again")
+        out.append(frame.loc[index].to_numpy())
+    return np.stack(out)
+
+
+def _bce(y: np.ndarray, p: np.ndarray) -> float:
+    p = np.clip(p, EPS, 1 - EPS)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+
+
+def _combine(members: np.ndarray, w: np.ndarray, space: str) -> np.ndarray:
+    """(M, N) probabilities of one class, weights (M,) → (N,) combined probabilities."""
+    if space == "logit":
+        return sigmoid(np.tensordot(w, logit(np.clip(members, EPS, 1 - EPS)), axes=1))
+    return np.tensordot(w, members, axes=1)
+
+
+def fit_weights(members: np.ndarray, y: np.ndarray, space: str) -> np.ndarray:
+    """(M, N, 6) member probabilities, (N, 6) labels → (M, 6) per-class weights, ≥ 0 and summing to 1."""
+    m = members.shape[0]
+    out = np.empty((m, len(LABELS)))
+    for c in range(len(LABELS)):
+        start = np.full(m, 1.0 / m)
+        result = minimize(lambda w, c=c: _bce(y[:, c], _combine(members[:, :, c], w, space)), start,
+                          method="SLSQP", bounds=[(0.0, 1.0)] * m,
+                          constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0},))
+        w = np.clip(result.x if result.success else start, 0.0, None)
+        out[:, c] = w / w.sum()
+    return out
+
+
+def apply_weights(members: np.ndarray, weights: np.ndarray, space: str) -> np.ndarray:
+    return np.stack([_combine(members[:, :, c], weights[:, c], space) for c in range(len(LABELS))], axis=1)
+
+
+def neighbour_features(probs: np.ndarray, rows: pd.DataFrame, offsets: list[int]) -> np.ndarray:
+    """Stacker features of each row: per member, the six logits of the slice, of its neighbours at each
+    offset (± along z, the series' edge slice repeated) and the series' max and mean.
+
+    ``probs``: (M, N, 6); ``rows``: N metadata rows (series keys, ``slice_index``) in the same order.
+    """
+    lg = logit(np.clip(probs, EPS, 1 - EPS))  # (M, N, 6)
+    order = rows.assign(_row=np.arange(len(rows))).sort_values([*SERIES_KEYS, "slice_index"])
+    sorted_rows = order._row.to_numpy()
+    series_id = order.groupby(SERIES_KEYS, sort=False).ngroup().to_numpy()
+    starts = np.r_[0, np.flatnonzero(np.diff(series_id)) + 1]
+    ends = np.r_[starts[1:], len(series_id)]
+    first = np.repeat(starts, ends - starts)
+    last = np.repeat(ends - 1, ends - starts)
+    pos = np.arange(len(series_id))
+    blocks = [lg[:, sorted_rows]]
+    for d in offsets:
+        for s in (-d, d):
+            blocks.append(lg[:, sorted_rows[np.clip(pos + s, first, last)]])
+    for reduce in (np.maximum, np.add):
+        agg = reduce.reduceat(lg[:, sorted_rows], starts, axis=1)
+        if reduce is np.add:
+            agg = agg / (ends - starts)[None, :, None]
+        blocks.append(np.repeat(agg, ends - starts, axis=1))
+    feats = np.concatenate(blocks, axis=2)  # (M, N sorted, 6 x blocks)
+    feats = np.transpose(feats, (1, 0, 2)).reshape(len(rows), -1)
+    out = np.empty_like(feats)
+    out[sorted_rows] = feats
+    return out
+
+
+def _stacker(cfg, seed: int):
+    s = cfg.ensemble.stacker
+    if s.model == "logistic":
+        return make_pipeline(StandardScaler(), LogisticRegression(C=s.c, max_iter=2000))
+    if s.model == "hgb":
+        return HistGradientBoostingClassifier(max_iter=s.max_iter, learning_rate=s.learning_rate,
+                                              max_leaf_nodes=s.max_leaf_nodes, min_samples_leaf=s.min_samples_leaf,
+                                              l2_regularization=s.l2_regularization, early_stopping=False,
+                                              random_state=seed)
+    raise InputError(f"ensemble.stacker.model={s.model!r}: logistic or hgb")
+
+
+def fit_stacker(cfg: Config, x: np.ndarray, y: np.ndarray, folds: np.ndarray, x_test: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-fitted OOF (each fold from stackers trained on the others) and test (their mean) probabilities."""
+    oof = np.full(y.shape, np.nan)
+    test = np.zeros((len(x_test), len(LABELS)))
+    fold_values = np.unique(folds)
+    for c in range(len(LABELS)):
+        for k in fold_values:
+            train = folds != k
+            if y[train, c].min() == y[train, c].max():  # one class only: the training prevalence
+                oof[folds == k, c] = y[train, c].mean()
+                test[:, c] += y[train, c].mean() / len(fold_values)
+                continue
+            model = _stacker(cfg, cfg.seed + int(k)).fit(x[train], y[train, c])
+            oof[folds == k, c] = model.predict_proba(x[folds == k])[:, 1]
+            test[:, c] += model.predict_proba(x_test)[:, 1] / len(fold_values)
+    return oof, test
+
+
+def run_ensemble(cfg: Config, today: dt.date | None = None) -> dict:
+    """Combine the members of ``cfg.ensemble``; CV table, predictions and a validated submission."""
+    ecfg = cfg.ensemble
+    members = list(dict.fromkeys(ecfg.members))
+    if len(members) < 2:
+        raise InputError(f"ensemble.members: {members or 'none'}; name at least two experiments "
+                         f"(make ensemble EXPERIMENTS=\"demo demo_effnet\")")
+    unknown = [c for c in ecfg.combiners if c not in COMBINERS]
+    if unknown or not ecfg.combiners:
+        raise InputError(f"ensemble.combiners: {unknown or 'none'}; choose from {', '.join(COMBINERS)}")
+    if ecfg.final not in ("auto", *ecfg.combiners):
+        raise InputError(f"ensemble.final={ecfg.final!r}: auto or one of ensemble.combiners {ecfg.combiners}")
+    if ecfg.weight_space not in ("auto", "prob", "logit"):
+        raise InputError(f"ensemble.weight_space={ecfg.weight_space!r}: auto, prob or logit")
+    paths = data_paths(cfg)
+    meta = read_metadata(paths)
+    labelled = meta[meta.fold.notna()].set_index("image_id")
+    for name in members:
+        runs = sorted((paths.runs / name).glob("fold*/"))
+        if not runs:
+            raise InputError(f"{paths.runs / name}: no run folders; train experiment {name} first")
+        check_fold_table(runs, meta)  # every member on today's folds, hence on the same folds
+
+    oof_frames = {m: load_member(paths.runs, m, ecfg.member_model, "oof") for m in members}
+    test_frames = {m: load_member(paths.runs, m, ecfg.member_model, "test") for m in members}
+    index = labelled.index
+    test_index = test_frames[members[0]].index
+    for name, frame in test_frames.items():
+        if not frame.index.sort_values().equals(test_index.sort_values()):
+            raise InputError(f"member {name}: its test predictions cover {len(frame)} images, "
+                             f"{members[0]}'s {len(test_index)}; run stage 5 of both on the same metadata")
+    oof_m, test_m = aligned(oof_frames, index, "OOF"), aligned(test_frames, test_index, "test")
+    y = labelled[list(LABELS)].to_numpy(np.float64)
+    folds = labelled.fold.to_numpy(int)
+
+    oof: dict[str, np.ndarray] = {m: oof_m[i] for i, m in enumerate(members)}
+    test: dict[str, np.ndarray] = {m: test_m[i] for i, m in enumerate(members)}
+    detail: dict = {}
+    if "mean" in ecfg.combiners:
+        oof["mean"], test["mean"] = oof_m.mean(axis=0), test_m.mean(axis=0)
+    if "weights" in ecfg.combiners:
+        spaces = ["prob", "logit"] if ecfg.weight_space == "auto" else [ecfg.weight_space]
+        cross: dict[str, np.ndarray] = {}
+        for space in spaces:
+            cross[space] = np.empty_like(y)
+            for k in np.unique(folds):
+                w = fit_weights(oof_m[:, folds != k], y[folds != k], space)
+                cross[space][folds == k] = apply_weights(oof_m[:, folds == k], w, space)
+        losses = {s: score({"w": pd.DataFrame(p, columns=list(LABELS))},
+                           pd.DataFrame(y, columns=list(LABELS)))["w"]["weighted"] for s, p in cross.items()}
+        space = min(losses, key=losses.get)
+        weights = fit_weights(oof_m, y, space)
+        oof["weights"], test["weights"] = cross[space], apply_weights(test_m, weights, space)
+        detail["weights"] = {"space": space, "cv_by_space": losses,
+                             "per_class": {c: {m: round(float(weights[i, j]), 4) for i, m in enumerate(members)}
+                                           for j, c in enumerate(LABELS)}}
+    if "stacker" in ecfg.combiners:
+        offsets = list(ecfg.stacker.neighbours)
+        x = neighbour_features(oof_m, labelled, offsets)
+        test_rows = meta.set_index("image_id").loc[test_index]
+        x_test = neighbour_features(test_m, test_rows, offsets)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            oof["stacker"], test["stacker"] = fit_stacker(cfg, x, y, folds, x_test)
+        detail["stacker"] = {"model": ecfg.stacker.model, "features": int(x.shape[1]), "neighbours": offsets}
+
+    clip = cfg.blend.clip
+    preds_oof = {m: pd.DataFrame(np.clip(p, clip, 1 - clip), index=index, columns=list(LABELS)) for m, p in oof.items()}
+    preds_test = {m: pd.DataFrame(np.clip(p, clip, 1 - clip), index=test_index, columns=list(LABELS))
+                  for m, p in test.items()}
+    truth = labelled[list(LABELS)]
+    scores = {"oof": score(preds_oof, truth)}
+    final = ecfg.final if ecfg.final != "auto" else min(ecfg.combiners, key=lambda c: scores["oof"][c]["weighted"])
+    preds_oof["final"], preds_test["final"] = preds_oof[final], preds_test[final]
+    scores["oof"]["final"] = scores["oof"][final]
+    if paths.test_labels_csv.exists():
+        truth_test = long_to_wide(read_long_csv(paths.test_labels_csv), paths.test_labels_csv)
+        scores["test"] = score(preds_test, truth_test, complete=False)
+
+    out = paths.runs / ecfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"# Ensemble {ecfg.name}: {' + '.join(members)} ({ecfg.member_model} of each); final = {final}\n\n"
+    write_text_atomic(out / "cv.md", title + format_table(scores))
+    write_text_atomic(out / "cv.json", json.dumps({**scores, "final": final, "members": members,
+                                                   "detail": detail}, indent=2) + "\n")
+    for where, preds in (("oof", preds_oof), ("test", preds_test)):
+        with atomic_path(out / PREDICTION_FILES[where]) as tmp:
+            pd.concat([p.assign(model=m) for m, p in preds.items()]).rename_axis("image_id").reset_index()[
+                ["image_id", "model", *LABELS]].to_parquet(tmp, index=False)
+
+    if not paths.sample_submission_csv.exists():
+        raise InputError(f"{paths.sample_submission_csv}: not found; it lists the test images to predict")
+    sample_ids = pd.Index(read_long_csv(paths.sample_submission_csv).image_id.unique(), name="image_id")
+    out_dir = submissions_dir(cfg)
+    _sweep_leftovers(out_dir, ecfg.name)
+    cv = scores["oof"]["final"]["weighted"]
+    path = out_dir / f"{(today or dt.date.today()).isoformat()}_{ecfg.name}_cv{cv:.4f}.csv.gz"
+    sub, filled = _test_frame(preds_test["final"], sample_ids, prior_of(truth))
+    if filled > cfg.preprocess.max_bad_fraction * len(sample_ids):
+        raise InputError(f"{paths.sample_submission_csv}: {filled} of {len(sample_ids)} test images have no "
+                         f"prediction in the members; run their stage 5 on today's metadata")
+    info = {"file": path.name, "experiment": ecfg.name, "model": "final", "combiner": final,
+            "created": dt.datetime.now().isoformat(timespec="seconds"), "git": git_state(),
+            "members": {m: {"model": ecfg.member_model, "oof": scores["oof"][m]["weighted"]} for m in members},
+            "detail": detail, "cv": {w: s["final"] for w, s in scores.items()},
+            "cv_table": {w: {m: s[m]["weighted"] for m in s} for w, s in scores.items()},
+            "images_filled_with_prior": filled, "config": to_dict(cfg)}
+    write_checked(sub, path, paths.sample_submission_csv, info)
+    return {"scores": scores, "final": final, "path": str(path), "table": format_table(scores),
+            "cv_dir": str(out), "detail": detail}
