@@ -33,6 +33,7 @@ TINY_DEMO = [
     "synthetic.control_rate=0.2", "preprocess.size=64", "preprocess.n_folds=2", "train.image_size=64",
     "train.epochs=4", "train.batch_size=16", "train.warmup_steps=2", "train.loader_workers=0",
     "embed.epochs=[2,3]", "embed.tta=[none,hflip]", "lstm.epochs=10", "lstm.bag_last=4", "lstm.inner_folds=3",
+    "lstm.lr=1e-3",
 ]
 
 
@@ -75,7 +76,18 @@ def test_make_demo_runs_every_stage(demo):
     assert check_submission(final, root / "stage_2_sample_submission.csv") == []
     with gzip.open(final, "rt") as f:
         assert f.readline().strip() == "ID,Label"
-    assert len(list(subs.glob("*_demo-cnn_cv*.csv.gz"))) == 1 and len(list(subs.glob("*.yaml"))) == 2
+    assert len(list(subs.glob("*_demo-cnn_cv*.csv.gz"))) == 1
+    # The second model family and the ensemble of both: every combiner scored on every OOF image.
+    assert (root / "runs" / "demo_effnet" / "cv.json").exists()
+    ens = json.loads((root / "runs" / "ensemble" / "cv.json").read_text())
+    assert ens["members"] == ["demo", "demo_effnet"]
+    assert set(ens["oof"]) == {"demo", "demo_effnet", "mean", "weights", "stacker", "final"}
+    assert all(s["n_images"] == meta.fold.notna().sum() for s in ens["oof"].values())
+    assert ens["oof"]["final"]["weighted"] == min(ens["oof"][c]["weighted"] for c in ("mean", "weights", "stacker"))
+    assert ens["oof"]["demo"]["weighted"] == pytest.approx(cv["oof"]["blend"]["weighted"])
+    (ensemble,) = subs.glob("*_ensemble_cv*.csv.gz")
+    assert check_submission(ensemble, root / "stage_2_sample_submission.csv") == []
+    assert len(list(subs.glob("*.yaml"))) == 5  # demo, demo-cnn, demo_effnet, demo_effnet-cnn, ensemble
     assert (root / "eda" / "summary.md").exists()
     report = exp / "report"
     for name in ("report.md", "figure1.png", "pr_curves.png", "calibration.png", "training_curves.png"):
