@@ -19,7 +19,7 @@ OVERRIDES := $(foreach w,$(MAKEOVERRIDES),$(if $(and $(findstring =,$(w)),$(filt
 # Quoted, so that a DATA_DIR or CONFIG with spaces stays one argument.
 STAGE_ARGS = --config "$(CONFIG)" data.root="$(DATA_DIR)" data.workers=$(WORKERS) $(OVERRIDES)
 
-.PHONY: help setup judge demo synthetic preprocess train embed lstm submission ensemble submit report bundle predict eda test lint bench bench-preprocess bench-train bench-scale clean-data
+.PHONY: help setup judge demo synthetic preprocess train embed lstm submission ensemble search submit report bundle predict eda test lint bench bench-preprocess bench-train bench-scale clean-data
 
 help:
 	@echo "make demo        set up, generate the synthetic set and run the pipeline on it"
@@ -32,6 +32,7 @@ help:
 	@echo "make lstm fold=0    nested-CV bidirectional LSTM over each series, on the embeddings"
 	@echo "make submission     blend folds/bags/TTA, CV table, validated submissions/*.csv.gz + YAML"
 	@echo "make ensemble EXPERIMENTS=\"a b\"   combine experiments (mean, fitted weights, stacker), one submission"
+	@echo "make search [SPACE=configs/search/x.yaml]   Optuna search (TPE, pruning) on one fold; best.yaml + plots"
 	@echo "make report         figures and report.md of the experiment (after make submission)"
 	@echo "make submit         upload the newest submission with the kaggle CLI (FILE=... for another)"
 	@echo "make bundle         pack the experiment into a portable model bundle (runs/<experiment>/bundle)"
@@ -91,6 +92,11 @@ submission: setup
 # Several experiments combined: make ensemble EXPERIMENTS="demo demo_effnet" (or ensemble.members in CONFIG).
 ensemble: setup
 	$(PY) scripts/10_ensemble.py $(STAGE_ARGS) $(if $(EXPERIMENTS),--members $(EXPERIMENTS))
+
+# Optuna search on one fold: make search [SPACE=configs/search/cpu_demo.yaml] (resumes after a kill).
+SPACE ?= configs/search/cpu_demo.yaml
+search: setup
+	$(PY) scripts/11_search.py $(STAGE_ARGS) --space "$(SPACE)"
 
 report: setup
 	$(PY) scripts/07_report.py $(STAGE_ARGS)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -87,3 +89,16 @@ def test_mapping_keys_take_the_fields_key_type(tmp_path):
 def test_values_no_stage_can_use_are_refused_when_the_config_is_read(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override])
+
+
+def test_every_shipped_config_loads_and_names_a_timm_model():
+    import timm
+
+    from ichpipe.sequence import KINDS
+
+    paths = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if p.parent.name != "search")
+    assert len(paths) >= 5
+    for path in paths:
+        cfg = load_config(path)
+        assert timm.is_model(cfg.model.backbone), path
+        assert cfg.lstm.kind in KINDS and 2 * cfg.lstm.hidden % cfg.lstm.heads == 0, path

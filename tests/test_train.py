@@ -284,3 +284,50 @@ def test_mixup_mixes_images_and_labels_with_the_same_pairs_and_smoothing_pulls_t
     torch.testing.assert_close(smooth, torch.where(y > 0, 0.95, 0.05))
     same_x, same_y = mix_batch(x, y, 0.0, 0.0, np.random.default_rng(0))
     assert torch.equal(same_x, x) and torch.equal(same_y, y)
+
+
+def test_nine_channel_input_stacks_each_slice_with_its_series_neighbours(processed):
+    """preprocess.mode=2.5d_windows: slices s-1, s, s+1 x 3 windows, the same in training and in `predict`."""
+    import cv2
+
+    from ichpipe.data import DEFAULT_AUGMENT, input_channels, stack_neighbours, to_input
+    from ichpipe.preprocess import output_name
+
+    root, _, meta = processed
+    cfg = _train_cfg(root, "nine", "preprocess.mode=2.5d_windows")
+    png_dir = root / "processed" / output_name(cfg.preprocess)
+    assert input_channels(cfg.preprocess.mode) == 9 and png_dir.name == str(cfg.preprocess.size)  # stage 1's PNGs
+    sid = meta[meta.split == "train"].SeriesInstanceUID.iloc[0]
+    one = meta[meta.SeriesInstanceUID == sid]
+    shuffled = one.sample(frac=1.0, random_state=0)  # row order must not matter: neighbours come from z
+    tf = build_transform([], 64, train=False)
+    ds9, ds3 = SliceDataset(shuffled, png_dir, tf, channels=9), SliceDataset(shuffled, png_dir, tf)
+    in_z = one.sort_values("slice_index").image_id.tolist()
+    images = np.stack([cv2.cvtColor(cv2.imread(str(png_dir / f"{i}.png")), cv2.COLOR_BGR2RGB) for i in in_z])
+    stacked = stack_neighbours(images)  # what predict feeds the network
+    for i, image_id in enumerate(shuffled.image_id):
+        x9 = ds9[i][0]
+        assert x9.shape == (9, 64, 64)
+        assert torch.equal(x9[3:6], ds3[i][0])
+        assert torch.equal(x9, to_input(stacked[in_z.index(image_id)], tf, 0, None))
+        if image_id == in_z[0]:
+            assert torch.equal(x9[0:3], x9[3:6])  # the first slice repeats itself
+    aug9 = SliceDataset(shuffled, png_dir, build_transform(DEFAULT_AUGMENT, 64, True), seed=3, channels=9)
+    aug3 = SliceDataset(shuffled, png_dir, build_transform(DEFAULT_AUGMENT, 64, True), seed=3)
+    assert torch.equal(aug9[1][0][3:6], aug3[1][0])  # one augmentation for all nine channels
+    model = create_model("test_resnet", pretrained=False, in_chans=9).eval()
+    assert model(normalize(torch.stack([ds9[0][0], ds9[1][0]]))).shape == (2, 6)
+
+
+def test_nine_channel_runs_train_and_embed(processed):
+    from ichpipe.embed import embed_fold
+
+    root, _, meta = processed
+    cfg = _train_cfg(root, "nine_run", "preprocess.mode=2.5d_windows", "train.epochs=1", "embed.tta=[none,hflip]")
+    result = train_fold(cfg, progress=False)
+    assert np.isfinite(result["val_loss"])
+    embed_fold(cfg, progress=False)
+    folder = root / "runs" / "nine_run" / f"fold{cfg.fold}" / "embeddings" / "epoch00"
+    logits = np.load(folder / "oof_logits.npy")
+    assert (folder / "done").exists() and logits.shape == ((meta.fold == cfg.fold).sum(), 6)
+    assert np.isfinite(logits).all()

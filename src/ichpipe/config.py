@@ -72,8 +72,10 @@ class PreprocessConfig:
     size: int = 512  # PNG side; 256 for half-resolution training
     # (center, width) per RGB channel: brain, subdural, and soft tissue 40/380 (the 2nd place) or bone 600/2800 (the 1st)
     windows: list[list[float]] = field(default_factory=lambda: [[40, 80], [80, 200], [40, 380]])
-    mode: str = "windows"  # "windows": one window per channel; "2.5d": brain window of slices s-1, s, s+1
-    name: str = ""  # output folder under processed/; empty = "<size>" (windows) or "<size>_2.5d"
+    # "windows": one window per channel; "2.5d": brain window of slices s-1, s, s+1; "2.5d_windows": 9 channels,
+    # the 3 windows of slices s-1, s, s+1 (stage 1 writes the "windows" PNGs; the loader stacks neighbours)
+    mode: str = "windows"
+    name: str = ""  # output folder under processed/; empty = "<size>" (windows, 2.5d_windows) or "<size>_2.5d"
     # PNG encoder: the wall of this stage. Chosen by `make bench-preprocess` (BENCHMARKS.md): no
     # row filter at zlib level 1 is ~2.5x faster than libpng's adaptive filters and smaller too.
     png_level: int = 1
@@ -362,7 +364,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 # Settings with a fixed set of values, and settings that must be at least (or above) a bound.
 CHOICES = {
-    "preprocess.mode": ("windows", "2.5d"),
+    "preprocess.mode": ("windows", "2.5d", "2.5d_windows"),
     "preprocess.png_filter": ("none", "sub", "up", "paeth", "adaptive"),
     "preprocess.png_strategy": ("filtered", "default", "rle"),
     "train.amp": ("auto", "bf16", "fp16", "off"),

@@ -59,10 +59,39 @@ def build_transform(augment: list[dict], image_size: int, train: bool) -> A.Comp
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) batch → float, ImageNet mean/std, on the batch's device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
+    """uint8 (N, 3k, H, W) batch → float, ImageNet mean/std per RGB triple, on the batch's device."""
+    k = x.shape[1] // 3
+    mean = torch.tensor(IMAGENET_MEAN * k, device=x.device).view(1, 3 * k, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD * k, device=x.device).view(1, 3 * k, 1, 1) * 255
     return (x.float() - mean) / std
+
+
+def input_channels(mode: str) -> int:
+    """Network input channels of a ``preprocess.mode``: 9 for 2.5d_windows (3 slices x 3 windows), else 3."""
+    return 9 if mode == "2.5d_windows" else 3
+
+
+def neighbour_ids(meta: pd.DataFrame) -> np.ndarray:
+    """(N, 2) image ids of the previous and next slice of each row in its series (z order; the series'
+    first and last slices repeat themselves), for the 9-channel input."""
+    order = meta.assign(_row=np.arange(len(meta))).sort_values(["SeriesInstanceUID", "slice_index"])
+    ids = order.image_id.to_numpy()
+    series = order.SeriesInstanceUID.to_numpy()
+    prev = np.r_[ids[:1], ids[:-1]]
+    nxt = np.r_[ids[1:], ids[-1:]]
+    first = np.r_[True, series[1:] != series[:-1]]
+    last = np.r_[series[1:] != series[:-1], True]
+    prev[first], nxt[last] = ids[first], ids[last]
+    out = np.empty((len(meta), 2), dtype=object)
+    out[order._row.to_numpy()] = np.stack([prev, nxt], axis=1)
+    return out
+
+
+def stack_neighbours(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) images of one series in z order → (N, H, W, 9): slices s-1, s, s+1 (ends repeated)."""
+    n = len(images)
+    return np.concatenate([images[np.maximum(np.arange(n) - 1, 0)], images,
+                           images[np.minimum(np.arange(n) + 1, n - 1)]], axis=3)
 
 
 def crop_border(img: np.ndarray, rng: np.random.Generator, max_margin: float) -> np.ndarray:
@@ -119,12 +148,14 @@ class SliceDataset(Dataset):
     """(uint8 CHW image, six labels, row index) per metadata row, from ``png_dir/<image_id>.png``.
 
     ``labelled``: the rows must carry six labels in {0, 1} (training, validation); otherwise (test
-    images) the labels are zeros.
+    images) the labels are zeros. ``channels=9``: the image is stacked with its series neighbours'
+    (previous, itself, next: 9 channels, augmented alike).
     """
 
     def __init__(self, meta: pd.DataFrame, png_dir: str | Path, transform: A.Compose, seed: int = 0,
-                 crop_margin: float | None = None, labelled: bool = False):
+                 crop_margin: float | None = None, labelled: bool = False, channels: int = 3):
         self.ids = meta.image_id.to_numpy()
+        self.neighbours = neighbour_ids(meta) if channels == 9 else None
         self.labels = checked_labels(meta) if labelled else np.zeros((len(meta), len(LABELS)), np.float32)
         self.png_dir = Path(png_dir)
         self.transform = transform
@@ -145,11 +176,17 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: int):
-        path = self.png_dir / f"{self.ids[i]}.png"
+    def _read(self, image_id: str) -> np.ndarray:
+        path = self.png_dir / f"{image_id}.png"
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if img is None:
             raise InputError(f"{path}: missing or unreadable PNG (run `make preprocess`)")
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+    def __getitem__(self, i: int):
+        img = self._read(self.ids[i])
+        if self.neighbours is not None:
+            prev, nxt = self.neighbours[i]
+            img = np.dstack([self._read(prev), img, self._read(nxt)])
         seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
         return to_input(img, self.transform, seed, self.crop_margin), torch.from_numpy(self.labels[i]), i

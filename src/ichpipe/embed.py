@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ichpipe.config import Config, changed_settings, describe_changes, save_config
-from ichpipe.data import SliceDataset, build_transform, normalize
+from ichpipe.data import SliceDataset, build_transform, input_channels, normalize
 from ichpipe.device import amp_settings, autocast, init_runtime
 from ichpipe.folds import check_fold_table
 from ichpipe.io import InputError, atomic_path, write_text_atomic
@@ -103,7 +103,8 @@ def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
     sets = {"oof": meta[meta.fold == cfg.fold], "test": meta[meta.split == "test"]}
     rt = init_runtime()
     amp = amp_settings(cfg.train.amp, rt.device)
-    model = create_model(cfg.model.backbone, pretrained=False).to(rt.device)
+    channels = input_channels(cfg.preprocess.mode)
+    model = create_model(cfg.model.backbone, pretrained=False, in_chans=channels).to(rt.device)
     dim = getattr(model, "head_hidden_size", None) or model.num_features  # the width of forward_head(pre_logits)
     written = []
     for ckpt in ckpts:
@@ -121,7 +122,7 @@ def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
             if rows.empty:
                 raise InputError(f"{paths.metadata}: no {'held-out' if name == 'oof' else 'test'} images "
                                  f"for fold {cfg.fold}; run `make preprocess` with every DICOM in place")
-            ds = SliceDataset(rows, png_dir, tf, cfg.seed, crop)
+            ds = SliceDataset(rows, png_dir, tf, cfg.seed, crop, channels=channels)
             ds.check_files()
             loader = DataLoader(ds, batch_size=cfg.embed.batch_size, num_workers=cfg.train.loader_workers,
                                 pin_memory=rt.device.type == "cuda")

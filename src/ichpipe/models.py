@@ -18,7 +18,7 @@ class ModelError(InputError):
 
 
 def create_model(backbone: str, pretrained: bool = True, weights: str = "", init_from: str = "",
-                 drop_rate: float = 0.0) -> nn.Module:
+                 drop_rate: float = 0.0, in_chans: int = 3) -> nn.Module:
     """A timm ``backbone`` with a 6-way head.
 
     Args:
@@ -27,6 +27,8 @@ def create_model(backbone: str, pretrained: bool = True, weights: str = "", init
             classifier is re-initialised for six outputs.
         init_from: a checkpoint of a previous ichpipe run (e.g. the half-resolution model before
             full-size fine-tuning); loaded after construction, head included.
+        in_chans: input channels (9 for 3 slices x 3 windows); timm adapts the pretrained first
+            convolution (its RGB filters repeated and rescaled).
     """
     # is_model takes timm's tagged names (resnext101_32x8d.fb_wsl_ig1b_ft_in1k), which list_models() leaves out.
     if not timm.is_model(backbone):
@@ -34,7 +36,7 @@ def create_model(backbone: str, pretrained: bool = True, weights: str = "", init
     if "." in backbone and not is_model_pretrained(backbone):
         tags = ", ".join(timm.list_pretrained(backbone.split(".")[0] + ".*")[:8]) or "none"
         raise ModelError(f"model.backbone: timm has no pretrained weights tagged {backbone!r} (known: {tags})")
-    kwargs = {"num_classes": N_LABELS, "drop_rate": drop_rate}
+    kwargs = {"num_classes": N_LABELS, "drop_rate": drop_rate, "in_chans": in_chans}
     if weights:
         if not Path(weights).exists():
             raise ModelError(f"model.weights: {weights}: file not found")

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from ichpipe.blend import final_blend, weighted_mean, write_checked
 from ichpipe.bundle import Bundle, load_bundle
-from ichpipe.data import build_transform, normalize, to_input
+from ichpipe.data import build_transform, input_channels, normalize, stack_neighbours, to_input
 from ichpipe.device import amp_settings, default_device
 from ichpipe.dicom import DicomError, _as_dicom_error, _quiet, read_dataset, read_header
 from ichpipe.embed import embed_loader
@@ -164,10 +164,11 @@ class Predictor:
         inp = self.info["input"]
         self.transform = build_transform([], inp["image_size"], train=False)
         self.crop = 0.0 if inp["crop_border"] else None
+        self.channels = input_channels(self.info["preprocess"]["mode"])
         self.cnn = {}
         for k in self.info["folds"]:
             for e in self.info["epochs"][k]:
-                model = create_model(self.info["backbone"], pretrained=False)
+                model = create_model(self.info["backbone"], pretrained=False, in_chans=self.channels)
                 state = torch.load(bundle.cnn_path(k, e), map_location="cpu", weights_only=True)
                 load_weights(model, {n: t.float() if t.is_floating_point() else t for n, t in state.items()},
                              bundle.cnn_path(k, e), self.info["backbone"])
@@ -176,6 +177,9 @@ class Predictor:
             if self.info["lstm"] else {}
 
     def inputs(self, images: np.ndarray) -> torch.Tensor:
+        """The network input of one series' slices (z order): with 9 channels, each slice with its neighbours."""
+        if self.channels == 9:
+            images = stack_neighbours(images)
         return torch.stack([to_input(img, self.transform, 0, self.crop) for img in images])
 
     def predict(self, images: np.ndarray, ids: list[str], z: np.ndarray | None = None) -> np.ndarray:

@@ -58,7 +58,7 @@ class PreprocessError(InputError):
 
 
 def output_name(cfg: PreprocessConfig) -> str:
-    return cfg.name or (f"{cfg.size}" if cfg.mode == "windows" else f"{cfg.size}_2.5d")
+    return cfg.name or (f"{cfg.size}_2.5d" if cfg.mode == "2.5d" else f"{cfg.size}")
 
 
 def png_settings(cfg: PreprocessConfig) -> tuple[int, str, str]:
@@ -66,7 +66,7 @@ def png_settings(cfg: PreprocessConfig) -> tuple[int, str, str]:
 
 
 def check_settings(cfg: PreprocessConfig) -> None:
-    if cfg.mode == "windows" and len(cfg.windows) != 3:
+    if cfg.mode != "2.5d" and len(cfg.windows) != 3:
         raise PreprocessError(f"preprocess.windows: need three [center, width] pairs (R, G, B), got {cfg.windows}")
     for w in cfg.windows:
         if len(w) != 2 or w[1] <= 0:

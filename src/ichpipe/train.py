@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
 from ichpipe.config import Config, changed_settings, describe_changes, save_config
-from ichpipe.data import DEFAULT_AUGMENT, SliceDataset, build_transform, normalize
+from ichpipe.data import DEFAULT_AUGMENT, SliceDataset, build_transform, input_channels, normalize
 from ichpipe.device import Runtime, amp_settings, autocast, close_runtime, init_runtime
 from ichpipe.folds import record_fold_table
 from ichpipe.io import InputError, atomic_path
@@ -158,7 +158,7 @@ def _save(obj, path: Path) -> None:
 # A resume continues the same optimisation: these settings must equal the run's own.
 RESUME_KEYS = ("seed", "model.backbone", "model.drop_rate", "train.image_size", "train.epochs", "train.batch_size",
                "train.lr", "train.weight_decay", "train.warmup_steps", "train.accumulate", "train.loss",
-               "train.augment", "train.crop_border", "train.crop_margin", "preprocess.size", "preprocess.windows",
+               "train.mixup", "train.label_smoothing", "train.augment", "train.crop_border", "train.crop_margin", "preprocess.size", "preprocess.windows",
                "preprocess.mode", "preprocess.name")
 
 
@@ -194,14 +194,16 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, alpha: float, smoothing: float, 
     return x, y
 
 
-def train_fold(cfg: Config, progress: bool = True, stop_after_epochs: int = 0) -> dict:
+def train_fold(cfg: Config, progress: bool = True, stop_after_epochs: int = 0, on_epoch=None) -> dict:
     """Train (or resume) the CNN of ``cfg.fold``; return the last epoch's validation metrics.
 
     ``stop_after_epochs`` (tests only) stops after that many epochs as if the process were killed.
+    ``on_epoch(epoch, metrics)``: called on rank 0 after each epoch's files are written (the search's
+    pruner: an exception it raises stops the run there, its finished epochs kept).
     """
     rt = init_runtime()
     try:
-        return _train(cfg, rt, progress and rt.is_main, stop_after_epochs)
+        return _train(cfg, rt, progress and rt.is_main, stop_after_epochs, on_epoch)
     finally:
         close_runtime(rt)
 
@@ -225,7 +227,7 @@ def _gather_predictions(probs: np.ndarray, n: int, rt: Runtime) -> np.ndarray | 
     return out
 
 
-def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0) -> dict:
+def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0, on_epoch=None) -> dict:
     tcfg = cfg.train
     torch.manual_seed(cfg.seed)
     train_meta, val_meta, png_dir, meta = load_fold(cfg)
@@ -245,10 +247,11 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0)
         save_config(cfg, out / "config.yaml")
 
     augment = tcfg.augment or DEFAULT_AUGMENT
+    channels = input_channels(cfg.preprocess.mode)
     train_ds = SliceDataset(train_meta, png_dir, build_transform(augment, tcfg.image_size, train=True), cfg.seed,
-                            tcfg.crop_margin if tcfg.crop_border else None, labelled=True)
+                            tcfg.crop_margin if tcfg.crop_border else None, labelled=True, channels=channels)
     val_ds = SliceDataset(val_meta, png_dir, build_transform([], tcfg.image_size, train=False), cfg.seed,
-                          0.0 if tcfg.crop_border else None, labelled=True)
+                          0.0 if tcfg.crop_border else None, labelled=True, channels=channels)
     train_ds.check_files()
     val_ds.check_files()
     sampler = EpochSampler(len(train_ds), cfg.seed, rt.rank, rt.world_size)
@@ -257,7 +260,7 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0)
     val_loader = _loader(Subset(val_ds, val_rows.tolist()), micro * 2, tcfg.loader_workers, None, rt.device)
 
     model = create_model(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights, cfg.model.init_from,
-                         cfg.model.drop_rate).to(rt.device)
+                         cfg.model.drop_rate, channels).to(rt.device)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
@@ -373,6 +376,12 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0)
             if progress:
                 tqdm.write(f"fold {cfg.fold} epoch {epoch + 1}: train {metrics['train_loss']:.4f}  "
                            f"val {metrics['val_loss']:.4f}  (prior {baseline:.4f})  auc(any) {metrics['auc_any']:.3f}")
+            if on_epoch is not None:
+                try:
+                    on_epoch(epoch, metrics)
+                except BaseException:
+                    writer.close()
+                    raise
         if rt.distributed:
             dist.barrier()  # rank 0 has written the epoch's files before anyone goes on
     if writer is not None:
