@@ -306,6 +306,24 @@ def _test_frame(pred: pd.DataFrame, sample_ids: pd.Index, fill: np.ndarray) -> t
     return out, int(missing.sum())
 
 
+PREDICTION_FILES = {"oof": "oof_predictions.parquet", "test": "test_predictions.parquet"}
+
+
+def write_prediction_tables(folder: Path, oof: dict[str, pd.DataFrame], test: dict[str, pd.DataFrame]) -> None:
+    """``oof_predictions.parquet`` and ``test_predictions.parquet``: image_id, model, six probabilities."""
+    for where, preds in (("oof", oof), ("test", test)):
+        with atomic_path(folder / PREDICTION_FILES[where]) as tmp:
+            pd.concat([p.assign(model=m) for m, p in preds.items()]).rename_axis("image_id").reset_index()[
+                ["image_id", "model", *LABELS]].to_parquet(tmp, index=False)
+
+
+def sample_image_ids(paths) -> pd.Index:
+    """The test images a submission must cover: those of the sample submission."""
+    if not paths.sample_submission_csv.exists():
+        raise InputError(f"{paths.sample_submission_csv}: not found; it lists the test images to predict")
+    return pd.Index(read_long_csv(paths.sample_submission_csv).image_id.unique(), name="image_id")
+
+
 def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
     """Blend, score, write the CV table and both submissions; returns paths and scores."""
     paths = data_paths(cfg)
@@ -319,14 +337,8 @@ def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
     exp_dir = run_dir(cfg, 0).parent
     write_text_atomic(exp_dir / "cv.md", f"# CV: {cfg.experiment}\n\n" + format_table(scores))
     write_text_atomic(exp_dir / "cv.json", json.dumps({**scores, "used": used}, indent=2) + "\n")
-    for name, where in (("oof_predictions.parquet", preds.oof), ("test_predictions.parquet", preds.test)):
-        with atomic_path(exp_dir / name) as tmp:
-            pd.concat([p.assign(model=m) for m, p in where.items()]).rename_axis("image_id").reset_index()[
-                ["image_id", "model", *LABELS]].to_parquet(tmp, index=False)
-
-    if not paths.sample_submission_csv.exists():
-        raise InputError(f"{paths.sample_submission_csv}: not found; it lists the test images to predict")
-    sample_ids = pd.Index(read_long_csv(paths.sample_submission_csv).image_id.unique(), name="image_id")
+    write_prediction_tables(exp_dir, preds.oof, preds.test)
+    sample_ids = sample_image_ids(paths)
     out_dir = submissions_dir(cfg)
     _sweep_leftovers(out_dir, cfg.experiment)
     date = (today or dt.date.today()).isoformat()

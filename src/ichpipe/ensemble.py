@@ -43,10 +43,21 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ichpipe.blend import _sweep_leftovers, _test_frame, format_table, git_state, score, submissions_dir, write_checked
+from ichpipe.blend import (
+    PREDICTION_FILES,
+    _sweep_leftovers,
+    _test_frame,
+    format_table,
+    git_state,
+    sample_image_ids,
+    score,
+    submissions_dir,
+    write_checked,
+    write_prediction_tables,
+)
 from ichpipe.config import Config, to_dict
 from ichpipe.folds import check_fold_table
-from ichpipe.io import InputError, atomic_path, long_to_wide, read_long_csv, write_text_atomic
+from ichpipe.io import InputError, long_to_wide, read_long_csv, write_text_atomic
 from ichpipe.labels import LABELS
 from ichpipe.metrics import EPS, logit, sigmoid
 from ichpipe.metrics import prior as prior_of
@@ -54,7 +65,6 @@ from ichpipe.paths import data_paths, read_metadata
 
 COMBINERS = ("mean", "weights", "stacker")
 SERIES_KEYS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID"]
-PREDICTION_FILES = {"oof": "oof_predictions.parquet", "test": "test_predictions.parquet"}
 
 
 def load_member(runs, member: str, model: str, where: str) -> pd.DataFrame:
@@ -261,14 +271,8 @@ def run_ensemble(cfg: Config, today: dt.date | None = None) -> dict:
     write_text_atomic(out / "cv.md", title + format_table(scores))
     write_text_atomic(out / "cv.json", json.dumps({**scores, "final": final, "members": members,
                                                    "detail": detail}, indent=2) + "\n")
-    for where, preds in (("oof", preds_oof), ("test", preds_test)):
-        with atomic_path(out / PREDICTION_FILES[where]) as tmp:
-            pd.concat([p.assign(model=m) for m, p in preds.items()]).rename_axis("image_id").reset_index()[
-                ["image_id", "model", *LABELS]].to_parquet(tmp, index=False)
-
-    if not paths.sample_submission_csv.exists():
-        raise InputError(f"{paths.sample_submission_csv}: not found; it lists the test images to predict")
-    sample_ids = pd.Index(read_long_csv(paths.sample_submission_csv).image_id.unique(), name="image_id")
+    write_prediction_tables(out, preds_oof, preds_test)
+    sample_ids = sample_image_ids(paths)
     out_dir = submissions_dir(cfg)
     _sweep_leftovers(out_dir, ecfg.name)
     cv = scores["oof"]["final"]["weighted"]
