@@ -138,6 +138,9 @@ def run_search(config_path: str | Path | None, space_path: str | Path, overrides
         def report(epoch: int, metrics: dict) -> None:
             trial.report(metrics["val_loss"], epoch)
             if trial.should_prune():
+                if progress:
+                    print(f"trial {trial.number}: pruned after epoch {epoch + 1} (val {metrics['val_loss']:.4f})",
+                          flush=True)
                 raise optuna.TrialPruned(f"epoch {epoch + 1}: val {metrics['val_loss']:.4f}")
 
         result = train_fold(cfg, progress=False, on_epoch=report)
