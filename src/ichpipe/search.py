@@ -28,6 +28,7 @@ Writes ``runs/<name>/``: ``trials.csv`` and ``trials.md`` (every trial, its valu
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +214,9 @@ def write_outputs(study, spec: dict, config_path, overrides: list[str], out: Pat
     written = []
     for name, plot in figures.items():
         try:
-            ax = plot(study)
+            with warnings.catch_warnings():  # matplotlib plots are "experimental" in Optuna since 2.2
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = plot(study)
         except (ValueError, RuntimeError) as exc:  # e.g. importances of a parameter that never varied
             print(f"{name}: not drawn ({exc})")
             continue
