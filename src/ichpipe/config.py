@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ichpipe.io import atomic_path
+from ichpipe.io import atomic_path, read_yaml_mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
@@ -318,12 +318,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
         raise ConfigError(f"{path}: config file not found")
     if not path.is_file():
         raise ConfigError(f"{path}: not a file; --config takes a YAML file such as configs/cnn/cpu_small.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    data = read_yaml_mapping(path, ConfigError)
     base = data.pop("base", None)
     chain = _read_yaml(path.parent / base, (*seen, path)) if base else []
     return [*chain, data]

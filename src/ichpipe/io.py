@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from ichpipe.labels import LABELS
 
@@ -20,6 +21,19 @@ os.umask(_UMASK)
 
 class InputError(ValueError):
     """Bad input file; the message is one line naming the file and the problem."""
+
+
+def read_yaml_mapping(path: Path, error: type[Exception] | None = None) -> dict:
+    """A YAML file whose top level is a mapping (an empty file: {}); else a one-line ``error`` (default
+    InputError) naming the file."""
+    error = error or InputError
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: top level must be a mapping")
+    return data
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from ichpipe.config import Config, ConfigError, load_config
-from ichpipe.io import InputError, atomic_path, write_text_atomic
+from ichpipe.io import InputError, atomic_path, read_yaml_mapping, write_text_atomic
 from ichpipe.paths import data_paths
 
 PRUNERS = ("median", "none", "threshold")
@@ -46,10 +46,7 @@ def read_space(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: search space file not found")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    spec = read_yaml_mapping(path)
     known = {"name", "trials", "fold", "seed", "pruner", "space"}
     unknown = sorted(set(spec) - known)
     if unknown:
