@@ -40,9 +40,8 @@ from ichpipe.io import InputError, atomic_dir
 from ichpipe.labels import LABELS
 from ichpipe.metrics import logit
 from ichpipe.metrics import prior as prior_of
-from ichpipe.paths import data_paths, epoch_number, finished_dirs, read_metadata, run_dir
+from ichpipe.paths import SERIES_KEYS, data_paths, epoch_number, finished_dirs, read_metadata, run_dir
 from ichpipe.report import threshold_for_recall
-from ichpipe.sequence import SERIES_KEYS
 
 FORMAT = 1
 MANIFEST = "manifest.json"

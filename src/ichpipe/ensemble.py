@@ -59,12 +59,11 @@ from ichpipe.config import Config, to_dict
 from ichpipe.folds import check_fold_table
 from ichpipe.io import InputError, long_to_wide, read_long_csv, write_text_atomic
 from ichpipe.labels import LABELS
-from ichpipe.metrics import EPS, logit, sigmoid
+from ichpipe.metrics import EPS, log_loss_1d, logit, sigmoid
 from ichpipe.metrics import prior as prior_of
-from ichpipe.paths import data_paths, read_metadata
+from ichpipe.paths import SERIES_KEYS, data_paths, read_metadata
 
 COMBINERS = ("mean", "weights", "stacker")
-SERIES_KEYS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID"]
 
 
 def load_member(runs, member: str, model: str, where: str) -> pd.DataFrame:
@@ -94,11 +93,6 @@ def aligned(frames: dict[str, pd.DataFrame], index: pd.Index, where: str) -> np.
     return np.stack(out)
 
 
-def _bce(y: np.ndarray, p: np.ndarray) -> float:
-    p = np.clip(p, EPS, 1 - EPS)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
-
-
 def _combine(members: np.ndarray, w: np.ndarray, space: str) -> np.ndarray:
     """(M, N) probabilities of one class, weights (M,) → (N,) combined probabilities."""
     if space == "logit":
@@ -112,7 +106,7 @@ def fit_weights(members: np.ndarray, y: np.ndarray, space: str) -> np.ndarray:
     out = np.empty((m, len(LABELS)))
     for c in range(len(LABELS)):
         start = np.full(m, 1.0 / m)
-        result = minimize(lambda w, c=c: _bce(y[:, c], _combine(members[:, :, c], w, space)), start,
+        result = minimize(lambda w, c=c: log_loss_1d(y[:, c], _combine(members[:, :, c], w, space)), start,
                           method="SLSQP", bounds=[(0.0, 1.0)] * m,
                           constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0},))
         w = np.clip(result.x if result.success else start, 0.0, None)

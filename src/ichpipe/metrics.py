@@ -29,6 +29,11 @@ def _bce(y_true: np.ndarray, y_pred: np.ndarray, eps: float) -> np.ndarray:
     return -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
 
 
+def log_loss_1d(y_true: np.ndarray, y_pred: np.ndarray, eps: float = EPS) -> float:
+    """Mean binary log loss of one label's (N,) arrays, predictions clipped to [eps, 1 - eps]."""
+    return float(_bce(y_true, y_pred, eps).mean())
+
+
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     """Probabilities from logits, in float64 (scipy's ``expit``)."""
     return expit(np.asarray(logits, dtype=np.float64))

@@ -70,6 +70,9 @@ class DataPaths:
         return self.processed / "metadata.parquet"
 
 
+SERIES_KEYS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID"]  # the metadata columns that name a series
+
+
 def data_paths(cfg: Any) -> DataPaths:
     """The paths of a Config: ``data.root`` to read the competition's files, ``data.work_dir`` to write."""
     return DataPaths(cfg.data.root, cfg.data.work_dir or None)

@@ -44,9 +44,8 @@ from ichpipe.io import InputError, atomic_path, write_text_atomic
 from ichpipe.labels import LABELS, N_LABELS
 from ichpipe.losses import make_loss
 from ichpipe.metrics import sigmoid, weighted_log_loss
-from ichpipe.paths import data_paths, finished_dirs, read_metadata, run_dir
+from ichpipe.paths import SERIES_KEYS, data_paths, finished_dirs, read_metadata, run_dir
 
-SERIES_KEYS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID"]
 LSTM_KEYS = ("seed", "lstm.")  # an LSTM folder with other values of these is redone
 REFIT = 999  # seed offset of the refit on all the fold's patients (inner folds use their index)
 
