@@ -326,15 +326,22 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
 
 def parse_overrides(items: list[str]) -> dict:
     """``["a.b=1", "fold=0"]`` → ``{"a": {"b": 1}, "fold": 0}`` (values parsed as YAML)."""
-    out: dict = {}
+    flat: dict = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{item}: overrides are key=value (e.g. fold=0 train.lr=3e-4)")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            flat[key] = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
-            value = raw
+            flat[key] = raw
+    return nest(flat)
+
+
+def nest(flat: dict) -> dict:
+    """``{"a.b": 1, "c": 2}`` → ``{"a": {"b": 1}, "c": 2}`` (the inverse of :func:`flatten`)."""
+    out: dict = {}
+    for key, value in flat.items():
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -381,7 +388,8 @@ RANGES = {  # closed intervals
 }
 
 
-def _get(cfg: Config, key: str) -> Any:
+def get_value(cfg: Config, key: str) -> Any:
+    """The value of a dotted key (``train.lr``); AttributeError for a key the schema does not have."""
     value = cfg
     for part in key.split("."):
         value = getattr(value, part)
@@ -391,18 +399,18 @@ def _get(cfg: Config, key: str) -> Any:
 def validate(cfg: Config) -> None:
     """Values the types allow but no stage can use; a one-line error naming the key, before any work."""
     for key, allowed in CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(f"{key}: one of {', '.join(allowed)}, got {_get(cfg, key)!r}")
+        if get_value(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: one of {', '.join(allowed)}, got {get_value(cfg, key)!r}")
     for key, low in AT_LEAST.items():
-        if _get(cfg, key) < low:
-            raise ConfigError(f"{key}: must be at least {low}, got {_get(cfg, key)}")
+        if get_value(cfg, key) < low:
+            raise ConfigError(f"{key}: must be at least {low}, got {get_value(cfg, key)}")
     for key, (low, high) in RANGES.items():
-        if not low <= _get(cfg, key) <= high:
-            raise ConfigError(f"{key}: must be between {low} and {high}, got {_get(cfg, key)}")
+        if not low <= get_value(cfg, key) <= high:
+            raise ConfigError(f"{key}: must be between {low} and {high}, got {get_value(cfg, key)}")
     if cfg.lstm.bag_last > cfg.lstm.epochs:
         raise ConfigError(f"lstm.bag_last={cfg.lstm.bag_last}: must not exceed lstm.epochs={cfg.lstm.epochs}")
     for key in ("blend.epoch_weights", "blend.fold_weights"):
-        for k, w in _get(cfg, key).items():
+        for k, w in get_value(cfg, key).items():
             if k < 0 or w < 0:
                 raise ConfigError(f"{key}.{k}: epochs, folds and weights are not negative, got {k}: {w}")
 

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from ichpipe.io import InputError, non_binary_labels
 from ichpipe.labels import LABELS
+from ichpipe.paths import z_order
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -74,16 +75,11 @@ def input_channels(mode: str) -> int:
 def neighbour_ids(meta: pd.DataFrame) -> np.ndarray:
     """(N, 2) image ids of the previous and next slice of each row in its series (z order; the series'
     first and last slices repeat themselves), for the 9-channel input."""
-    order = meta.assign(_row=np.arange(len(meta))).sort_values(["SeriesInstanceUID", "slice_index"])
-    ids = order.image_id.to_numpy()
-    series = order.SeriesInstanceUID.to_numpy()
-    prev = np.r_[ids[:1], ids[:-1]]
-    nxt = np.r_[ids[1:], ids[-1:]]
-    first = np.r_[True, series[1:] != series[:-1]]
-    last = np.r_[series[1:] != series[:-1], True]
-    prev[first], nxt[last] = ids[first], ids[last]
+    order, first, last = z_order(meta)
+    ids = meta.image_id.to_numpy()[order]
+    pos = np.arange(len(order))
     out = np.empty((len(meta), 2), dtype=object)
-    out[order._row.to_numpy()] = np.stack([prev, nxt], axis=1)
+    out[order] = np.stack([ids[np.maximum(pos - 1, first)], ids[np.minimum(pos + 1, last)]], axis=1)
     return out
 
 

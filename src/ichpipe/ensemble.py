@@ -61,7 +61,7 @@ from ichpipe.io import InputError, long_to_wide, read_long_csv, write_text_atomi
 from ichpipe.labels import LABELS
 from ichpipe.metrics import EPS, log_loss_1d, logit, sigmoid
 from ichpipe.metrics import prior as prior_of
-from ichpipe.paths import SERIES_KEYS, data_paths, read_metadata
+from ichpipe.paths import data_paths, read_metadata, z_order
 
 COMBINERS = ("mean", "weights", "stacker")
 
@@ -125,14 +125,10 @@ def neighbour_features(probs: np.ndarray, rows: pd.DataFrame, offsets: list[int]
     ``probs``: (M, N, 6); ``rows``: N metadata rows (series keys, ``slice_index``) in the same order.
     """
     lg = logit(np.clip(probs, EPS, 1 - EPS))  # (M, N, 6)
-    order = rows.assign(_row=np.arange(len(rows))).sort_values([*SERIES_KEYS, "slice_index"])
-    sorted_rows = order._row.to_numpy()
-    series_id = order.groupby(SERIES_KEYS, sort=False).ngroup().to_numpy()
-    starts = np.r_[0, np.flatnonzero(np.diff(series_id)) + 1]
-    ends = np.r_[starts[1:], len(series_id)]
-    first = np.repeat(starts, ends - starts)
-    last = np.repeat(ends - 1, ends - starts)
-    pos = np.arange(len(series_id))
+    sorted_rows, first, last = z_order(rows)
+    starts = np.unique(first)
+    ends = np.r_[starts[1:], len(sorted_rows)]
+    pos = np.arange(len(sorted_rows))
     blocks = [lg[:, sorted_rows]]
     for d in offsets:
         for s in (-d, d):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ichpipe.io import InputError
@@ -71,6 +72,17 @@ class DataPaths:
 
 
 SERIES_KEYS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID"]  # the metadata columns that name a series
+
+
+def z_order(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows (series keys, ``slice_index``) in series-then-z order: the row order, and for each position
+    in it the positions of its series' first and last slice (for neighbours with the ends repeated)."""
+    order = np.lexsort([rows.slice_index.to_numpy(), *(rows[k].to_numpy() for k in reversed(SERIES_KEYS))])
+    keys = rows[SERIES_KEYS].to_numpy()[order]
+    new = np.r_[True, (keys[1:] != keys[:-1]).any(axis=1)]
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], len(order)]
+    return order, np.repeat(starts, ends - starts), np.repeat(ends - 1, ends - starts)
 
 
 def data_paths(cfg: Any) -> DataPaths:

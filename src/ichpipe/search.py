@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from ichpipe.config import Config, ConfigError, load_config
+from ichpipe.config import ConfigError, get_value, load_config, nest
 from ichpipe.io import InputError, atomic_path, read_yaml_mapping, write_text_atomic
 from ichpipe.paths import data_paths
 
@@ -75,13 +75,6 @@ def suggest(trial, key: str, dist: dict) -> Any:
     return trial.suggest_float(key, float(dist["low"]), float(dist["high"]), log=bool(dist.get("log", False)))
 
 
-def _get(cfg: Config, key: str) -> Any:
-    value: Any = cfg
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def _overrides(values: dict) -> list[str]:
     return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
             for k, v in values.items()]
@@ -111,7 +104,7 @@ def run_search(config_path: str | Path | None, space_path: str | Path, overrides
     start = {}
     for key in spec["space"]:  # every key is a config key: checked before any training
         try:
-            start[key] = _get(base, key)
+            start[key] = get_value(base, key)
             load_config(config_path, [*overrides, *_overrides({key: start[key]})])
         except (AttributeError, ConfigError) as exc:
             raise InputError(f"{space_path}: space.{key}: not a config key ({exc})") from None
@@ -185,13 +178,7 @@ def write_outputs(study, spec: dict, config_path, overrides: list[str], out: Pat
     write_text_atomic(out / "trials.md", "\n".join(lines) + "\n")
 
     load_config(config_path, [*overrides, *_overrides(best.params)])  # the best values make a valid config
-    nested: dict = {}
-    for key, value in best.params.items():
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+    nested = nest(best.params)
     header = (f"# Best of search {spec['name']} (trial {best.number}, fold {spec['fold']} val loss {best.value:.4f}).\n"
               f"# Train it: make train CONFIG={out / 'best.yaml'}\n")
     body = {"base": str(Path(config_path).resolve()) if config_path else None,
