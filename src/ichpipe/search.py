@@ -57,8 +57,16 @@ def read_space(path: str | Path) -> dict:
     spec.setdefault("fold", 0)
     spec.setdefault("seed", 0)
     spec.setdefault("pruner", {"kind": "median"})
-    if spec["pruner"].get("kind", "median") not in PRUNERS:
-        raise InputError(f"{path}: pruner.kind must be one of {', '.join(PRUNERS)}")
+    for key in ("trials", "fold", "seed"):
+        if isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < (1 if key == "trials" else 0):
+            raise InputError(f"{path}: {key} must be a {'positive' if key == 'trials' else 'non-negative'} integer, "
+                             f"got {spec[key]!r}")
+    if not isinstance(spec["pruner"], dict) or spec["pruner"].get("kind", "median") not in PRUNERS:
+        raise InputError(f"{path}: pruner must be a mapping whose kind is one of {', '.join(PRUNERS)}")
+    try:
+        _pruner(spec)
+    except TypeError as exc:
+        raise InputError(f"{path}: pruner: {exc}") from None
     for key, dist in spec["space"].items():
         if not isinstance(dist, dict) or not ({"low", "high"} <= set(dist) or "choices" in dist):
             raise InputError(f"{path}: space.{key}: give low/high (with log: true for a log scale) or choices")
