@@ -44,8 +44,8 @@ help:
 # The venv is rebuilt only when the requirements change.
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-cache-dir --upgrade pip
+	$(PY) -m pip install --quiet --no-cache-dir -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
