@@ -271,6 +271,34 @@ def test_the_55_90_hu_rule_is_no_bleed_detector(tiny_data):
     assert realism.shortcut_score(hu) == pytest.approx(40 / 1024)
 
 
+def _dense_blob_radius_mm(hu: np.ndarray, tissue: np.ndarray, pixel_mm: float) -> float:
+    """Radius of the thickest intracranial soft-tissue region at 50-90 HU (1 mm smoothing): clot-like bulk."""
+    smooth = cv2.GaussianBlur(hu, (0, 0), 1.0 / pixel_mm)
+    soft = np.isin(tissue, [P.CSF, P.BRAIN, P.DURA, P.OEDEMA, P.BLOOD])
+    dense = ((smooth > 50) & (smooth < 90) & soft).astype(np.uint8)
+    return float(cv2.distanceTransform(dense, cv2.DIST_L2, 5).max()) * pixel_mm
+
+
+def test_no_normal_structure_is_a_dense_blob():
+    """Dural sinuses, falx and tentorium are dense but thin; only blood is a thick dense region. (The old
+    transverse sinuses filled the back of the posterior fossa, ~10 mm thick: BLAST-CT, trained on real CT,
+    called them intraparenchymal blood on 12 of 136 control slices.)"""
+    pixel_mm = 0.9
+    for seed in range(4):
+        patient = P.sample_patient(np.random.default_rng(seed))
+        for t in np.linspace(-0.7, 0.85, 16):
+            geo = P.SliceGeometry(256, pixel_mm, (128.0, 128.0), 0.0, float(t) * patient.semi_axes[2])
+            hu, tissue, _ = P.render_slice(patient, [], geo, np.random.default_rng(1), noise_hu=5.0)
+            assert _dense_blob_radius_mm(hu, tissue, pixel_mm) < 4.0, (seed, t)
+    rng = np.random.default_rng(5)  # the measure does see a clot
+    patient = P.sample_patient(rng)
+    clot = P.sample_bleed(rng, "intraparenchymal", patient, faint=False)
+    clot.params["radii"] = (10.0, 10.0, 10.0)  # a 4 ml haematoma
+    geo = P.SliceGeometry(256, pixel_mm, (128.0, 128.0), 0.0, clot.params["center"][2])
+    hu, tissue, masks = P.render_slice(patient, [clot], geo, np.random.default_rng(1), noise_hu=5.0)
+    assert masks["intraparenchymal"].any() and _dense_blob_radius_mm(hu, tissue, pixel_mm) > 4.0
+
+
 def test_tilted_series_come_out_in_z_order(tiny_data):
     root, table = tiny_data
     paths = DataPaths(root)

@@ -265,6 +265,8 @@ def sample_bleed(rng: np.random.Generator, subtype: str, patient: Patient, faint
         if kind == "cistern":
             p["zc"] = patient.cistern_center[2]
             p["half_height"] = rng.uniform(8, 14)
+        elif kind == "interhemispheric":  # from the front (pericallosal) back to ``reach`` x the half-length
+            p.update(half_width=rng.uniform(1.5, 4.0), reach=rng.uniform(-0.3, 0.5))
     elif subtype == "intraparenchymal":
         deep = rng.random() < 0.45  # hypertensive: putamen / thalamus; else lobar
         if deep:
@@ -595,13 +597,13 @@ def _paint(pl: _Plane, pat: Patient, bleeds: list[Bleed], texture: np.ndarray, g
         pl.paint(m, 5.0, CSF)
     septum = intra & (np.abs(us) < 0.8) & (v < 0) & (t > 0.0) & (t < 0.35) & np.logical_or.reduce([m for _, m, _ in vent_masks[:4]] + [np.zeros_like(intra)])
     pl.paint(septum, pat.wm_hu, BRAIN)
-    cistern = _posterior_fossa(pl, pat, intra, us, t, s, texture)
+    cistern = _posterior_fossa(pl, pat, intra, us, t, s, texture, depth_in)
     for ca in pat.calcifications:
         val = pl.value(ca.shape, shift if ca.midline else 0.0)
         pl.blend(np.where(intra | skull_base, np.clip(1.3 - val, 0, 1), 0).astype(np.float32), ca.hu, CALC)
     # Bleeds.
     ctx = dict(phi=phi, depth_in=depth_in, intra=intra, brain=brain, in_sulcus=in_sulcus, sylv=sylv,
-               fissure=fissure, cistern=cistern, vent_masks=vent_masks, us=us, d_out=d_out, depth=depth,
+               fissure=fissure, falx_zone=falx_zone, cistern=cistern, vent_masks=vent_masks, us=us, d_out=d_out, depth=depth,
                texture=texture, grain=grain, head=head)
     for bl in bleeds:
         m = _bleed(pl, pat, bl, ctx)
@@ -703,7 +705,7 @@ def _skull_base(pl: _Plane, pat: Patient, intra, head, t, s, grain) -> np.ndarra
     return base
 
 
-def _posterior_fossa(pl: _Plane, pat: Patient, intra, us, t, s, texture) -> np.ndarray:
+def _posterior_fossa(pl: _Plane, pat: Patient, intra, us, t, s, texture, depth_in) -> np.ndarray:
     """Tentorium, cerebellum (folia), vermis, brainstem and the basal cisterns; return the cistern mask."""
     a, b, c = pat.semi_axes
     u, v, w = pl.u, pl.v, pl.w
@@ -728,9 +730,13 @@ def _posterior_fossa(pl: _Plane, pat: Patient, intra, us, t, s, texture) -> np.n
     pl.hu[cb] = ((pat.gm_hu + pat.wm_hu) / 2 + texture + 0.4 * (pat.gm_hu - pat.wm_hu) * folia)[cb]
     vermis = cb & (np.abs(us) < 1.2) & (v > 0.3 * b)
     pl.paint(vermis, 8.0, CSF)
-    # transverse sinuses along the back of the tentorium's rim
-    ts = intra & (t > -0.5) & (t < -0.2) & (np.abs(t + 0.35) < 0.06) & (pl.tissue != BONE) & (v > 0.35 * b) & (np.hypot(u, v) > 0.75 * np.hypot(a, b) * 0.6)
-    pl.paint(ts & (np.abs(us) > 10), pat.sinus_hu, DURA)
+    # transverse sinuses: channels up to ~5.5 mm deep and ~9 mm tall in the tentorium's attachment along the
+    # occipital inner table, from the torcula on the midline round to the petrous ridges
+    across = 1.0 - ((t + np.float32(0.35)) / np.float32(0.05)) ** 2  # > 0 within the sinus' height
+    if np.any(across > 0):
+        ts_depth = np.float32(5.5) * np.sqrt(np.clip(across, 0, None))
+        ts = intra & (depth_in < ts_depth) & (pl.tissue != BONE) & (v > 0.35 * np.hypot(u, v))
+        pl.paint(ts, pat.sinus_hu + texture, DURA)
     # brainstem: midbrain, pons, medulla with cisterns around; fourth ventricle behind
     stem_v = np.float32(0.06 * b)
     stem_r = np.where(t > -0.3, np.float32(12.0), np.where(t > -0.55, np.float32(15.0), np.float32(10.0)))
@@ -795,8 +801,12 @@ def _bleed(pl: _Plane, pat: Patient, bl: Bleed, ctx: dict) -> np.ndarray | None:
             mask = ctx["cistern"] & near_z
         elif kind == "sylvian":
             mask = ctx["sylv"] & near_z & (np.sign(u) == p["side"])
-        elif kind == "interhemispheric":
-            mask = ctx["fissure"] & near_z & (np.abs(v) < 0.8 * pat.semi_axes[1])
+        elif kind == "interhemispheric":  # blood distends the fissure and spills into the paramedian sulci
+            b = np.float32(pat.semi_axes[1])
+            along = near_z & (v > -0.85 * b) & (v < np.float32(p["reach"]) * b)
+            half_w = np.float32(p["half_width"]) * np.sqrt(np.clip(1 - dz * dz, 0, None))
+            mask = ctx["falx_zone"] & along & (np.abs(ctx["us"]) < np.maximum(half_w, 0.5))
+            mask |= ctx["in_sulcus"] & along & (np.abs(ctx["us"]) < 18)
         else:
             region = np.abs(_angle_diff(phi, np.float32(p["phi"]))) < p["half_angle"] * np.sqrt(np.clip(1 - dz * dz, 0, None))
             rim = intra & (pl.tissue == CSF) & (depth_in < pat.csf_rim_mm * 1.6)
