@@ -176,6 +176,44 @@ def test_nested_folds_never_train_on_the_predicted_patient(embedded, monkeypatch
     assert yaml.safe_load((out / "config.yaml").read_text())["lstm"]["hidden"] == 12
 
 
+def test_train_and_oof_adds_the_cnn_training_patients_but_never_the_predicted_one(processed, monkeypatch):
+    root, _, meta = processed
+    fold = int(meta.groupby("fold").PatientID.nunique().idxmax())
+    cfg = _train_cfg(root, "lstm_train", "train.epochs=1", "embed.tta=[none]", "lstm.epochs=2", "lstm.bag_last=1",
+                     "lstm.inner_folds=2", f"fold={fold}", "embed.train=true", "lstm.train_on=train_and_oof")
+    train_fold(cfg, progress=False)
+    embed_fold(cfg, progress=False)
+    cnn_train = meta[meta.fold.notna() & (meta.fold != fold)]
+    folder = root / "runs" / "lstm_train" / f"fold{fold}" / "embeddings" / "epoch00"
+    assert sorted(pd.read_csv(folder / "train_ids.csv").image_id) == sorted(cnn_train.image_id)
+    assert np.load(folder / "train_emb.npy").shape[0] == len(cnn_train)
+    calls = []
+    real = sequence.fit_predict
+
+    def spy(feats, train_series, targets, lcfg, seed, **kw):
+        target, series = targets[0]
+        calls.append(({feats.patients[feats.series[i][0]] for i in train_series},
+                      {target.patients[target.series[i][0]] for i in series}))
+        return real(feats, train_series, targets, lcfg, seed, **kw)
+
+    monkeypatch.setattr(sequence, "fit_predict", spy)
+    train_sequence_fold(cfg, progress=False)
+    fold_patients, train_patients = set(meta[meta.fold == fold].PatientID), set(cnn_train.PatientID)
+    assert len(calls) == 3
+    for trained_on, predicted in calls[:2]:  # inner folds: the CNN's training patients + the other inner group
+        assert train_patients < trained_on and predicted <= fold_patients and not trained_on & predicted
+    assert calls[2][0] == train_patients | fold_patients  # the refit for the test set
+    oof = pd.read_parquet(root / "runs" / "lstm_train" / f"fold{fold}" / "lstm" / "epoch00" / "oof.parquet")
+    assert sorted(oof.image_id) == sorted(meta[meta.fold == fold].image_id)
+    assert not oof[list(LABELS)].isna().any().any()
+    (folder / "train_ids.csv").unlink()  # embedded without embed.train: a clear error, not a silent fallback
+    (folder.parent.parent / "lstm" / "epoch00" / "done").unlink()
+    with pytest.raises(InputError, match="needs `make embed fold=.* embed.train=true`"):
+        train_sequence_fold(cfg, progress=False)
+    with pytest.raises(InputError, match="lstm.train_on: 'all'; choose from oof, train_and_oof"):
+        train_sequence_fold(_train_cfg(root, "lstm_train", f"fold={fold}", "lstm.train_on=all"), progress=False)
+
+
 def test_missing_embeddings_and_bad_bagging_are_clear_errors(processed):
     root, _, _ = processed
     with pytest.raises(InputError, match="no finished embeddings; run `make embed fold=0` first"):

@@ -130,6 +130,7 @@ class EmbedConfig:
     keep_views: bool = False  # also save every view separately
     epochs: list[int] = field(default_factory=list)  # checkpoints to embed; empty = every epoch
     batch_size: int = 64
+    train: bool = False  # also the fold's training patients (train_*.npy), for lstm.train_on=train_and_oof
 
 
 @dataclass
@@ -139,6 +140,10 @@ class LstmConfig:
     kind: str = "lstm"  # lstm | gru | gru_attention | transformer (src/ichpipe/sequence.py)
     heads: int = 4  # attention heads (gru_attention, transformer); must divide 2 x hidden
     inner_folds: int = 4  # patient groups inside the fold: each inner model predicts one (leakage-free OOF)
+    # oof: train on the fold's held-out patients only (nested CV). train_and_oof: also on the CNN's own
+    # training patients (the 2nd place's recipe; needs embed.train=true): 4x the series, but features the
+    # CNN fitted; every OOF prediction still comes from models that never saw the patient
+    train_on: str = "oof"
     reduce_dim: int = 64  # Linear+ReLU from the CNN embedding to this size first; 0 = use it as is
     hidden: int = 64  # units per direction (recurrent kinds); the transformer's width is 2 x hidden
     layers: int = 2  # recurrent or encoder layers

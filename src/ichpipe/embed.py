@@ -10,7 +10,8 @@ For fold k and every checkpoint ``runs/<experiment>/fold<k>/checkpoints/epoch<NN
     done                         written last: a folder without it is redone
 
 "oof" rows are the fold's held-out patients: the model of fold k never saw them, which is what lets
-the sequence model of fold k train on them without leakage. TTA views: ``none``, ``hflip``
+the sequence model of fold k train on them without leakage. With ``embed.train=true`` the fold's
+training patients are embedded too (``train_*``), for ``lstm.train_on=train_and_oof``. TTA views: ``none``, ``hflip``
 (left-right) and ``transpose`` (rows <-> columns), applied to the uint8 batch on the device.
 """
 
@@ -36,7 +37,7 @@ from ichpipe.paths import data_paths, epoch_number, read_metadata, run_dir
 from ichpipe.preprocess import output_name
 
 # The settings an embeddings folder depends on: when one differs from the folder's, it is redone.
-EMBED_KEYS = ("seed", "model.backbone", "embed.tta", "embed.keep_views", "train.image_size", "train.crop_border",
+EMBED_KEYS = ("seed", "model.backbone", "embed.tta", "embed.keep_views", "embed.train", "train.image_size", "train.crop_border",
               "train.amp", "preprocess.size", "preprocess.windows", "preprocess.mode", "preprocess.name")
 
 VIEWS = {"none": lambda x: x, "hflip": lambda x: x.flip(-1), "transpose": lambda x: x.transpose(-1, -2)}
@@ -101,6 +102,8 @@ def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
     tf = build_transform([], cfg.train.image_size, train=False)
     crop = 0.0 if cfg.train.crop_border else None
     sets = {"oof": meta[meta.fold == cfg.fold], "test": meta[meta.split == "test"]}
+    if cfg.embed.train:
+        sets["train"] = meta[meta.fold.notna() & (meta.fold != cfg.fold)]
     rt = init_runtime()
     amp = amp_settings(cfg.train.amp, rt.device)
     channels = input_channels(cfg.preprocess.mode)
@@ -120,7 +123,7 @@ def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
         load_weights(model, torch.load(ckpt, map_location="cpu", weights_only=True), ckpt, cfg.model.backbone)
         for name, rows in sets.items():
             if rows.empty:
-                raise InputError(f"{paths.metadata}: no {'held-out' if name == 'oof' else 'test'} images "
+                raise InputError(f"{paths.metadata}: no {dict(oof='held-out', train='training').get(name, name)} images "
                                  f"for fold {cfg.fold}; run `make preprocess` with every DICOM in place")
             ds = SliceDataset(rows, png_dir, tf, cfg.seed, crop, channels=channels)
             ds.check_files()

@@ -15,6 +15,12 @@ comes from an LSTM that never saw the patient, over features from a CNN that nev
 patient. Test predictions (and new studies, through a model bundle) come from one more LSTM
 refit on all of fold k's patients, bagged over its last epochs; its weights are saved.
 
+With ``lstm.train_on=train_and_oof`` (the 2nd place's recipe) every one of those LSTMs also trains
+on CNN_k's own training patients (``embed.train=true`` embeds them): on a small set that multiplies
+the series it learns from, at the price of features the CNN has fitted. The OOF rows are still
+predicted by models that never saw their patients. The joined set is held in memory (rows x width
+x 4 bytes: ~5 GB per fold at the real size with 2048-d embeddings).
+
 For fold k and each embedded checkpoint ``embeddings/epoch<NN>/``, writes
 ``runs/<experiment>/fold<k>/lstm/epoch<NN>/``::
 
@@ -51,6 +57,7 @@ REFIT = 999  # seed offset of the refit on all the fold's patients (inner folds 
 
 
 KINDS = ("lstm", "gru", "gru_attention", "transformer")
+TRAIN_ON = ("oof", "train_and_oof")  # lstm.train_on
 
 
 def z_encoding(z: torch.Tensor, dim: int) -> torch.Tensor:
@@ -152,6 +159,20 @@ class SliceFeatures:
                 labels[j, :len(r)] = self.labels[r]
         return (torch.from_numpy(emb), torch.from_numpy(logits),
                 torch.from_numpy(labels) if self.labels is not None else None, lengths, rows, torch.from_numpy(z))
+
+
+def concat_features(first: SliceFeatures, second: SliceFeatures) -> SliceFeatures:
+    """One set of ``first``'s rows then ``second``'s (its series renumbered after ``first``'s); in memory."""
+    if first.emb.shape[1] != second.emb.shape[1]:
+        raise InputError(f"embedding widths differ: {first.emb.shape[1]} vs {second.emb.shape[1]}")
+    if first.labels is None or second.labels is None:
+        raise InputError("only labelled sets can be joined for training")
+    n = len(first.ids)
+    z = None if first.z is None or second.z is None else np.concatenate([first.z, second.z])
+    return SliceFeatures(np.concatenate([first.ids, second.ids]), np.concatenate([first.emb, second.emb]),
+                         np.concatenate([first.logits, second.logits]), np.concatenate([first.labels, second.labels]),
+                         np.concatenate([first.patients, second.patients]),
+                         first.series + [r + n for r in second.series], z)
 
 
 def load_features(folder: Path, name: str, meta: pd.DataFrame) -> SliceFeatures:
@@ -284,6 +305,8 @@ def _inner_groups(feats: SliceFeatures, n: int, seed: int) -> np.ndarray:
 def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
     """Nested-CV LSTMs of ``cfg.fold`` on every embedded checkpoint; returns per-checkpoint OOF losses."""
     lcfg = cfg.lstm
+    if lcfg.train_on not in TRAIN_ON:
+        raise InputError(f"lstm.train_on: {lcfg.train_on!r}; choose from {', '.join(TRAIN_ON)}")
     out = run_dir(cfg)
     folders = finished_dirs(out / "embeddings")
     if not folders:
@@ -313,19 +336,26 @@ def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
         test_feats = load_features(folder, "test", meta)
         groups = _inner_groups(oof_feats, lcfg.inner_folds, cfg.seed)
         all_series = np.arange(len(oof_feats.series))
+        feats, always = oof_feats, []  # the training set: OOF rows first (their row numbers stay), then extras
+        if lcfg.train_on == "train_and_oof":
+            if not (folder / "train_ids.csv").exists():
+                raise InputError(f"{folder}: no training-patient embeddings; lstm.train_on=train_and_oof needs "
+                                 f"`make embed fold={cfg.fold} embed.train=true`")
+            feats = concat_features(oof_feats, load_features(folder, "train", meta))
+            always = list(range(len(oof_feats.series), len(feats.series)))
         oof = np.full((len(oof_feats.ids), N_LABELS), np.nan)
         history = []
         inner_folds = np.unique(groups)
         for j in tqdm(inner_folds, desc=f"fold {cfg.fold} {folder.name} LSTM", leave=False, disable=not progress):
-            train_series, val_series = list(all_series[groups != j]), list(all_series[groups == j])
-            (val_pred,), hist = fit_predict(oof_feats, train_series, [(oof_feats, val_series)], lcfg,
+            train_series, val_series = list(all_series[groups != j]) + always, list(all_series[groups == j])
+            (val_pred,), hist = fit_predict(feats, train_series, [(feats, val_series)], lcfg,
                                             cfg.seed * 1000 + int(j))
             rows = np.concatenate([oof_feats.series[i] for i in val_series])
             oof[rows] = val_pred[rows]
             history += [{"inner_fold": int(j), **h} for h in hist]
         # The test set and new studies: one refit on all the fold's patients, its bagged epochs saved.
         keep: dict = {}
-        (test,), _ = fit_predict(oof_feats, list(all_series), [(test_feats, list(range(len(test_feats.series))))],
+        (test,), _ = fit_predict(feats, list(all_series) + always, [(test_feats, list(range(len(test_feats.series))))],
                                  lcfg, cfg.seed * 1000 + REFIT, keep=keep)
         target.mkdir(parents=True, exist_ok=True)
         with atomic_path(target / "models.pt") as tmp:
