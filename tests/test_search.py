@@ -73,3 +73,43 @@ def test_pruned_trials_stop_early_and_bad_spaces_are_refused(processed, tmp_path
     with pytest.raises(InputError, match=r"space.train.lr: low 0.1 must be below high 0.01"):
         run_search(None, _space(tmp_path, "search_c", space={"train.lr": {"low": 0.1, "high": 0.01}}), ov,
                    progress=False)
+
+
+_DYING_WORKER = """
+import os, sys, time
+import optuna
+from ichpipe.search import open_storage
+
+study = optuna.create_study(study_name="s", storage=open_storage(sys.argv[1], heartbeat_s=1, grace_s=2))
+
+def objective(trial):
+    trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+    time.sleep(1.5)  # a heartbeat is recorded
+    os._exit(3)  # then the process dies mid-trial, as a killed search does
+
+study.optimize(objective, n_trials=1)
+"""
+
+
+def test_a_trial_whose_process_died_is_failed_and_queued_again(tmp_path):
+    """A killed search used to leave its trial "running" for ever; now its heartbeat goes stale, the trial
+    is failed and queued again with the same values."""
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+
+    from ichpipe.search import open_storage
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    died = subprocess.run([sys.executable, "-c", _DYING_WORKER, url], capture_output=True, text=True, timeout=120)
+    assert died.returncode == 3, died.stderr
+    time.sleep(2.5)  # past the grace period
+    study = optuna.load_study(study_name="s", storage=open_storage(url, heartbeat_s=1, grace_s=2))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.RUNNING]
+    with pytest.warns(optuna.exceptions.ExperimentalWarning):
+        optuna.storages.fail_stale_trials(study)  # what every optimize() does before its next trial
+    first, retry = study.trials
+    assert first.state == optuna.trial.TrialState.FAIL and set(first.params) == {"lr"}
+    assert retry.state == optuna.trial.TrialState.WAITING and retry.params == first.params

@@ -17,7 +17,9 @@ TPE; the pruner stops a trial after an epoch whose validation loss is worse than
 earlier trials at that epoch. Each trial is an ordinary run folder ``runs/<name>_tNNN/fold<k>/`` with
 its resolved ``config.yaml``. The study lives in ``runs/<name>/study.db`` (SQLite through Optuna's RDB
 storage), so a killed search resumes where it stopped and several processes can share it;
-``--storage postgresql://...`` puts it on a database server for a cluster. The first trial of a new
+``--storage postgresql://...`` puts it on a database server for a cluster. Running trials beat a
+heartbeat; one whose process died (killed, out of memory, a lost node) is marked failed once its
+heartbeat is ``GRACE_S`` old and queued again with the same values, instead of staying "running". The first trial of a new
 study is the experiment's own settings, so the best is never worse than the starting point.
 
 Writes ``runs/<name>/``: ``trials.csv`` and ``trials.md`` (every trial, its values, state and loss),
@@ -39,6 +41,19 @@ from ichpipe.io import InputError, atomic_path, read_yaml_mapping, write_text_at
 from ichpipe.paths import data_paths
 
 PRUNERS = ("median", "none", "threshold")
+HEARTBEAT_S = 30  # a running trial records a heartbeat this often
+GRACE_S = 120  # a trial silent this long is stale: failed, then retried once with the same values
+
+
+def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S):
+    """Optuna's RDB storage at ``url`` with heartbeats: stale trials fail and are re-queued (once)."""
+    import optuna
+
+    with warnings.catch_warnings():  # heartbeats and the retry callback are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                                          heartbeat_stale_trial_callback=retry)
 
 
 def read_space(path: str | Path) -> dict:
@@ -118,7 +133,7 @@ def run_search(config_path: str | Path | None, space_path: str | Path, overrides
             raise InputError(f"{space_path}: space.{key}: not a config key ({exc})") from None
     out = data_paths(base).runs / spec["name"]
     out.mkdir(parents=True, exist_ok=True)
-    storage = storage or f"sqlite:///{out / 'study.db'}"
+    storage = open_storage(storage or f"sqlite:///{out / 'study.db'}")
     optuna.logging.set_verbosity(logging.WARNING)
     study = optuna.create_study(study_name=spec["name"], storage=storage, load_if_exists=True, direction="minimize",
                                 sampler=optuna.samplers.TPESampler(seed=spec["seed"]), pruner=_pruner(spec))
