@@ -31,7 +31,8 @@ def run(cfg, args):
         print(f"weights ({weights['space']} space, fitted on every fold):")
         for label, per in weights["per_class"].items():
             print(f"  {label:17s} " + "  ".join(f"{m} {w:.2f}" for m, w in per.items()))
-    print(f"CV table: {result['cv_dir']}/cv.md; final = {result['final']}")
+    note = " (a member: no combiner beat it out of fold)" if result["final"] in result["members"] else ""
+    print(f"CV table: {result['cv_dir']}/cv.md; final = {result['final']}{note}")
     print(f"written and validated: {result['path']}")
 
 

@@ -140,6 +140,24 @@ def test_ensemble_scores_members_and_combiners_out_of_fold(tmp_path, stacker):
         result["scores"]["test"]["a"]["weighted"]
 
 
+def test_a_member_better_than_every_combiner_is_the_final(tmp_path):
+    """The mean of a good and a useless member is worse than the good one: submit the good one, not the mean."""
+    rng = np.random.default_rng(3)
+    meta = _dataset(tmp_path, rng)
+    _member(tmp_path, "good", meta, _probs(meta, rng))
+    _member(tmp_path, "noise", meta, pd.DataFrame(rng.uniform(0.2, 0.8, (len(meta), 6)), index=meta.image_id,
+                                                  columns=L))
+    result = run_ensemble(_cfg(tmp_path, "ensemble.members=[good, noise]", "ensemble.name=gn",
+                               "ensemble.combiners=[mean]"))
+    oof = {m: s["weighted"] for m, s in result["scores"]["oof"].items()}
+    assert oof["good"] < oof["mean"] < oof["noise"]
+    assert result["final"] == "good" and oof["final"] == oof["good"]
+    info = yaml.safe_load(info_path(Path(result["path"])).read_text())
+    assert info["combiner"] == "good" and info["cv"]["oof"]["weighted"] == pytest.approx(oof["good"])
+    with pytest.raises(InputError, match="ensemble.final='best': auto, one of ensemble.combiners"):
+        run_ensemble(_cfg(tmp_path, "ensemble.members=[good, noise]", "ensemble.final=best"))
+
+
 def test_members_on_other_folds_or_missing_rows_are_refused(tmp_path):
     rng = np.random.default_rng(2)
     meta = _dataset(tmp_path, rng)

@@ -192,7 +192,7 @@ class EnsembleConfig:
     member_model: str = "blend"  # which of each member's stage-5 models: blend | cnn_bagged | lstm | ...
     combiners: list[str] = field(default_factory=lambda: ["mean", "weights", "stacker"])
     weight_space: str = "auto"  # per-class weights on probabilities (prob), logits (logit) or by CV (auto)
-    final: str = "auto"  # the submitted combiner; auto = the lowest OOF loss
+    final: str = "auto"  # the submitted combiner or member; auto = the lowest OOF loss of all of them
     stacker: StackerConfig = field(default_factory=StackerConfig)
 
 

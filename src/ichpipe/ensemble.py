@@ -21,7 +21,8 @@ Combiners, each scored out of fold on the same folds:
     slice repeated), and the series' max and mean. Fold k's predictions come from a stacker trained
     on the other folds; the test set gets the mean of those fold stackers.
 
-The final model is ``ensemble.final`` (``auto``: the combiner with the lowest OOF loss). Writes::
+The final model is ``ensemble.final`` (``auto``: the lowest OOF loss among the combiners and the
+members, so an ensemble never submits something worse out of fold than its best member). Writes::
 
     runs/<ensemble.name>/cv.md, cv.json     the CV table: every member, every combiner, the final
     runs/<ensemble.name>/oof_predictions.parquet, test_predictions.parquet
@@ -186,8 +187,9 @@ def run_ensemble(cfg: Config, today: dt.date | None = None) -> dict:
     unknown = [c for c in ecfg.combiners if c not in COMBINERS]
     if unknown or not ecfg.combiners:
         raise InputError(f"ensemble.combiners: {unknown or 'none'}; choose from {', '.join(COMBINERS)}")
-    if ecfg.final not in ("auto", *ecfg.combiners):
-        raise InputError(f"ensemble.final={ecfg.final!r}: auto or one of ensemble.combiners {ecfg.combiners}")
+    if ecfg.final not in ("auto", *ecfg.combiners, *members):
+        raise InputError(f"ensemble.final={ecfg.final!r}: auto, one of ensemble.combiners {ecfg.combiners} "
+                         f"or a member {members}")
     if ecfg.weight_space not in ("auto", "prob", "logit"):
         raise InputError(f"ensemble.weight_space={ecfg.weight_space!r}: auto, prob or logit")
     paths = data_paths(cfg)
@@ -248,7 +250,10 @@ def run_ensemble(cfg: Config, today: dt.date | None = None) -> dict:
                   for m, p in test.items()}
     truth = labelled[list(LABELS)]
     scores = {"oof": score(preds_oof, truth)}
-    final = ecfg.final if ecfg.final != "auto" else min(ecfg.combiners, key=lambda c: scores["oof"][c]["weighted"])
+    # auto: the lowest OOF loss among the combiners and the members themselves, so that an ensemble
+    # no combiner of which beats its best member submits that member rather than something worse
+    final = ecfg.final if ecfg.final != "auto" else min([*ecfg.combiners, *members],
+                                                        key=lambda c: scores["oof"][c]["weighted"])
     preds_oof["final"], preds_test["final"] = preds_oof[final], preds_test[final]
     scores["oof"]["final"] = scores["oof"][final]
     if paths.test_labels_csv.exists():
@@ -279,4 +284,4 @@ def run_ensemble(cfg: Config, today: dt.date | None = None) -> dict:
             "images_filled_with_prior": filled, "config": to_dict(cfg)}
     write_checked(sub, path, paths.sample_submission_csv, info)
     return {"scores": scores, "final": final, "path": str(path), "table": format_table(scores),
-            "cv_dir": str(out), "detail": detail}
+            "cv_dir": str(out), "detail": detail, "members": members}
