@@ -39,7 +39,7 @@ help:
 	@echo "make predict STUDY=folder-or-zip [BUNDLE=...]   run a bundle on new DICOM studies"
 	@echo "make eda         dataset overview figures from the metadata table (DATA_DIR/eda)"
 	@echo "make bench       print the benchmark figures"
-	@echo "make judge [N=6] BLAST-CT v1 (trained on real CT) on N synthetic series, in its own venv"
+	@echo "make judge [N=6] [SUBTYPE=x]  BLAST-CT v1 (trained on real CT) on N synthetic series, in its own venv"
 
 # The venv is rebuilt only when the requirements change.
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -135,7 +135,8 @@ $(JUDGE_VENV)/.installed: $(VENV)/.installed
 	touch $@
 
 judge: $(JUDGE_VENV)/.installed
-	$(JUDGE_VENV)/bin/python scripts/09_judge.py $(STAGE_ARGS) --patients $(N) --blast-ct "$(BLAST_CT)"
+	$(JUDGE_VENV)/bin/python scripts/09_judge.py $(STAGE_ARGS) --patients $(N) --blast-ct "$(BLAST_CT)" \
+		$(if $(SUBTYPE),--subtype $(SUBTYPE))
 
 # The whole pipeline on the synthetic set, on the CPU (README: what it trades away): two model families
 # (test_resnet, test_byobnet) and their ensemble.

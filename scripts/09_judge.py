@@ -28,6 +28,8 @@ from ichpipe.synthetic.judge import pick_series, segment, series_volume, slice_c
 
 def add_arguments(parser) -> None:
     parser.add_argument("--patients", type=int, default=6, help="series to judge (default 6)")
+    parser.add_argument("--subtype", choices=SUBTYPES, default=None,
+                        help="judge only series with this subtype (tables in judge/<subtype>/; segmentations shared)")
     parser.add_argument("--blast-ct", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "blast-ct-v1"),
                         help="BLAST-CT v1 source folder (with blast_ct/data/saved_models/model_1.pt)")
 
@@ -38,19 +40,21 @@ def run(cfg, args):
     blast_dir = Path(args.blast_ct)
     if not (blast_dir / "blast_ct" / "data" / "saved_models" / "model_1.pt").exists():
         raise FileNotFoundError(f"{blast_dir}: no BLAST-CT v1 (blast_ct/data/saved_models/model_1.pt); give --blast-ct")
-    out = paths.work / "judge"
+    cache = paths.work / "judge" / "work"  # BLAST-CT's segmentations, reused by every selection
+    out = paths.work / "judge" / (args.subtype or "")
     out.mkdir(parents=True, exist_ok=True)
     judged = []
-    for k, series in enumerate(pick_series(table, args.patients)):
+    chosen = pick_series(table, args.patients, args.subtype)
+    for k, series in enumerate(chosen):
         rows = table[table.SeriesInstanceUID == series]
         folder = paths.train_dir if rows.split.iloc[0] == "train" else paths.test_dir
         start = time.perf_counter()
         image, rows = series_volume(rows, folder)
-        seg = segment(image, blast_dir, out / "work" / series)
+        seg = segment(image, blast_dir, cache / series)
         calls = slice_calls(seg, image.GetSpacing()[0], cfg.synthetic.min_label_area_mm2)
         judged.append(rows.assign(call=calls)[["image_id", "SeriesInstanceUID", "slice_index", "faint", *SUBTYPES, "any",
                                                "call"]])
-        print(f"[{k + 1}/{args.patients}] {series}: {len(rows)} slices, {sum(c != '' for c in calls)} called bleeding, "
+        print(f"[{k + 1}/{len(chosen)}] {series}: {len(rows)} slices, {sum(c != '' for c in calls)} called bleeding, "
               f"{time.perf_counter() - start:.0f} s", flush=True)
         lines = write_tables(pd.concat(judged, ignore_index=True), out)  # after every series: nothing lost
     print("\n".join(lines))

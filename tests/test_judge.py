@@ -30,6 +30,10 @@ def test_pick_series_covers_every_subtype_then_controls_and_skips_odd_series():
     assert chosen[:5] == [f"s{k}" for k in range(5)]  # all five subtypes first, each from its own series
     assert chosen[5:] == ["c1", "c2", "c3"]  # the rest controls; the tilted series never
     assert "tilted" not in pick_series(table, 20)
+    labels["s9"] = {"subtypes": ("subdural", "epidural")}
+    table = _table(labels, tilted={"tilt_deg": 12.0})
+    assert pick_series(table, 5, "subdural") == ["s4", "s9"]  # only series with it, never the tilted one
+    assert pick_series(table, 1, "epidural") == ["s0"]
 
 
 def test_slice_calls_take_the_largest_class_above_the_minimum_area():

@@ -23,10 +23,13 @@ CLASSES = {1: "IPH", 2: "extra-axial", 4: "IVH"}  # BLAST-CT's bleed labels (3 =
 OUTPUT_TILE = 120  # voxels of output per side: large tiles are several times faster on a CPU than the default
 
 
-def pick_series(table: pd.DataFrame, n: int) -> list[str]:
-    """Series with bleeds, covering every subtype first, then controls: about 2/3 bleeding."""
+def pick_series(table: pd.DataFrame, n: int, subtype: str | None = None) -> list[str]:
+    """Series with bleeds, covering every subtype first, then controls: about 2/3 bleeding. With
+    ``subtype``: the first ``n`` series that hold that subtype (a larger sample of one kind of bleed)."""
     table = table[(table.tilt_deg == 0) & ~table.truncated & (table["size"] == 512)]
     per_series = table.groupby("SeriesInstanceUID")[list(SUBTYPES)].max()
+    if subtype is not None:
+        return list(per_series.index[per_series[subtype] > 0][:n])
     chosen: list[str] = []
     for name in sorted(SUBTYPES, key=lambda s: per_series[s].sum()):  # rarest subtype first
         for series in per_series.index[per_series[name] > 0]:
