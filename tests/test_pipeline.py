@@ -62,14 +62,17 @@ def test_make_demo_runs_every_stage(demo):
     assert all(s["n_images"] == meta.fold.notna().sum() for s in cv["oof"].values())
     assert cv["test"]["blend"]["n_images"] == (meta.split == "test").sum()  # scored on the synthetic answer key
     assert "| model | weighted | EDH | IPH | IVH | SAH | SDH | any | images |" in res.stdout  # the CV table is shown
-    # The models learn: on the synthetic test set's answer key, prior > CNN > LSTM, by margins that a
-    # broken label alignment does not reach. Measured on the realistic phantom: prior 0.274, CNN 0.234,
-    # LSTM 0.230 (OOF 0.326, 0.291, 0.275); on the old phantom, with the training labels shuffled between
-    # images, the CNN and the LSTM were worse than the prior (0.257: CNN 0.263, LSTM 0.273).
+    # The models learn: prior > CNN > LSTM on the synthetic test set's answer key and out of fold, by
+    # margins that a broken label alignment does not reach. Measured on the phantom of 2026-11-25 with the
+    # demo's lstm.train_on=train_and_oof: test prior 0.187, CNN 0.157, LSTM 0.155 (99 slices); OOF 0.270,
+    # 0.234, 0.226. With the nested LSTM (train_on=oof) the LSTM was worse than
+    # the CNN on both (0.2344 OOF, 0.1577 test). On the old phantom, with the training labels shuffled
+    # between images, the CNN and the LSTM were worse than the prior (0.257: CNN 0.263, LSTM 0.273).
     test = {m: s["weighted"] for m, s in cv["test"].items()}
+    oof = {m: s["weighted"] for m, s in cv["oof"].items()}
     assert test["prior"] - test["cnn_bagged"] > 0.02, test
-    assert test["cnn_bagged"] - test["lstm"] > 0.002, test
-    assert cv["oof"]["prior"]["weighted"] > cv["oof"]["cnn_bagged"]["weighted"] > cv["oof"]["lstm"]["weighted"]
+    assert test["cnn_bagged"] > test["lstm"], test
+    assert oof["prior"] - oof["cnn_bagged"] > 0.02 and oof["cnn_bagged"] - oof["lstm"] > 0.004, oof
 
     (final,) = subs.glob("*_demo_cv*.csv.gz")
     assert final.name.endswith(f"_cv{cv['oof']['blend']['weighted']:.4f}.csv.gz")
@@ -83,7 +86,8 @@ def test_make_demo_runs_every_stage(demo):
     assert ens["members"] == ["demo", "demo_byobnet"]
     assert set(ens["oof"]) == {"demo", "demo_byobnet", "mean", "weights", "stacker", "final"}
     assert all(s["n_images"] == meta.fold.notna().sum() for s in ens["oof"].values())
-    assert ens["oof"]["final"]["weighted"] == min(ens["oof"][c]["weighted"] for c in ("mean", "weights", "stacker"))
+    candidates = ("mean", "weights", "stacker", "demo", "demo_byobnet")  # the best member may be the final
+    assert ens["oof"]["final"]["weighted"] == min(ens["oof"][c]["weighted"] for c in candidates)
     assert ens["oof"]["demo"]["weighted"] == pytest.approx(cv["oof"]["blend"]["weighted"])
     (ensemble,) = subs.glob("*_ensemble_cv*.csv.gz")
     assert check_submission(ensemble, root / "stage_2_sample_submission.csv") == []
