@@ -210,8 +210,8 @@ def test_train_and_oof_adds_the_cnn_training_patients_but_never_the_predicted_on
     (folder.parent.parent / "lstm" / "epoch00" / "done").unlink()
     with pytest.raises(InputError, match="needs `make embed fold=.* embed.train=true`"):
         train_sequence_fold(cfg, progress=False)
-    with pytest.raises(InputError, match="lstm.train_on: 'all'; choose from oof, train_and_oof"):
-        train_sequence_fold(_train_cfg(root, "lstm_train", f"fold={fold}", "lstm.train_on=all"), progress=False)
+    with pytest.raises(ConfigError, match="lstm.train_on: one of oof, train_and_oof, got 'all'"):
+        _train_cfg(root, "lstm_train", f"fold={fold}", "lstm.train_on=all")  # refused when the config is read
 
 
 def test_missing_embeddings_and_bad_bagging_are_clear_errors(processed):

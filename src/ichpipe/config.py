@@ -377,6 +377,7 @@ CHOICES = {
     "train.amp": ("auto", "bf16", "fp16", "off"),
     "train.loss": ("weighted_bce", "mse"),
     "report.model": ("prior", "cnn_single", "cnn_bagged", "lstm", "blend"),
+    "lstm.train_on": ("oof", "train_and_oof"),
 }
 AT_LEAST = {
     "fold": 0, "data.workers": 0, "preprocess.size": 1, "preprocess.n_folds": 2, "preprocess.chunk_size": 1,

@@ -57,7 +57,6 @@ REFIT = 999  # seed offset of the refit on all the fold's patients (inner folds 
 
 
 KINDS = ("lstm", "gru", "gru_attention", "transformer")
-TRAIN_ON = ("oof", "train_and_oof")  # lstm.train_on
 
 
 def z_encoding(z: torch.Tensor, dim: int) -> torch.Tensor:
@@ -305,8 +304,6 @@ def _inner_groups(feats: SliceFeatures, n: int, seed: int) -> np.ndarray:
 def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
     """Nested-CV LSTMs of ``cfg.fold`` on every embedded checkpoint; returns per-checkpoint OOF losses."""
     lcfg = cfg.lstm
-    if lcfg.train_on not in TRAIN_ON:
-        raise InputError(f"lstm.train_on: {lcfg.train_on!r}; choose from {', '.join(TRAIN_ON)}")
     out = run_dir(cfg)
     folders = finished_dirs(out / "embeddings")
     if not folders:
