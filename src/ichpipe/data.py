@@ -6,6 +6,7 @@ of loader workers and any number of GPUs see exactly the same augmented images.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ichpipe.io import InputError, non_binary_labels
 from ichpipe.labels import LABELS
@@ -22,7 +23,9 @@ from ichpipe.paths import z_order
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-# The 2nd-place recipe. ShiftScaleRotate is spelled Affine in albumentations 2.x.
+# The 2nd place's three transforms at albumentations' ShiftScaleRotate defaults (shift 0.0625, scale 0.1,
+# p 0.7; their own limits were 0.05, 0.05 and p 0.3: configs/cnn/resnext101_2nd_place.yaml). ShiftScaleRotate
+# is spelled Affine in albumentations 2.x.
 DEFAULT_AUGMENT = [
     {"name": "HorizontalFlip", "p": 0.5},
     {"name": "Affine", "translate_percent": [-0.0625, 0.0625], "scale": [0.9, 1.1], "rotate": [-20, 20],
@@ -59,12 +62,38 @@ def build_transform(augment: list[dict], image_size: int, train: bool) -> A.Comp
     return A.Compose(steps)
 
 
+@functools.lru_cache(maxsize=16)
+def _mean_std(channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std x 255 per RGB triple, as (1, C, 1, 1) tensors on ``device``: made once per
+    (channels, device), not on every batch (each new tensor on a GPU is a host-to-device copy)."""
+    k = channels // 3
+    mean = torch.tensor(IMAGENET_MEAN * k, device=device).view(1, 3 * k, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD * k, device=device).view(1, 3 * k, 1, 1) * 255
+    return mean, std
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3k, H, W) batch → float, ImageNet mean/std per RGB triple, on the batch's device."""
-    k = x.shape[1] // 3
-    mean = torch.tensor(IMAGENET_MEAN * k, device=x.device).view(1, 3 * k, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD * k, device=x.device).view(1, 3 * k, 1, 1) * 255
+    mean, std = _mean_std(x.shape[1], x.device)
     return (x.float() - mean) / std
+
+
+def make_loader(ds: Dataset, batch_size: int, workers: int, sampler=None, device: torch.device | None = None
+                ) -> DataLoader:
+    """Batches of uint8 images in order (or ``sampler``'s): decoded in ``workers`` processes (kept alive across
+    epochs), pinned for a GPU.
+
+    Each worker decodes on one thread: OpenCV would otherwise start a thread per core in every worker (8
+    workers x 16 threads on 16 cores; torch already gives its workers one). The setting is made here, in the
+    process that forks the workers, which inherit it: ``cv2.setNumThreads`` inside a forked worker deadlocks
+    once this process has used OpenCV's thread pool. This process's own OpenCV calls then run on one thread
+    too (its workers decode).
+    """
+    if workers > 0:
+        cv2.setNumThreads(1)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=device is not None and device.type == "cuda", persistent_workers=workers > 0,
+                      drop_last=False)
 
 
 def input_channels(mode: str) -> int:
@@ -91,10 +120,12 @@ def stack_neighbours(images: np.ndarray) -> np.ndarray:
 
 
 def crop_border(img: np.ndarray, rng: np.random.Generator, max_margin: float) -> np.ndarray:
-    """Crop to the head's bounding box (pixels not black in any window) plus a random margin.
+    """Crop to the head's bounding box (pixels not black in any window) plus a random margin, then pad
+    with black to a square, the box centred (the 2nd place's autocrop): the resize that follows keeps
+    the head's proportions instead of stretching its shorter side.
 
-    The margin on each side is drawn from [0, max_margin] x the box size; an all-black image is
-    returned as it is.
+    The margin on each side is drawn from [0, max_margin] x the box size (0: the tight box); an
+    all-black image is returned as it is.
     """
     mask = img.max(axis=2) > 0
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
@@ -105,7 +136,19 @@ def crop_border(img: np.ndarray, rng: np.random.Generator, max_margin: float) ->
     m = rng.uniform(0, max_margin, 4)
     r0, r1 = max(0, int(r0 - m[0] * h)), min(img.shape[0], int(r1 + m[1] * h))
     c0, c1 = max(0, int(c0 - m[2] * w)), min(img.shape[1], int(c1 + m[3] * w))
-    return img[r0:r1, c0:c1]
+    return pad_to_square(img[r0:r1, c0:c1])
+
+
+def pad_to_square(img: np.ndarray) -> np.ndarray:
+    """(H, W, C) → (S, S, C), S = max(H, W): the image centred on black."""
+    h, w = img.shape[:2]
+    side = max(h, w)
+    if h == w:
+        return img
+    out = np.zeros((side, side, *img.shape[2:]), img.dtype)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top:top + h, left:left + w] = img
+    return out
 
 
 def checked_labels(meta: pd.DataFrame) -> np.ndarray:

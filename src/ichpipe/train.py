@@ -26,21 +26,21 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
 from ichpipe.config import Config, changed_settings, describe_changes, save_config
-from ichpipe.data import DEFAULT_AUGMENT, SliceDataset, build_transform, input_channels, normalize
-from ichpipe.device import Runtime, amp_settings, autocast, close_runtime, init_runtime
+from ichpipe.data import DEFAULT_AUGMENT, SliceDataset, build_transform, input_channels, make_loader, normalize
+from ichpipe.device import Runtime, amp_settings, autocast, close_runtime, init_runtime, local_main_first
 from ichpipe.folds import record_fold_table
 from ichpipe.io import InputError, atomic_path
 from ichpipe.labels import LABELS
 from ichpipe.losses import make_loss
 from ichpipe.metrics import auc_or_nan, logit, per_class_log_loss, prior, weighted_log_loss
 from ichpipe.models import create_model, load_weights
+from ichpipe.optim import accumulation_groups, make_optimizer, make_schedule
 from ichpipe.paths import data_paths, read_metadata, run_dir
 from ichpipe.preprocess import output_name
 
@@ -87,16 +87,6 @@ class EpochDataset(torch.utils.data.Dataset):
         return self.base[i]
 
 
-def cosine_with_warmup(optimizer, warmup: int, total: int) -> CosineLRScheduler:
-    """timm's cosine schedule over ``total`` optimizer updates after ``warmup`` linear ones (lr/warmup → lr).
-
-    Stepped per update with ``step_update(updates)``; its state travels in ``last.pt``.
-    """
-    lr = optimizer.param_groups[0]["lr"]
-    return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=0.0, warmup_t=warmup,
-                             warmup_lr_init=lr / max(1, warmup), warmup_prefix=True, t_in_epochs=False)
-
-
 def init_head_bias(model: nn.Module, prevalence: np.ndarray) -> None:
     """Start the classifier at the training prior (bias = logit of each label's prevalence): an untrained
     model then scores the prior-only loss instead of log(2) per label, and the first steps learn images,
@@ -133,11 +123,6 @@ def predict(model: nn.Module, loader: DataLoader, rt: Runtime, amp: tuple, progr
     return torch.cat(out).numpy() if out else np.zeros((0, len(LABELS)), np.float32)
 
 
-def _loader(ds, batch_size, workers, sampler, device) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=False)
-
-
 def load_fold(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, Path, pd.DataFrame]:
     """(training rows, validation rows, PNG folder, whole metadata) of ``cfg.fold``."""
     paths = data_paths(cfg)
@@ -150,6 +135,46 @@ def load_fold(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame, Path, pd.DataFra
     return labelled[labelled.fold != cfg.fold], labelled[labelled.fold == cfg.fold], png_dir, meta
 
 
+def micro_batch(batch_size: int, accumulate: int, world_size: int) -> int:
+    """Images per process and micro-step; ``train.batch_size`` must split evenly (64 on 3 GPUs would train 63)."""
+    parts = accumulate * world_size
+    if batch_size % parts:
+        fits = ", ".join(str(b) for b in sorted({max(parts, batch_size // parts * parts), (batch_size // parts + 1) * parts}))
+        raise InputError(f"train.batch_size={batch_size} does not split into train.accumulate={accumulate} x "
+                         f"{world_size} process(es); use a multiple of {parts} (e.g. {fits})")
+    return batch_size // parts
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """The loss scaler's state from ``last.pt``. A run saved without loss scaling (on a CPU, or bf16) and
+    resumed with it (fp16 on a GPU) starts the scaler afresh; the other way round there is nothing to keep."""
+    if state and scaler.is_enabled():
+        scaler.load_state_dict(state)
+
+
+class OptimizerStep:
+    """One (scaled) optimizer step per call; it returns False when fp16 gradients overflowed and the scaler
+    skipped the update.
+
+    The scale is read once per step, after the update, and kept for the next (the only host sync this
+    adds: the scaler's own step already waits for its overflow check). Without loss scaling: no sync.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler):
+        self.optimizer, self.scaler = optimizer, scaler
+        self.scale: float | None = None
+
+    def __call__(self) -> bool:
+        if not self.scaler.is_enabled():
+            self.optimizer.step()
+            return True
+        before = self.scale if self.scale is not None else self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scale = self.scaler.get_scale()
+        return self.scale >= before
+
+
 def _save(obj, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -157,7 +182,7 @@ def _save(obj, path: Path) -> None:
 
 # A resume continues the same optimisation: these settings must equal the run's own.
 RESUME_KEYS = ("seed", "model.backbone", "model.drop_rate", "train.image_size", "train.epochs", "train.batch_size",
-               "train.lr", "train.weight_decay", "train.warmup_steps", "train.accumulate", "train.loss",
+               "train.lr", "train.optimizer", "train.schedule", "train.weight_decay", "train.warmup_steps", "train.accumulate", "train.loss",
                "train.mixup", "train.label_smoothing", "train.augment", "train.crop_border", "train.crop_margin", "preprocess.size", "preprocess.windows",
                "preprocess.mode", "preprocess.name")
 
@@ -201,7 +226,7 @@ def train_fold(cfg: Config, progress: bool = True, stop_after_epochs: int = 0, o
     ``on_epoch(epoch, metrics)``: called on rank 0 after each epoch's files are written (the search's
     pruner: an exception it raises stops the run there, its finished epochs kept).
     """
-    rt = init_runtime()
+    rt = init_runtime(cfg.train.cudnn_benchmark)
     try:
         return _train(cfg, rt, progress and rt.is_main, stop_after_epochs, on_epoch)
     finally:
@@ -238,9 +263,7 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0,
     if last.exists():
         check_resume(cfg, out)
         state = _load_state(last)
-    micro = tcfg.batch_size // (tcfg.accumulate * rt.world_size)
-    if micro < 1:
-        raise InputError(f"train.batch_size={tcfg.batch_size} is smaller than accumulate x processes")
+    micro = micro_batch(tcfg.batch_size, tcfg.accumulate, rt.world_size)
     if rt.is_main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         record_fold_table(out, meta)
@@ -255,19 +278,22 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0,
     train_ds.check_files()
     val_ds.check_files()
     sampler = EpochSampler(len(train_ds), cfg.seed, rt.rank, rt.world_size)
-    train_loader = _loader(EpochDataset(train_ds), micro, tcfg.loader_workers, sampler, rt.device)
+    train_loader = make_loader(EpochDataset(train_ds), micro, tcfg.loader_workers, sampler, rt.device)
     val_rows = _shard(len(val_ds), rt)  # validation is split across the processes, then gathered
-    val_loader = _loader(Subset(val_ds, val_rows.tolist()), micro * 2, tcfg.loader_workers, None, rt.device)
+    val_loader = make_loader(Subset(val_ds, val_rows.tolist()), micro * 2, tcfg.loader_workers, None, rt.device)
 
-    model = create_model(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights, cfg.model.init_from,
-                         cfg.model.drop_rate, channels).to(rt.device)
+    with local_main_first(rt):  # pretrained weights: downloaded once per machine, then read from its cache
+        model = create_model(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights, cfg.model.init_from,
+                             cfg.model.drop_rate, channels).to(rt.device)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    steps_per_epoch = math.ceil(len(sampler) / micro / tcfg.accumulate)
-    scheduler = cosine_with_warmup(optimizer, tcfg.warmup_steps, steps_per_epoch * tcfg.epochs)
+    optimizer = make_optimizer(tcfg.optimizer, model.parameters(), tcfg.lr, tcfg.weight_decay)
+    groups = accumulation_groups(len(train_loader), tcfg.accumulate)
+    steps_per_epoch = math.ceil(len(train_loader) / tcfg.accumulate)
+    scheduler = make_schedule(optimizer, tcfg.schedule, tcfg.warmup_steps, steps_per_epoch * tcfg.epochs)
     amp = amp_settings(tcfg.amp, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=amp[2])
+    optimizer_step = OptimizerStep(optimizer, scaler)
     start_epoch, step = 0, 0
     if not last.exists() and not cfg.model.init_from:
         init_head_bias(model, prior(train_ds.labels))
@@ -275,7 +301,7 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0,
         load_weights(model, state["model"], last, cfg.model.backbone)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        restore_scaler(scaler, state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         if rt.device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], rt.device)
@@ -320,7 +346,7 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0,
             with sync:
                 with autocast(rt.device, amp[0], amp[1]):
                     loss = loss_fn(net(x), y)
-                scaler.scale(loss / tcfg.accumulate).backward()
+                scaler.scale(loss / groups[i]).backward()
             running += loss.detach() * len(x)
             seen += len(x)
             tick_images += len(x) * rt.world_size
@@ -329,12 +355,10 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0,
             if tcfg.clip_grad:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad)
-            scale = scaler.get_scale() if scaler.is_enabled() else None
-            scaler.step(optimizer)
-            scaler.update()
+            applied = optimizer_step()
             optimizer.zero_grad(set_to_none=True)
             bar.update(1)
-            if scale is not None and scaler.get_scale() < scale:
+            if not applied:
                 continue  # fp16 overflow: the scaler skipped this update, so the schedule does not advance
             step += 1
             scheduler.step_update(step)
