@@ -40,9 +40,17 @@ def test_plain_view_logits_reproduce_the_training_oof(trained):
     assert sorted(test_ids) == sorted(meta[meta.split == "test"].image_id)
     emb, logits = np.load(emb_dir / "oof_emb.npy"), np.load(emb_dir / "oof_logits.npy")
     assert emb.shape == (len(ids), 96) and logits.shape == (len(ids), len(LABELS))  # test_resnet: 96 features
+    assert emb.dtype == np.float16 and logits.dtype == np.float32  # embed.dtype: embeddings stored at half size
     oof = pd.read_parquet(run / "oof_epoch01.parquet").set_index("image_id").loc[ids, list(LABELS)]
     np.testing.assert_allclose(_sigmoid(logits), oof.to_numpy(), rtol=1e-4, atol=1e-5)
     assert embed_fold(cfg, progress=False) == []  # finished checkpoints are skipped
+    wide = _train_cfg(root, "embed", "train.epochs=2", "embed.tta=[none]", "embed.dtype=float32", "embed.epochs=[1]")
+    assert embed_fold(wide, progress=False) == [str(emb_dir)]  # another dtype: redone
+    emb32 = np.load(emb_dir / "oof_emb.npy")
+    assert emb32.dtype == np.float32
+    np.testing.assert_allclose(emb.astype(np.float32), emb32, rtol=2 ** -10, atol=1e-4)  # float16's rounding only
+    np.testing.assert_array_equal(np.load(emb_dir / "oof_logits.npy"), logits)
+    embed_fold(cfg, progress=False)  # back to the default for the tests below
 
 
 def test_tta_views_are_kept_and_averaged(trained):
@@ -113,3 +121,21 @@ def test_a_rerun_with_other_settings_redoes_the_checkpoint(trained, capsys):
     assert embed_fold(other, progress=False) == [str(folder)]  # was: the old files kept, the new TTA printed
     assert (folder / "done").read_text().strip() == "none,hflip"
     assert "other settings (embed.tta=['none'] (now ['none', 'hflip'])); redoing" in capsys.readouterr().out
+
+
+def test_embeddings_beyond_float16_are_refused_not_stored_as_inf():
+    model = timm.create_model("test_resnet", num_classes=len(LABELS)).eval()
+    with torch.no_grad():
+        model.get_classifier().weight.mul_(1e-6)  # logits stay finite
+        for m in model.modules():  # pooled features of ~1e5
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.mul_(1e3)
+    x = torch.full((2, 3, 32, 32), 200, dtype=torch.uint8)
+    out = {"emb": np.zeros((2, 96), np.float16), "logits": np.zeros((2, len(LABELS)), np.float32)}
+    with pytest.raises(InputError, match=r"fold 0 epoch00 test: the model's pooled features reach .*, beyond "
+                                         r"float16's 65504; set embed.dtype=float32"):
+        embed_loader(model, [(x, None, None)], ["none"], torch.device("cpu"), (False, torch.float32, False), False,
+                     "fold 0 epoch00 test", out)
+    wide = {"emb": np.zeros((2, 96), np.float32), "logits": np.zeros((2, len(LABELS)), np.float32)}
+    embed_loader(model, [(x, None, None)], ["none"], torch.device("cpu"), (False, torch.float32, False), False, "", wide)
+    assert np.abs(wide["emb"]).max() > 65504 and np.isfinite(wide["emb"]).all()

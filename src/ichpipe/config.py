@@ -105,7 +105,9 @@ class TrainConfig:
     epochs: int = 3
     batch_size: int = 32
     lr: float = 3e-4
+    optimizer: str = "adamw"  # adamw | adam (torch.optim; adam's weight_decay is an L2 term, as torch has it)
     weight_decay: float = 1e-2
+    schedule: str = "cosine"  # cosine: linear warm-up, then cosine to 0 | constant: linear warm-up, then lr
     warmup_steps: int = 50
     accumulate: int = 1  # micro-batches per optimizer step
     clip_grad: float = 1.0  # max gradient norm; 0 = off
@@ -115,10 +117,13 @@ class TrainConfig:
     amp: str = "auto"  # auto (fp16 + GradScaler on CUDA, off on CPU) | bf16 | fp16 | off
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
+    cudnn_benchmark: bool = True  # on CUDA: let cuDNN time its kernels for the fixed input size once, then use the fastest
     loader_workers: int = 2  # DataLoader processes per GPU
     augment: list[dict[str, Any]] = field(default_factory=list)  # empty = ichpipe.data.DEFAULT_AUGMENT
-    crop_border: bool = False  # crop the black border around the head before resizing (2nd place)
-    crop_margin: float = 0.1  # with crop_border: random margin per side in training, up to this x box size
+    # crop the black border around the head and pad the box to a square before resizing (the 2nd place's
+    # autocrop); the same crop in training, stage 3 and predict
+    crop_border: bool = False
+    crop_margin: float = 0.1  # with crop_border: random margin per side in training, up to this x box size; 0 = tight
     log_every: int = 20  # steps between TensorBoard points
 
 
@@ -130,28 +135,37 @@ class EmbedConfig:
     keep_views: bool = False  # also save every view separately
     epochs: list[int] = field(default_factory=list)  # checkpoints to embed; empty = every epoch
     batch_size: int = 64
-    train: bool = False  # also the fold's training patients (train_*.npy), for lstm.train_on=train_and_oof
+    train: bool = False  # also the fold's training patients (train_*.npy), for lstm.train_on=train or train_and_oof
+    # the embeddings' dtype on disk (logits stay float32): float16 halves stage 3's disk (5 folds x 5 epochs at
+    # 2048-d: ~28 GB instead of ~55) and what stage 4 reads; stage 4 computes in float32 either way
+    dtype: str = "float16"
 
 
 @dataclass
 class LstmConfig:
     """The sequence model over each series' slices (``scripts/lstm_train.py``); one run per fold."""
 
-    kind: str = "lstm"  # lstm | gru | gru_attention | transformer (src/ichpipe/sequence.py)
+    # lstm | gru | gru_attention | transformer | lstm_2nd_place (src/ichpipe/sequence.py): the 2nd place's
+    # own network, two BiLSTMs whose outputs, their ReLU-linear maps and the embedding are summed before the head
+    kind: str = "lstm"
     heads: int = 4  # attention heads (gru_attention, transformer); must divide 2 x hidden
     inner_folds: int = 4  # patient groups inside the fold: each inner model predicts one (leakage-free OOF)
-    # oof: train on the fold's held-out patients only (nested CV). train_and_oof: also on the CNN's own
-    # training patients (the 2nd place's recipe; needs embed.train=true): 4x the series, but features the
-    # CNN fitted; every OOF prediction still comes from models that never saw the patient
+    # oof: train on the fold's held-out patients only (nested CV: lstm.inner_folds models + a refit).
+    # train: on the CNN's own training patients only, one model per checkpoint that predicts the held-out
+    # patients and the test set (the 2nd place's recipe; needs embed.train=true). train_and_oof: both, nested.
+    # Every OOF prediction comes from a model that never saw the patient, over a CNN that never saw it
     train_on: str = "oof"
     reduce_dim: int = 64  # Linear+ReLU from the CNN embedding to this size first; 0 = use it as is
+    standardize: bool = True  # embeddings standardised by the training rows' mean/std (false: raw, as the 2nd place)
     hidden: int = 64  # units per direction (recurrent kinds); the transformer's width is 2 x hidden
     layers: int = 2  # recurrent or encoder layers
     dropout: float = 0.2
     epochs: int = 12  # as the 2nd place
     bag_last: int = 4  # predictions averaged over the last this many epochs
     batch_size: int = 8  # series per batch
+    optimizer: str = "adamw"  # adamw | adam
     lr: float = 2e-3
+    lr_gamma: float = 1.0  # the lr is multiplied by this after every epoch (StepLR; the 2nd place: 0.95); 1 = constant
     weight_decay: float = 1e-2
 
 
@@ -375,9 +389,14 @@ CHOICES = {
     "preprocess.png_filter": ("none", "sub", "up", "paeth", "adaptive"),
     "preprocess.png_strategy": ("filtered", "default", "rle"),
     "train.amp": ("auto", "bf16", "fp16", "off"),
+    "train.optimizer": ("adamw", "adam"),
+    "train.schedule": ("cosine", "constant"),
+    "embed.dtype": ("float16", "float32"),
+    "lstm.kind": ("lstm", "gru", "gru_attention", "transformer", "lstm_2nd_place"),
+    "lstm.optimizer": ("adamw", "adam"),
     "train.loss": ("weighted_bce", "mse"),
     "report.model": ("prior", "cnn_single", "cnn_bagged", "lstm", "blend"),
-    "lstm.train_on": ("oof", "train_and_oof"),
+    "lstm.train_on": ("oof", "train", "train_and_oof"),
 }
 AT_LEAST = {
     "fold": 0, "data.workers": 0, "preprocess.size": 1, "preprocess.n_folds": 2, "preprocess.chunk_size": 1,
@@ -390,6 +409,7 @@ AT_LEAST = {
 RANGES = {  # closed intervals
     "preprocess.max_bad_fraction": (0.0, 1.0), "preprocess.png_level": (0, 9), "lstm.dropout": (0.0, 1.0),
     "blend.lstm_weight": (0.0, 1.0), "blend.clip": (0.0, 0.5), "synthetic.test_fraction": (0.0, 1.0),
+    "lstm.lr_gamma": (0.0, 1.0), "train.crop_margin": (0.0, 1.0),
     "synthetic.rate_gantry_tilt": (0.0, 1.0), "synthetic.rate_motion": (0.0, 1.0),
 }
 

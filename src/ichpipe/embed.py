@@ -4,15 +4,15 @@ For fold k and every checkpoint ``runs/<experiment>/fold<k>/checkpoints/epoch<NN
 ``runs/<experiment>/fold<k>/embeddings/epoch<NN>/``::
 
     oof_ids.csv, test_ids.csv    image_id per row (the row order of the arrays)
-    oof_emb.npy, test_emb.npy    (N, D) float32 pooled features, averaged over the TTA views
+    oof_emb.npy, test_emb.npy    (N, D) pooled features, averaged over the TTA views (``embed.dtype``: float16)
     oof_logits.npy, test_logits.npy  (N, 6) float32 logits of the views' mean probability
     *_views.npy                  (V, N, D) and (V, N, 6) per view, with ``embed.keep_views=true``
     done                         written last: a folder without it is redone
 
 "oof" rows are the fold's held-out patients: the model of fold k never saw them, which is what lets
 the sequence model of fold k train on them without leakage. With ``embed.train=true`` the fold's
-training patients are embedded too (``train_*``), for ``lstm.train_on=train_and_oof``. TTA views: ``none``, ``hflip``
-(left-right) and ``transpose`` (rows <-> columns), applied to the uint8 batch on the device.
+training patients are embedded too (``train_*``), for ``lstm.train_on=train`` or ``train_and_oof``. TTA views:
+``none``, ``hflip`` (left-right) and ``transpose`` (rows <-> columns), applied to the uint8 batch on the device.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ichpipe.config import Config, changed_settings, describe_changes, save_config
-from ichpipe.data import SliceDataset, build_transform, input_channels, normalize
+from ichpipe.data import SliceDataset, build_transform, input_channels, make_loader, normalize
 from ichpipe.device import amp_settings, autocast, init_runtime
 from ichpipe.folds import check_fold_table
 from ichpipe.io import InputError, atomic_path, write_text_atomic
@@ -37,8 +37,11 @@ from ichpipe.paths import data_paths, epoch_number, read_metadata, run_dir
 from ichpipe.preprocess import output_name
 
 # The settings an embeddings folder depends on: when one differs from the folder's, it is redone.
-EMBED_KEYS = ("seed", "model.backbone", "embed.tta", "embed.keep_views", "embed.train", "train.image_size", "train.crop_border",
+EMBED_KEYS = ("seed", "model.backbone", "embed.tta", "embed.keep_views", "embed.train", "embed.dtype", "train.image_size",
+              "train.crop_border",
               "train.amp", "preprocess.size", "preprocess.windows", "preprocess.mode", "preprocess.name")
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65,504: a larger embedding value would be stored as inf
 
 VIEWS = {"none": lambda x: x, "hflip": lambda x: x.flip(-1), "transpose": lambda x: x.transpose(-1, -2)}
 
@@ -57,25 +60,33 @@ def mean_probability_logit(view_logits: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def embed_loader(model, loader: DataLoader, views: list[str], device, amp, progress: bool, desc: str,
-                 out: dict[str, np.ndarray]) -> None:
+                 out: dict[str, np.ndarray], channels_last: bool = False) -> None:
     """Write the view-mean embeddings (N, D) and probability-mean logits (N, 6) of ``loader`` into ``out``.
 
     ``out`` holds preallocated arrays (memory-mapped ``.npy`` files: nothing of size N x D is built in
-    RAM) under ``emb`` and ``logits``, and optionally ``emb_views`` (V, N, D) and ``logits_views``.
+    RAM) under ``emb`` and ``logits``, and optionally ``emb_views`` (V, N, D) and ``logits_views``; their
+    dtypes are the stored ones (``embed.dtype``: float16 embeddings are rounded once, on assignment).
+    ``channels_last``: the views go to the model in that memory layout (a model converted to it runs
+    faster on a GPU with it).
     """
     model.eval()
     classifier = model.get_classifier()
     row = 0
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     for x, _, _ in tqdm(loader, desc=desc, leave=False, disable=not progress):
         x = normalize(x.to(device, non_blocking=True))
         e_views, l_views = [], []
         for view in views:
             with autocast(device, amp[0], amp[1]):
-                pooled = model.forward_head(model.forward_features(VIEWS[view](x).contiguous()), pre_logits=True)
+                pooled = model.forward_head(model.forward_features(VIEWS[view](x).contiguous(memory_format=layout)),
+                                            pre_logits=True)
                 e_views.append(pooled.float())
                 l_views.append(classifier(pooled).float())
         e, lg = torch.stack(e_views), torch.stack(l_views)
         rows = slice(row, row + len(x))
+        if out["emb"].dtype == np.float16 and float(e.abs().max()) > FLOAT16_MAX:
+            raise InputError(f"{desc or 'embeddings'}: the model's pooled features reach {float(e.abs().max()):.3g}, "
+                             f"beyond float16's {FLOAT16_MAX:.0f}; set embed.dtype=float32")
         out["emb"][rows] = e.mean(0).cpu().numpy()
         out["logits"][rows] = mean_probability_logit(lg).cpu().numpy()
         if "emb_views" in out:
@@ -94,6 +105,11 @@ def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
     if not ckpts:
         raise InputError(f"{out}/checkpoints: no epoch checkpoints; run `make train fold={cfg.fold}` first")
     if cfg.embed.epochs:
+        have = [epoch_number(c) for c in ckpts]
+        missing = sorted(set(cfg.embed.epochs) - set(have))
+        if missing:
+            raise InputError(f"embed.epochs={cfg.embed.epochs}: no checkpoint of epoch(s) {missing} in {out}/checkpoints "
+                             f"(it has {have}; epochs count from 0); train them first or choose from those")
         ckpts = [c for c in ckpts if epoch_number(c) in cfg.embed.epochs]
     paths = data_paths(cfg)
     meta = read_metadata(paths)
@@ -104,10 +120,13 @@ def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
     sets = {"oof": meta[meta.fold == cfg.fold], "test": meta[meta.split == "test"]}
     if cfg.embed.train:
         sets["train"] = meta[meta.fold.notna() & (meta.fold != cfg.fold)]
-    rt = init_runtime()
+    rt = init_runtime(cfg.train.cudnn_benchmark)
     amp = amp_settings(cfg.train.amp, rt.device)
+    emb_dtype = np.dtype(cfg.embed.dtype)
     channels = input_channels(cfg.preprocess.mode)
     model = create_model(cfg.model.backbone, pretrained=False, in_chans=channels).to(rt.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     dim = getattr(model, "head_hidden_size", None) or model.num_features  # the width of forward_head(pre_logits)
     written = []
     for ckpt in ckpts:
@@ -127,18 +146,18 @@ def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
                                  f"for fold {cfg.fold}; run `make preprocess` with every DICOM in place")
             ds = SliceDataset(rows, png_dir, tf, cfg.seed, crop, channels=channels)
             ds.check_files()
-            loader = DataLoader(ds, batch_size=cfg.embed.batch_size, num_workers=cfg.train.loader_workers,
-                                pin_memory=rt.device.type == "cuda")
+            loader = make_loader(ds, cfg.embed.batch_size, cfg.train.loader_workers, device=rt.device)
             n, v = len(ds), len(cfg.embed.tta)
             shapes = {"emb": (n, dim), "logits": (n, N_LABELS)}
             if cfg.embed.keep_views:
                 shapes.update(emb_views=(v, n, dim), logits_views=(v, n, N_LABELS))
             with contextlib.ExitStack() as stack:  # every file appears (renamed) only when all are written
                 arrays = {key: np.lib.format.open_memmap(stack.enter_context(atomic_path(folder / f"{name}_{key}.npy")),
-                                                         mode="w+", dtype=np.float32, shape=shape)
+                                                         mode="w+", dtype=emb_dtype if "emb" in key else np.float32,
+                                                         shape=shape)
                           for key, shape in shapes.items()}
                 embed_loader(model, loader, cfg.embed.tta, rt.device, amp, progress,
-                             f"fold {cfg.fold} {ckpt.stem} {name}", arrays)
+                             f"fold {cfg.fold} {ckpt.stem} {name}", arrays, cfg.train.channels_last)
                 for a in arrays.values():
                     a.flush()
                 del arrays

@@ -165,6 +165,11 @@ class Predictor:
         self.transform = build_transform([], inp["image_size"], train=False)
         self.crop = 0.0 if inp["crop_border"] else None
         self.channels = input_channels(self.info["preprocess"]["mode"])
+        # as stage 3 ran: its memory layout, and embeddings rounded to the dtype it stored (bundles made before
+        # embed.dtype existed stored float32)
+        config = self.info["config"]
+        self.channels_last = bool(config["train"].get("channels_last", False))
+        self.emb_dtype = np.dtype(config["embed"].get("dtype", "float32"))
         self.cnn = {}
         for k in self.info["folds"]:
             for e in self.info["epochs"][k]:
@@ -173,6 +178,8 @@ class Predictor:
                 load_weights(model, {n: t.float() if t.is_floating_point() else t for n, t in state.items()},
                              bundle.cnn_path(k, e), self.info["backbone"])
                 self.cnn[k, e] = model.to(self.device).eval()
+                if self.channels_last:
+                    self.cnn[k, e] = self.cnn[k, e].to(memory_format=torch.channels_last)
         self.lstm = {key: load_models(bundle.lstm_path(*key), self.device) for key in self.cnn} \
             if self.info["lstm"] else {}
 
@@ -200,15 +207,16 @@ class Predictor:
             cnn, lstm, weights = [], [], []
             for e in self.info["epochs"][k]:
                 dim = getattr(self.cnn[k, e], "head_hidden_size", None) or self.cnn[k, e].num_features
-                out = {"emb": np.zeros((len(x), dim), np.float32), "logits": np.zeros((len(x), N_LABELS), np.float32)}
-                embed_loader(self.cnn[k, e], batches, self.info["input"]["tta"], self.device, amp, False, "", out)
+                out = {"emb": np.zeros((len(x), dim), self.emb_dtype), "logits": np.zeros((len(x), N_LABELS), np.float32)}
+                embed_loader(self.cnn[k, e], batches, self.info["input"]["tta"], self.device, amp, False, "", out,
+                             self.channels_last)
                 cnn.append(frame(sigmoid(out["logits"])))
                 weights.append(b["epoch_weights"].get(e, 1.0))
                 if self.lstm:
                     models, mean, std = self.lstm[k, e]
                     feats = SliceFeatures(np.asarray(ids), out["emb"], out["logits"], None,
                                           np.zeros(len(x), dtype=object), [np.arange(len(x))], z)
-                    lstm.append(frame(predict_bag(models, feats, mean, std, self.device)))
+                    lstm.append(frame(predict_bag(models, feats, mean, std, self.device, amp)))
             fold_cnn.append(weighted_mean(cnn, weights))  # epochs, then folds: as stage 5 averages the test set
             if lstm:
                 fold_lstm.append(weighted_mean(lstm, weights))

@@ -276,10 +276,10 @@ def training_figure(curves: dict[int, pd.DataFrame], lstm: pd.DataFrame | None, 
         for k, frame in mean.groupby("fold"):
             c = colours[int(k) % len(colours)]
             ax.plot(frame.epoch, frame.train_loss, color=c, alpha=0.45)
-            ax.plot(frame.epoch, frame.val_loss, "o-", color=c, ms=3, label=f"fold {k} inner validation")
+            ax.plot(frame.epoch, frame.val_loss, "o-", color=c, ms=3, label=f"fold {k} held-out validation")
         ax.set_xlabel("LSTM epoch")
         ax.set_ylabel("weighted log loss")
-        ax.set_title("LSTM (mean over inner folds, last CNN checkpoint): train (thin), validation")
+        ax.set_title("LSTM (mean over its models, last CNN checkpoint): train (thin), validation")
         ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)

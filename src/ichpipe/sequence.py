@@ -43,20 +43,21 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from tqdm import tqdm
 
-from ichpipe.config import Config, LstmConfig, changed_settings, describe_changes, save_config
-from ichpipe.device import default_device
+from ichpipe.config import CHOICES, Config, LstmConfig, changed_settings, describe_changes, save_config
+from ichpipe.device import NO_AMP, amp_settings, autocast, default_device
 from ichpipe.folds import assign_folds, check_fold_table
 from ichpipe.io import InputError, atomic_path, write_text_atomic
 from ichpipe.labels import LABELS, N_LABELS
 from ichpipe.losses import make_loss
 from ichpipe.metrics import sigmoid, weighted_log_loss
+from ichpipe.optim import make_optimizer
 from ichpipe.paths import SERIES_KEYS, data_paths, finished_dirs, read_metadata, run_dir
 
 LSTM_KEYS = ("seed", "lstm.")  # an LSTM folder with other values of these is redone
 REFIT = 999  # seed offset of the refit on all the fold's patients (inner folds use their index)
 
 
-KINDS = ("lstm", "gru", "gru_attention", "transformer")
+KINDS = CHOICES["lstm.kind"]
 
 
 def z_encoding(z: torch.Tensor, dim: int) -> torch.Tensor:
@@ -68,12 +69,24 @@ def z_encoding(z: torch.Tensor, dim: int) -> torch.Tensor:
     return nn.functional.pad(enc, (0, dim - 2 * half))
 
 
-class SequenceModel(nn.Module):
-    """A sequence model over one series' slices that corrects the CNN's logits.
+def _packed(rnn: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """A recurrent module over padded (B, T, F) inputs, packed so that padding never reaches it."""
+    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    out, _ = rnn(packed)
+    return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
 
-    ``kind``: ``lstm`` (the 2nd place's BiLSTM), ``gru`` (BiGRU), ``gru_attention`` (BiGRU, then
-    multi-head self-attention over the series with a residual), or ``transformer`` (an encoder over the
-    slices, positions from z in mm). Padding is packed away (recurrent kinds) or masked (attention).
+
+class SequenceModel(nn.Module):
+    """A sequence model over one series' slices.
+
+    ``kind``: ``lstm`` (a stacked BiLSTM), ``gru`` (BiGRU), ``gru_attention`` (BiGRU, then multi-head
+    self-attention over the series with a residual), or ``transformer`` (an encoder over the slices,
+    positions from z in mm): their input per slice is [e, e - prev, e - next, CNN logits] and their
+    output is added to the CNN logits (the head starts at zero: an untrained model predicts what the CNN
+    did). ``lstm_2nd_place`` is the 2nd place's own network (darraghdog/rsna, scripts/trainlstm.py):
+    input [e, e - prev, e - next] only, two single-layer BiLSTMs (``layers`` of them) whose outputs, a
+    ReLU-linear map of each and the embedding (tiled to their width) are summed before the head, which
+    starts as PyTorch initialises it. Padding is packed away (recurrent kinds) or masked (attention).
     """
 
     def __init__(self, emb_dim: int, reduce_dim: int = 64, hidden: int = 64, layers: int = 2, dropout: float = 0.2,
@@ -85,7 +98,11 @@ class SequenceModel(nn.Module):
         self.reduce = nn.Sequential(nn.Linear(emb_dim, reduce_dim), nn.ReLU()) if reduce_dim else nn.Identity()
         d = reduce_dim or emb_dim
         width = 3 * d + N_LABELS
-        if kind == "transformer":
+        if kind == "lstm_2nd_place":
+            self.lstms = nn.ModuleList(nn.LSTM(3 * d if i == 0 else 2 * hidden, hidden, batch_first=True,
+                                               bidirectional=True) for i in range(layers))
+            self.linears = nn.ModuleList(nn.Linear(2 * hidden, 2 * hidden) for _ in range(layers))
+        elif kind == "transformer":
             self.proj = nn.Linear(width, 2 * hidden)
             layer = nn.TransformerEncoderLayer(2 * hidden, heads, dim_feedforward=4 * hidden, dropout=dropout,
                                                batch_first=True, norm_first=True)
@@ -99,8 +116,9 @@ class SequenceModel(nn.Module):
                 self.norm = nn.LayerNorm(2 * hidden)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(2 * hidden, N_LABELS)
-        nn.init.zeros_(self.head.weight)  # start as the CNN: the sequence model learns a correction
-        nn.init.zeros_(self.head.bias)
+        if kind != "lstm_2nd_place":
+            nn.init.zeros_(self.head.weight)  # start as the CNN: the sequence model learns a correction
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, emb: torch.Tensor, logits: torch.Tensor, lengths: torch.Tensor,
                 z: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,16 +130,22 @@ class SequenceModel(nn.Module):
         last = (lengths.to(e.device) - 1).clamp(min=0)[:, None]
         prev = e.gather(1, (steps - 1).clamp(min=0)[..., None].expand(b, t, d))  # first slice: itself
         nxt = e.gather(1, torch.minimum(steps + 1, last)[..., None].expand(b, t, d))  # last slice: itself
-        x = torch.cat([e, e - prev, e - nxt, logits], dim=-1)
         valid = steps < lengths.to(e.device)[:, None]
+        if self.kind == "lstm_2nd_place":
+            h, hidden = torch.cat([e, e - prev, e - nxt], dim=-1), 0
+            for rnn, linear in zip(self.lstms, self.linears, strict=True):
+                h = _packed(rnn, h, lengths)
+                hidden = hidden + h + torch.relu(linear(h))
+            width = h.shape[-1]  # their h_embadd: the embedding repeated to the LSTMs' width
+            hidden = hidden + e.repeat(1, 1, -(-width // d))[..., :width]
+            return self.head(self.drop(hidden)) * valid.unsqueeze(-1)
+        x = torch.cat([e, e - prev, e - nxt, logits], dim=-1)
         if self.kind == "transformer":
             pos = (z.to(e.device) if z is not None else steps * 5.0)
             h = self.proj(x)
             out = self.encoder(h + z_encoding(pos, h.shape[-1]), src_key_padding_mask=~valid)
         else:
-            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            out, _ = self.lstm(packed)
-            out, _ = pad_packed_sequence(out, batch_first=True, total_length=t)
+            out = _packed(self.lstm, x, lengths)
             if self.kind == "gru_attention":
                 attended, _ = self.attention(out, out, out, key_padding_mask=~valid, need_weights=False)
                 out = self.norm(out + attended)
@@ -142,22 +166,34 @@ class SliceFeatures:
 
     def batch(self, which: list[int], mean: np.ndarray, std: np.ndarray):
         """Padded tensors of the series ``which``: emb, logits, labels (or None), lengths, row indices, and z
-        (mm from each series' first slice)."""
+        (mm from each series' first slice). One gather per array (a memory-mapped or float16 ``emb`` is read
+        once, as float32), no loop over slices; padding is zero."""
         rows = [self.series[i] for i in which]
-        lengths = torch.tensor([len(r) for r in rows])
+        lengths = np.array([len(r) for r in rows])
         t = int(lengths.max())
+        valid = np.arange(t)[None, :] < lengths[:, None]  # (B, T)
+        flat = np.concatenate(rows)  # the rows of the valid positions, series by series
         emb = np.zeros((len(rows), t, self.emb.shape[1]), np.float32)
+        emb[valid] = (self.emb[flat] - mean) / std
         logits = np.zeros((len(rows), t, N_LABELS), np.float32)
-        labels = np.zeros((len(rows), t, N_LABELS), np.float32)
+        logits[valid] = self.logits[flat]
+        labels = None
+        if self.labels is not None:
+            labels = np.zeros((len(rows), t, N_LABELS), np.float32)
+            labels[valid] = self.labels[flat]
         z = np.zeros((len(rows), t), np.float32)
-        for j, r in enumerate(rows):
-            emb[j, :len(r)] = (self.emb[r] - mean) / std
-            logits[j, :len(r)] = self.logits[r]
-            z[j, :len(r)] = np.abs(self.z[r] - self.z[r[0]]) if self.z is not None else 5.0 * np.arange(len(r))
-            if self.labels is not None:
-                labels[j, :len(r)] = self.labels[r]
-        return (torch.from_numpy(emb), torch.from_numpy(logits),
-                torch.from_numpy(labels) if self.labels is not None else None, lengths, rows, torch.from_numpy(z))
+        if self.z is not None:
+            z[valid] = np.abs(self.z[flat] - np.repeat(self.z[[r[0] for r in rows]], lengths))
+        else:
+            z[valid] = 5.0 * np.concatenate([np.arange(k) for k in lengths])
+        return (torch.from_numpy(emb), torch.from_numpy(logits), torch.from_numpy(labels) if labels is not None else None,
+                torch.from_numpy(lengths), rows, torch.from_numpy(z))
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch on ``device``: on a GPU through pinned memory without blocking (the copy overlaps the
+    previous step's kernels), on the CPU as it is."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
 
 
 def concat_features(first: SliceFeatures, second: SliceFeatures) -> SliceFeatures:
@@ -199,37 +235,58 @@ PREDICT_BATCH = 64  # series per prediction batch (no gradients: larger than the
 
 
 def _predict(model: SequenceModel, feats: SliceFeatures, series: list[int], mean, std, batch_size: int,
-             device: torch.device) -> np.ndarray:
+             device: torch.device, amp: tuple = NO_AMP) -> np.ndarray:
     """(N, 6) probabilities for the rows of ``series`` (others stay NaN)."""
     out = np.full((len(feats.ids), N_LABELS), np.nan, np.float32)
     model.eval()
     with torch.no_grad():
         for i in range(0, len(series), batch_size):
             emb, logits, _, lengths, rows, z = feats.batch(series[i:i + batch_size], mean, std)
-            probs = torch.sigmoid(model(emb.to(device), logits.to(device), lengths, z)).cpu().numpy()
-            for j, r in enumerate(rows):
-                out[r] = probs[j, :len(r)]
+            with autocast(device, amp[0], amp[1]):
+                lg = model(to_device(emb, device), to_device(logits, device), lengths, to_device(z, device))
+            probs = torch.sigmoid(lg.float()).cpu().numpy()
+            valid = np.arange(probs.shape[1])[None, :] < lengths.numpy()[:, None]
+            out[np.concatenate(rows)] = probs[valid]
     return out
+
+
+def standardisation(emb: np.ndarray, rows: np.ndarray, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std (+1e-6) of ``emb[rows]`` as float32, accumulated in float64 a chunk of rows at a
+    time: a memory-mapped float16 (N, 2048) array is never copied whole into RAM."""
+    total = np.zeros(emb.shape[1], np.float64)
+    squares = np.zeros(emb.shape[1], np.float64)
+    for i in range(0, len(rows), chunk):
+        x = emb[np.sort(rows[i:i + chunk])].astype(np.float64)
+        total += x.sum(axis=0)
+        squares += np.square(x).sum(axis=0)
+    mean = total / len(rows)
+    std = np.sqrt(np.maximum(squares / len(rows) - np.square(mean), 0.0))
+    return mean.astype(np.float32), (std + 1e-6).astype(np.float32)
 
 
 def fit_predict(feats: SliceFeatures, train_series: list[int], targets: list[tuple[SliceFeatures, list[int]]],
                 cfg: LstmConfig, seed: int, device: torch.device | None = None,
-                keep: dict | None = None) -> tuple[list[np.ndarray], list[dict]]:
+                keep: dict | None = None, amp_mode: str = "auto") -> tuple[list[np.ndarray], list[dict]]:
     """Train one LSTM on ``train_series`` of ``feats``; probabilities for each target, bagged over the last epochs.
 
-    Runs on ``device`` (default: the GPU when there is one). Returns one (N, 6) array per target (rows
-    outside its series: NaN) and the per-epoch history (train loss, and the first target's loss when it
-    has labels). With ``keep`` (a dict), also stores what predicting again needs: the standardisation
-    ``mean``/``std`` and the weights of every bagged epoch (``bag``), on the CPU.
+    Runs on ``device`` (default: the GPU when there is one), with mixed precision as ``train.amp``
+    (``amp_mode``: on CUDA fp16 with loss scaling by default; off on the CPU). Returns one (N, 6) array per
+    target (rows outside its series: NaN) and the per-epoch history (train loss, and the first target's loss
+    when it has labels). With ``keep`` (a dict), also stores what predicting again needs: the
+    standardisation ``mean``/``std`` and the weights of every bagged epoch (``bag``), on the CPU.
     """
     device = device or default_device()
+    amp = amp_settings(amp_mode, device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    train_rows = np.concatenate([feats.series[i] for i in train_series])
-    mean = feats.emb[train_rows].mean(axis=0)
-    std = feats.emb[train_rows].std(axis=0) + 1e-6
+    if cfg.standardize:
+        mean, std = standardisation(feats.emb, np.concatenate([feats.series[i] for i in train_series]))
+    else:
+        mean, std = np.zeros(feats.emb.shape[1], np.float32), np.ones(feats.emb.shape[1], np.float32)
     model = SequenceModel(feats.emb.shape[1], **{k: getattr(cfg, k) for k in MODEL_KEYS}).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=cfg.lr_gamma) if cfg.lr_gamma != 1 else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp[2])
     loss_fn = make_loss("weighted_bce", device)
     bags = [np.zeros((len(f.ids), N_LABELS), np.float64) for f, _ in targets]
     n_bagged = 0
@@ -242,19 +299,28 @@ def fit_predict(feats: SliceFeatures, train_series: list[int], targets: list[tup
             emb, logits, labels, lengths, _, z = feats.batch(list(order[i:i + cfg.batch_size]), mean, std)
             mask = torch.arange(emb.shape[1])[None, :] < lengths[:, None]
             n = int(mask.sum())
-            mask = mask.to(device)
-            loss = loss_fn(model(emb.to(device), logits.to(device), lengths, z)[mask], labels.to(device)[mask])
+            mask = to_device(mask, device)
+            with autocast(device, amp[0], amp[1]):
+                out = model(to_device(emb, device), to_device(logits, device), lengths, to_device(z, device))
+            loss = loss_fn(out[mask], to_device(labels, device)[mask])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler.is_enabled():
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             total += loss.detach().double() * n  # summed on the device: no sync per step
             count += n
+        if scheduler is not None:
+            scheduler.step()
         record = {"epoch": epoch, "train_loss": total.item() / count}
         bagging = epoch >= cfg.epochs - cfg.bag_last
         for k, (bag, (target, series)) in enumerate(zip(bags, targets, strict=True)):
             if not bagging and k > 0:
                 break
-            probs = _predict(model, target, series, mean, std, PREDICT_BATCH, device)
+            probs = _predict(model, target, series, mean, std, PREDICT_BATCH, device, amp)
             if k == 0 and target.labels is not None:  # the first target's loss per epoch, for the curves
                 rows = np.concatenate([target.series[i] for i in series])
                 record["val_loss"] = weighted_log_loss(target.labels[rows], probs[rows])
@@ -265,7 +331,7 @@ def fit_predict(feats: SliceFeatures, train_series: list[int], targets: list[tup
         n_bagged += bagging
         history.append(record)
     if keep is not None:
-        keep.update(mean=torch.from_numpy(np.asarray(mean, np.float32)), std=torch.from_numpy(np.asarray(std, np.float32)),
+        keep.update(mean=torch.from_numpy(mean), std=torch.from_numpy(std),
                     emb_dim=int(feats.emb.shape[1]), lstm={k: getattr(cfg, k) for k in MODEL_KEYS})
     return [bag / n_bagged for bag in bags], history
 
@@ -284,10 +350,11 @@ def load_models(path: str | Path, device: torch.device | None = None) -> tuple[l
     return models, state["mean"].numpy(), state["std"].numpy()
 
 
-def predict_bag(models: list[SequenceModel], feats: SliceFeatures, mean, std, device=None) -> np.ndarray:
-    """(N, 6) mean probability of the bagged models over every series of ``feats``."""
+def predict_bag(models: list[SequenceModel], feats: SliceFeatures, mean, std, device=None, amp: tuple = NO_AMP
+                ) -> np.ndarray:
+    """(N, 6) mean probability of the bagged models over every series of ``feats`` (``amp``: as stage 4 ran)."""
     series = list(range(len(feats.series)))
-    return np.mean([_predict(m, feats, series, mean, std, PREDICT_BATCH, device or torch.device("cpu"))
+    return np.mean([_predict(m, feats, series, mean, std, PREDICT_BATCH, device or torch.device("cpu"), amp)
                     for m in models], axis=0)
 
 
@@ -301,9 +368,70 @@ def _inner_groups(feats: SliceFeatures, n: int, seed: int) -> np.ndarray:
     return np.array([inner[s[0]] for s in feats.series])
 
 
-def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
-    """Nested-CV LSTMs of ``cfg.fold`` on every embedded checkpoint; returns per-checkpoint OOF losses."""
+def _training_patients(folder: Path, meta: pd.DataFrame, cfg: Config) -> SliceFeatures:
+    """CNN_k's own training patients (``train_*`` of stage 3), for ``lstm.train_on`` train / train_and_oof."""
+    if not (folder / "train_ids.csv").exists():
+        raise InputError(f"{folder}: no training-patient embeddings; lstm.train_on={cfg.lstm.train_on} needs "
+                         f"`make embed fold={cfg.fold} embed.train=true`")
+    return load_features(folder, "train", meta)
+
+
+def fit_on_training_patients(cfg: Config, train: SliceFeatures, oof: SliceFeatures, test: SliceFeatures,
+                             ) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
+    """``lstm.train_on=train`` (the 2nd place's recipe): one model on CNN_k's training patients predicts fold k's
+    held-out patients (neither it nor the CNN saw them) and the test set; returns (oof, test, history, saved)."""
+    keep: dict = {}
+    (oof_pred, test_pred), history = fit_predict(
+        train, list(range(len(train.series))),
+        [(oof, list(range(len(oof.series)))), (test, list(range(len(test.series))))],
+        cfg.lstm, cfg.seed * 1000 + REFIT, keep=keep, amp_mode=cfg.train.amp)
+    return oof_pred, test_pred, [{"inner_fold": "all", **h} for h in history], keep
+
+
+def fit_nested(cfg: Config, oof_feats: SliceFeatures, test: SliceFeatures, extra: SliceFeatures | None, progress: bool
+               ) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
+    """``lstm.train_on`` oof / train_and_oof: fold k's held-out patients split into inner folds, each predicted by a
+    model trained on the others (plus ``extra``, CNN_k's training patients, when given); the test set by a refit on
+    all of them. Returns (oof, test, history, the refit's saved models)."""
     lcfg = cfg.lstm
+    groups = _inner_groups(oof_feats, lcfg.inner_folds, cfg.seed)
+    all_series = np.arange(len(oof_feats.series))
+    feats, always = oof_feats, []  # the training set: OOF rows first (their row numbers stay), then extras
+    if extra is not None:
+        feats = concat_features(oof_feats, extra)
+        always = list(range(len(oof_feats.series), len(feats.series)))
+    oof = np.full((len(oof_feats.ids), N_LABELS), np.nan)
+    history = []
+    for j in tqdm(np.unique(groups), desc=f"fold {cfg.fold} LSTM inner folds", leave=False, disable=not progress):
+        train_series, val_series = list(all_series[groups != j]) + always, list(all_series[groups == j])
+        (val_pred,), hist = fit_predict(feats, train_series, [(feats, val_series)], lcfg, cfg.seed * 1000 + int(j),
+                                        amp_mode=cfg.train.amp)
+        rows = np.concatenate([oof_feats.series[i] for i in val_series])
+        oof[rows] = val_pred[rows]
+        history += [{"inner_fold": int(j), **h} for h in hist]
+    # The test set and new studies: one refit on all the fold's patients, its bagged epochs saved.
+    keep: dict = {}
+    (test_pred,), _ = fit_predict(feats, list(all_series) + always, [(test, list(range(len(test.series))))],
+                                  lcfg, cfg.seed * 1000 + REFIT, keep=keep, amp_mode=cfg.train.amp)
+    return oof, test_pred, history, keep
+
+
+def _stale(target: Path, folder: Path, cfg: Config) -> str | None:
+    """Why a finished LSTM folder must be redone (other settings, newer embeddings, no saved models), or None."""
+    if not (target / "done").exists():
+        return None
+    changed = changed_settings(target / "config.yaml", cfg, LSTM_KEYS)
+    if changed:
+        return describe_changes(changed)
+    if (target / "done").stat().st_mtime < (folder / "done").stat().st_mtime:
+        return f"{folder} was embedded again"
+    if not (target / "models.pt").exists():
+        return "no saved models.pt (made before stage 4 saved its models)"
+    return None
+
+
+def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
+    """The sequence models of ``cfg.fold`` on every embedded checkpoint; returns per-checkpoint OOF losses."""
     out = run_dir(cfg)
     folders = finished_dirs(out / "embeddings")
     if not folders:
@@ -317,53 +445,36 @@ def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
         if oof_feats.labels is None:
             raise InputError(f"{folder}: OOF rows without labels; the embeddings do not match the metadata")
         cnn_loss = weighted_log_loss(oof_feats.labels, sigmoid(oof_feats.logits))
-        if (target / "done").exists():
-            changed = changed_settings(target / "config.yaml", cfg, LSTM_KEYS)
-            older = (target / "done").stat().st_mtime < (folder / "done").stat().st_mtime
-            if changed or older or not (target / "models.pt").exists():
-                reason = (describe_changes(changed) if changed else f"{folder} was embedded again" if older
-                          else "no saved models.pt (made before stage 4 saved its models)")
-                tqdm.write(f"fold {cfg.fold} {folder.name}: the LSTM was trained with other settings ({reason}); "
-                           "redoing")
-                (target / "done").unlink()
+        reason = _stale(target, folder, cfg)
+        if reason:
+            tqdm.write(f"fold {cfg.fold} {folder.name}: the LSTM was trained with other settings ({reason}); redoing")
+            (target / "done").unlink()
         if (target / "done").exists():
             oof = pd.read_parquet(target / "oof.parquet").set_index("image_id").loc[oof_feats.ids, list(LABELS)]
             results[folder.name] = {"cnn": cnn_loss, "lstm": weighted_log_loss(oof_feats.labels, oof.to_numpy())}
             continue
         test_feats = load_features(folder, "test", meta)
-        groups = _inner_groups(oof_feats, lcfg.inner_folds, cfg.seed)
-        all_series = np.arange(len(oof_feats.series))
-        feats, always = oof_feats, []  # the training set: OOF rows first (their row numbers stay), then extras
-        if lcfg.train_on == "train_and_oof":
-            if not (folder / "train_ids.csv").exists():
-                raise InputError(f"{folder}: no training-patient embeddings; lstm.train_on=train_and_oof needs "
-                                 f"`make embed fold={cfg.fold} embed.train=true`")
-            feats = concat_features(oof_feats, load_features(folder, "train", meta))
-            always = list(range(len(oof_feats.series), len(feats.series)))
-        oof = np.full((len(oof_feats.ids), N_LABELS), np.nan)
-        history = []
-        inner_folds = np.unique(groups)
-        for j in tqdm(inner_folds, desc=f"fold {cfg.fold} {folder.name} LSTM", leave=False, disable=not progress):
-            train_series, val_series = list(all_series[groups != j]) + always, list(all_series[groups == j])
-            (val_pred,), hist = fit_predict(feats, train_series, [(feats, val_series)], lcfg,
-                                            cfg.seed * 1000 + int(j))
-            rows = np.concatenate([oof_feats.series[i] for i in val_series])
-            oof[rows] = val_pred[rows]
-            history += [{"inner_fold": int(j), **h} for h in hist]
-        # The test set and new studies: one refit on all the fold's patients, its bagged epochs saved.
-        keep: dict = {}
-        (test,), _ = fit_predict(feats, list(all_series) + always, [(test_feats, list(range(len(test_feats.series))))],
-                                 lcfg, cfg.seed * 1000 + REFIT, keep=keep)
-        target.mkdir(parents=True, exist_ok=True)
-        with atomic_path(target / "models.pt") as tmp:
-            torch.save(keep, tmp)
-        for name, ids, probs in (("oof", oof_feats.ids, oof), ("test", test_feats.ids, test)):
-            with atomic_path(target / f"{name}.parquet") as tmp:
-                pd.DataFrame(probs.astype(np.float32), columns=list(LABELS)).assign(image_id=ids)[
-                    ["image_id", *LABELS]].to_parquet(tmp, index=False)
-        with atomic_path(target / "history.csv") as tmp:
-            pd.DataFrame(history).to_csv(tmp, index=False)
-        save_config(cfg, target / "config.yaml")
-        write_text_atomic(target / "done", f"{len(inner_folds)} inner folds\n")
+        if cfg.lstm.train_on == "train":
+            oof, test, history, keep = fit_on_training_patients(cfg, _training_patients(folder, meta, cfg), oof_feats,
+                                                                test_feats)
+        else:
+            extra = _training_patients(folder, meta, cfg) if cfg.lstm.train_on == "train_and_oof" else None
+            oof, test, history, keep = fit_nested(cfg, oof_feats, test_feats, extra, progress)
+        _write(target, cfg, keep, history, {"oof": (oof_feats.ids, oof), "test": (test_feats.ids, test)})
         results[folder.name] = {"cnn": cnn_loss, "lstm": weighted_log_loss(oof_feats.labels, oof)}
     return results
+
+
+def _write(target: Path, cfg: Config, keep: dict, history: list[dict], predictions: dict) -> None:
+    """One finished LSTM folder: saved models, predictions, history, config, then ``done``."""
+    target.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target / "models.pt") as tmp:
+        torch.save(keep, tmp)
+    for name, (ids, probs) in predictions.items():
+        with atomic_path(target / f"{name}.parquet") as tmp:
+            pd.DataFrame(probs.astype(np.float32), columns=list(LABELS)).assign(image_id=ids)[
+                ["image_id", *LABELS]].to_parquet(tmp, index=False)
+    with atomic_path(target / "history.csv") as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
+    save_config(cfg, target / "config.yaml")
+    write_text_atomic(target / "done", f"lstm.train_on={cfg.lstm.train_on}\n")
