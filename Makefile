@@ -19,7 +19,7 @@ OVERRIDES := $(foreach w,$(MAKEOVERRIDES),$(if $(and $(findstring =,$(w)),$(filt
 # Quoted, so that a DATA_DIR or CONFIG with spaces stays one argument.
 STAGE_ARGS = --config "$(CONFIG)" data.root="$(DATA_DIR)" data.workers=$(WORKERS) $(OVERRIDES)
 
-.PHONY: help setup judge demo synthetic preprocess train embed lstm submission ensemble search submit report bundle predict eda test lint bench bench-preprocess bench-train bench-scale clean-data
+.PHONY: help setup judge demo synthetic preprocess train embed lstm submission ensemble search submit report bundle predict eda test lint bench bench-preprocess bench-train bench-scale gpu-check gpu-wheels clean-data
 
 help:
 	@echo "make demo        set up, generate the synthetic set and run the pipeline on it"
@@ -39,6 +39,7 @@ help:
 	@echo "make predict STUDY=folder-or-zip [BUNDLE=...]   run a bundle on new DICOM studies"
 	@echo "make eda         dataset overview figures from the metadata table (DATA_DIR/eda)"
 	@echo "make bench       print the benchmark figures"
+	@echo "make gpu-check   on a GPU machine, offline: throughput, resume, compile, stages 3-4, tests (BENCHMARKS.md)"
 	@echo "make judge [N=6] [SUBTYPE=x]  BLAST-CT v1 (trained on real CT) on N synthetic series, in its own venv"
 
 # The venv is rebuilt only when the requirements change.
@@ -161,16 +162,32 @@ bench: bench-preprocess bench-train bench-scale
 bench-train: setup
 	$(PY) benchmarks/bench_train.py --config "$(CONFIG)" data.root="$(DATA_DIR)" $(OVERRIDES)
 
-# The sequence stage and the blend on fake inputs of the real data's size (752k + 121k slices, 2048-d):
-# seconds per LSTM epoch, the whole stage projected, peak RSS. SCALE=0.01 for a quick check.
+# The sequence stage and the blend on fake inputs of the real data's size (752k + 121k slices, 2048-d), with
+# the sequence model of SCALE_CONFIG (default the 2nd place's 2 x 2048 BiLSTM): seconds per epoch, the whole
+# stage projected, peak memory, stage 3's disk. SCALE=0.01 for a quick check.
 SCALE ?= 1
+SCALE_CONFIG ?= configs/cnn/resnext101_2nd_place.yaml
 bench-scale: setup
-	$(PY) benchmarks/bench_scale.py --scale $(SCALE) $(OVERRIDES)
+	$(PY) benchmarks/bench_scale.py --scale $(SCALE) --config "$(SCALE_CONFIG)" $(OVERRIDES)
 
-# N generated 512x512 DICOMs, one core: our stage vs a Kaggle-kernel reference vs the decode+encode floor.
-N ?= 300
-bench-preprocess: setup
-	$(PY) benchmarks/bench_preprocess.py --n $(N)
+# On a machine with a GPU and no network (README: the GPU check): PY=python3 uses that machine's own torch
+# stack, with this project installed by `pip install --no-deps -e .` and the wheels of `make gpu-wheels`.
+# Writes $(DATA_DIR)/gpu_check/gpu_check.md and records it in BENCHMARKS.md. GPU_CHECK_TINY=1: the CPU
+# version that the test suite runs.
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),setup)
+	$(PY) benchmarks/gpu_check.py --out "$(DATA_DIR)/gpu_check" --record BENCHMARKS.md
+
+# The wheels a GPU machine without a registry lacks (its image has torch, timm, numpy, pandas, opencv, pytest,
+# ...), at this venv's versions, for its Python 3.12: into .whl/ (git-ignored), to copy there with the project.
+GPU_WHEELS = albumentations albucore stringzilla simsimd pydantic pydantic-core annotated-types typing-inspection \
+	pydicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pydicom-data highdicom pyjpegls optuna sqlalchemy alembic \
+	colorlog mako kaggle python-slugify text-unidecode bleach webencodings
+gpu-wheels: setup
+	mkdir -p .whl
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(foreach n,39 38 37 36 35 34 33 32 31 30 29 28 27 26 25 24 17,--platform manylinux_2_$(n)_x86_64) \
+		--platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
+		$$($(PY) -m pip freeze | grep -iE "^($$(echo $(GPU_WHEELS) | sed 's/-/[-_]/g' | tr ' ' '|'))==")
 
 clean-data:
 	rm -rf $(DATA_DIR)/processed

@@ -5,15 +5,18 @@
 
 Builds (once, under --work) a data root shaped like the competition's after stages 1-3: 752k train +
 121k test slices in ~21k series of ~19k patients, five folds, and for every fold three embedded
-checkpoints (logits + ids; fold 0's last checkpoint also with 2048-d embeddings) and their LSTM
-outputs. Then, each in its own process so that its peak RSS is its own:
+checkpoints (logits + ids; fold 0's last checkpoint also with 2048-d embeddings of its held-out, test
+and training slices, stored as ``embed.dtype``) and their LSTM outputs. Then, each in its own process so
+that its peak RSS is its own:
 
-- ``lstm``: fold 0's features as stage 4 loads them (memory-mapped), one inner LSTM trained for
-  ``--lstm-epochs`` epoch(s) with the config's LSTM settings, and its prediction of the inner-validation
-  and test series: seconds per epoch and per prediction, and the projection for the whole stage
-  (5 folds x 3 checkpoints x inner folds x epochs);
+- ``lstm``: fold 0's features as stage 4 loads them (memory-mapped), one of the config's sequence models
+  (``lstm.kind``, width, batch, optimiser) trained for ``--lstm-epochs`` epoch(s) on what
+  ``lstm.train_on`` trains it on (an inner fold of the held-out patients, the CNN's training patients, or
+  both), and its predictions: seconds per epoch and per prediction, peak RSS (and GPU memory), and the
+  projection for the whole stage (5 folds x the config's embedded epochs x models per checkpoint x epochs);
 - ``blend``: stage 5 over every fold and checkpoint: seconds and peak RSS.
 
+Also prints stage 3's disk at the real size for the config (every fold and embedded epoch, its dtype).
 ``--scale 0.01`` runs the same path on 1% of the slices (a quick check of the script itself).
 """
 
@@ -47,10 +50,12 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def build(root: Path, scale: float, dim: int, seed: int = 0) -> dict:
-    """The fake data root; returns its sizes. Skipped when ``root/sizes.json`` exists for the same scale."""
+def build(root: Path, scale: float, dim: int, dtype: str = "float16", seed: int = 0) -> dict:
+    """The fake data root; returns its sizes. Skipped when ``root/sizes.json`` exists for the same scale, width
+    and dtype."""
     marker = root / "sizes.json"
-    if marker.exists() and json.loads(marker.read_text()).get("scale") == scale:
+    if marker.exists() and {k: json.loads(marker.read_text()).get(k) for k in ("scale", "dim", "dtype")} == \
+            {"scale": scale, "dim": dim, "dtype": dtype}:
         return json.loads(marker.read_text())
     rng = np.random.default_rng(seed)
     n_series = max(10, int(REAL["series"] * scale))
@@ -83,7 +88,8 @@ def build(root: Path, scale: float, dim: int, seed: int = 0) -> dict:
     test_ids = meta.image_id[meta.split == "test"].to_numpy()
     wide_to_long(pd.DataFrame(0.5, index=test_ids, columns=list(LABELS))).to_csv(
         root / "stage_2_sample_submission.csv", index=False)
-    sets_of = {k: {"oof": meta.image_id[meta.fold == k].to_numpy(), "test": test_ids} for k in range(N_FOLDS)}
+    sets_of = {k: {"oof": meta.image_id[meta.fold == k].to_numpy(), "test": test_ids,
+                   "train": meta.image_id[meta.fold.notna() & (meta.fold != k)].to_numpy()} for k in range(N_FOLDS)}
     for k in range(N_FOLDS):
         run = root / "runs" / "scale" / f"fold{k}"
         record_fold_table(run, meta)
@@ -92,30 +98,44 @@ def build(root: Path, scale: float, dim: int, seed: int = 0) -> dict:
             emb_dir.mkdir(parents=True, exist_ok=True)
             lstm_dir.mkdir(parents=True, exist_ok=True)
             for name, ids in sets_of[k].items():
+                last = k == 0 and e == CHECKPOINTS[-1]
+                if name == "train" and not last:  # only stage 4's input needs the training patients
+                    continue
                 pd.DataFrame({"image_id": ids}).to_csv(emb_dir / f"{name}_ids.csv", index=False)
                 np.save(emb_dir / f"{name}_logits.npy", rng.normal(-3, 1.5, (len(ids), len(LABELS))).astype(np.float32))
-                if k == 0 and e == CHECKPOINTS[-1]:  # written in chunks: never N x 2048 in RAM here either
-                    emb = np.lib.format.open_memmap(emb_dir / f"{name}_emb.npy", mode="w+", dtype=np.float32,
+                if last:  # written in chunks: never N x 2048 in RAM here either; ReLU-pooled-like values
+                    emb = np.lib.format.open_memmap(emb_dir / f"{name}_emb.npy", mode="w+", dtype=np.dtype(dtype),
                                                     shape=(len(ids), dim))
                     for i in range(0, len(ids), 20_000):
-                        emb[i:i + 20_000] = rng.standard_normal((min(20_000, len(ids) - i), dim), dtype=np.float32)
+                        emb[i:i + 20_000] = rng.gamma(1.0, 0.5, (min(20_000, len(ids) - i), dim))
                     emb.flush()
                     del emb
+                if name == "train":
+                    continue
                 probs = rng.uniform(0.001, 0.2, (len(ids), len(LABELS))).astype(np.float32)
                 pd.DataFrame(probs, columns=list(LABELS)).assign(image_id=ids).to_parquet(lstm_dir / f"{name}.parquet")
             (emb_dir / "done").write_text("none\n")
             (lstm_dir / "done").write_text("fake\n")
     sizes = {"scale": scale, "slices": n, "train": int((split == "train").sum()), "test": len(test_ids),
-             "series": n_series, "patients": int(len(np.unique(patient))), "dim": dim,
-             "fold0_oof": len(sets_of[0]["oof"])}
+             "series": n_series, "patients": int(len(np.unique(patient))), "dim": dim, "dtype": dtype,
+             "fold0_oof": len(sets_of[0]["oof"]), "fold0_train": len(sets_of[0]["train"])}
     marker.write_text(json.dumps(sizes))
     return sizes
 
 
 def part_lstm(cfg, epochs: int) -> dict:
-    from ichpipe.device import default_device
+    from ichpipe.device import amp_settings, default_device
     from ichpipe.paths import data_paths, read_metadata, run_dir
-    from ichpipe.sequence import PREDICT_BATCH, SequenceModel, _inner_groups, _predict, fit_predict, load_features
+    from ichpipe.sequence import (
+        MODEL_KEYS,
+        PREDICT_BATCH,
+        SequenceModel,
+        _inner_groups,
+        _predict,
+        concat_features,
+        fit_predict,
+        load_features,
+    )
 
     schedule = cfg.lstm  # the configured epochs and bagging, for the projection
     lcfg = dataclasses.replace(cfg.lstm, epochs=epochs, bag_last=1)  # this run: a few epochs only
@@ -123,31 +143,57 @@ def part_lstm(cfg, epochs: int) -> dict:
     start = time.perf_counter()
     meta = read_metadata(data_paths(cfg))
     oof, test = load_features(folder, "oof", meta), load_features(folder, "test", meta)
+    train = load_features(folder, "train", meta) if lcfg.train_on != "oof" else None
     groups = _inner_groups(oof, lcfg.inner_folds, cfg.seed)
     load_s = time.perf_counter() - start
     all_series = np.arange(len(oof.series))
-    train, val = list(all_series[groups != 0]), list(all_series[groups == 0])
+    inner_val = list(all_series[groups == 0])
+    if lcfg.train_on == "train":  # one model per checkpoint: the CNN's training patients -> held-out + test
+        feats, fit_series, val_feats, val = train, list(range(len(train.series))), oof, list(all_series)
+        models = 1
+    else:
+        feats, fit_series = oof, list(all_series[groups != 0])
+        if train is not None:
+            feats = concat_features(oof, train)
+            fit_series += list(range(len(oof.series), len(feats.series)))
+        val_feats, val, models = oof, inner_val, len(np.unique(groups)) + 1  # inner models + the refit
     device = default_device()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    fit_predict(oof, train, [(oof, val), (test, list(range(len(test.series))))], lcfg, cfg.seed, device)
+    fit_predict(feats, fit_series, [(val_feats, val), (test, list(range(len(test.series))))], lcfg, cfg.seed, device,
+                amp_mode=cfg.train.amp)
     fit_s = time.perf_counter() - start
     # predictions alone, to split the fit's time into training and prediction
-    model = SequenceModel(oof.emb.shape[1], lcfg.reduce_dim, lcfg.hidden, lcfg.layers, lcfg.dropout).to(device)
+    model = SequenceModel(oof.emb.shape[1], **{k: getattr(lcfg, k) for k in MODEL_KEYS}).to(device)
     mean, std = np.zeros(oof.emb.shape[1], np.float32), np.ones(oof.emb.shape[1], np.float32)
+    amp = amp_settings(cfg.train.amp, device)
     start = time.perf_counter()
-    _predict(model, test, list(range(len(test.series))), mean, std, PREDICT_BATCH, device)
+    _predict(model, test, list(range(len(test.series))), mean, std, PREDICT_BATCH, device, amp)
     test_s = time.perf_counter() - start
     start = time.perf_counter()
-    _predict(model, oof, val, mean, std, PREDICT_BATCH, device)
+    _predict(model, val_feats, val, mean, std, PREDICT_BATCH, device, amp)
     val_s = time.perf_counter() - start
     epoch_s = (fit_s - test_s - val_s) / epochs
-    inner = len(np.unique(groups))
-    per_inner = schedule.epochs * epoch_s + schedule.epochs * val_s + schedule.bag_last * test_s
-    return {"device": str(device), "load_s": load_s, "train_slices": int(sum(len(oof.series[i]) for i in train)),
-            "epoch_s": epoch_s, "predict_val_s": val_s, "predict_test_s": test_s, "inner_folds": inner,
-            "projected_stage_h": N_FOLDS * len(CHECKPOINTS) * inner * per_inner / 3600,
-            "projection": f"{N_FOLDS} folds x {len(CHECKPOINTS)} checkpoints x {inner} inner x "
-                          f"({schedule.epochs} epochs + predictions)", "peak_rss_gb": _rss_gb()}
+    per_model = schedule.epochs * epoch_s + schedule.epochs * val_s + schedule.bag_last * test_s
+    checkpoints = len(cfg.embed.epochs) or cfg.train.epochs
+    return {"device": str(device), "load_s": load_s, "train_slices": int(sum(len(feats.series[i]) for i in fit_series)),
+            "epoch_s": epoch_s, "predict_val_s": val_s, "predict_test_s": test_s, "models": models,
+            "projected_stage_h": N_FOLDS * checkpoints * models * per_model / 3600,
+            "projection": f"{N_FOLDS} folds x {checkpoints} checkpoints x {models} model(s) "
+                          f"(train_on={lcfg.train_on}) x ({schedule.epochs} epochs + predictions)",
+            "peak_rss_gb": _rss_gb(),
+            "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def stage3_disk_gb(cfg, dim: int) -> tuple[float, float]:
+    """Stage 3's embeddings at the real size for ``cfg`` (every fold, every embedded epoch; training slices too
+    when ``embed.train``): GB as stored (``embed.dtype``) and as float32 would be."""
+    rows = REAL["train"] / N_FOLDS + REAL["test"] + (REAL["train"] * (N_FOLDS - 1) / N_FOLDS if cfg.embed.train else 0)
+    checkpoints = len(cfg.embed.epochs) or cfg.train.epochs
+    total = N_FOLDS * checkpoints * rows * dim
+    return total * np.dtype(cfg.embed.dtype).itemsize / 1e9, total * 4 / 1e9
 
 
 def part_blend(cfg) -> dict:
@@ -164,7 +210,7 @@ def main(argv=None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="share of the real slice and series counts")
     parser.add_argument("--dim", type=int, default=DIM, help="embedding width (2048: ResNeXt-101)")
     parser.add_argument("--work", default="/tmp/ichpipe_scale", help="where the fake data root is built (~3 GB)")
-    parser.add_argument("--config", default=str(REPO / "configs" / "cnn" / "resnext101_384.yaml"))
+    parser.add_argument("--config", default=str(REPO / "configs" / "cnn" / "resnext101_2nd_place.yaml"))
     parser.add_argument("--lstm-epochs", type=int, default=1)
     parser.add_argument("--part", choices=["all", "lstm", "blend"], default="all")
     parser.add_argument("overrides", nargs="*")
@@ -179,10 +225,10 @@ def main(argv=None) -> int:
         print(json.dumps(part_blend(cfg)))
         return 0
     start = time.perf_counter()
-    sizes = build(root, args.scale, args.dim)
+    sizes = build(root, args.scale, args.dim, cfg.embed.dtype)
     print(f"inputs: {sizes['train']} train + {sizes['test']} test slices, {sizes['series']} series, "
-          f"{sizes['patients']} patients, {sizes['dim']}-d embeddings (fold 0: {sizes['fold0_oof']} OOF slices); "
-          f"built or found in {time.perf_counter() - start:.0f} s under {root}")
+          f"{sizes['patients']} patients, {sizes['dim']}-d {sizes['dtype']} embeddings (fold 0: {sizes['fold0_oof']} "
+          f"OOF, {sizes['fold0_train']} training slices); built or found in {time.perf_counter() - start:.0f} s under {root}")
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"cuda={torch.cuda.is_available()}")
     results = {}
@@ -195,11 +241,18 @@ def main(argv=None) -> int:
             return res.returncode
         results[part] = json.loads(res.stdout.strip().splitlines()[-1])
     lstm, blend = results["lstm"], results["blend"]
-    print(f"lstm ({lstm['device']}, reduce {cfg.lstm.reduce_dim}, hidden {cfg.lstm.hidden}, batch {cfg.lstm.batch_size}): "
+    gpu = f", peak GPU memory {lstm['peak_gpu_gb']:.2f} GB" if lstm["peak_gpu_gb"] is not None else ""
+    print(f"lstm ({lstm['device']}, {cfg.lstm.kind} {cfg.lstm.layers} x {cfg.lstm.hidden}, reduce {cfg.lstm.reduce_dim}, "
+          f"{lstm['parameters'] / 1e6:.1f}M parameters, batch {cfg.lstm.batch_size} series, train_on={cfg.lstm.train_on}): "
           f"load {lstm['load_s']:.1f} s; one epoch over {lstm['train_slices']} slices {lstm['epoch_s']:.1f} s; "
-          f"predict inner-val {lstm['predict_val_s']:.1f} s, test {lstm['predict_test_s']:.1f} s; "
-          f"peak RSS {lstm['peak_rss_gb']:.2f} GB")
-    print(f"lstm whole stage, projected: {lstm['projected_stage_h']:.1f} h ({lstm['projection']})")
+          f"predict held-out {lstm['predict_val_s']:.1f} s, test {lstm['predict_test_s']:.1f} s; "
+          f"peak RSS {lstm['peak_rss_gb']:.2f} GB{gpu}")
+    print(f"lstm whole stage, projected at this scale: {lstm['projected_stage_h']:.2f} h ({lstm['projection']}); "
+          f"x {1 / args.scale:.0f} at the real size: {lstm['projected_stage_h'] / args.scale:.1f} h")
+    stored, fp32 = stage3_disk_gb(cfg, args.dim)
+    print(f"stage 3 on disk at the real size: {stored:.0f} GB as {cfg.embed.dtype} ({fp32:.0f} GB as float32), "
+          f"{N_FOLDS} folds x {len(cfg.embed.epochs) or cfg.train.epochs} epochs, "
+          f"{'held-out + test + training' if cfg.embed.train else 'held-out + test'} slices at {args.dim}-d")
     print(f"blend: {blend['seconds']:.1f} s for {blend['oof_images']} OOF images x {len(CHECKPOINTS)} checkpoints "
           f"x {N_FOLDS} folds; peak RSS {blend['peak_rss_gb']:.2f} GB")
     return 0
