@@ -182,6 +182,9 @@ def kill_and_resume(root: Path, extra: list[str]) -> tuple[str, dict]:
 
     h1 = pd.read_csv(root / "runs" / "gc_straight" / "fold0" / "history.csv")
     h2 = pd.read_csv(root / "runs" / "gc_killed" / "fold0" / "history.csv")
+    if h1.epoch.tolist() != h2.epoch.tolist():
+        raise RuntimeError(f"the resumed run's history has epochs {h2.epoch.tolist()}, the uninterrupted "
+                           f"run's {h1.epoch.tolist()}")
     gap = float((h1.val_loss - h2.val_loss).abs().max())
     return (f"resnext101_2nd_place recipe ({'tiny model' if TINY else 'ResNeXt-101 at 224 px'}), 3 epochs: "
             f"uninterrupted {straight_s:.0f} s; killed with SIGKILL after {len(done)} checkpoint(s) ({', '.join(done)}), "

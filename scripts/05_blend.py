@@ -19,7 +19,8 @@ def run(cfg, args):
     print(f"CV table: {result['cv_dir']}/cv.md and cv.json")
     for model, w in result["written"].items():
         note = f" ({w['filled']} test images had no prediction: filled with the prior)" if w["filled"] else ""
-        print(f"written and validated ({model}, OOF {w['cv']:.4f}): {w['path']}{note}")
+        done = "written and validated" if w["new"] else "already there (the same predictions)"
+        print(f"{done} ({model}, OOF {w['cv']:.4f}): {w['path']}{note}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import hashlib
 import json
 import os
 import stat
@@ -324,11 +325,31 @@ def test_submit_takes_only_complete_submissions_of_exactly_this_experiment(tmp_p
     # the next blend sweeps what a killed blend of this experiment left, and nothing of another's
     run_blend(cfg, today=dt.date(2026, 11, 23))
     assert not orphan.exists() and not list(subs.glob(".*tmp*")) and other.exists()
-    # a full disk while the YAML is written: neither file appears
+    # a full disk while the YAML is written (of a blend that changed): neither file appears
+    cfg.blend.lstm_weight = 0.3
     monkeypatch.setattr(yaml, "safe_dump", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
     with pytest.raises(OSError, match="No space left"):
         run_blend(cfg, today=dt.date(2026, 11, 25))
     assert not list(subs.glob("2026-11-25*")) and not list(subs.glob(".*"))
+
+
+def test_a_rerun_that_changes_nothing_keeps_the_submission_of_its_first_day(tmp_path, capsys):
+    root = tmp_path / "root"
+    cfg, *_ = _experiment(root, np.random.default_rng(3))
+    first = run_blend(cfg, today=dt.date(2026, 11, 23))["written"]
+    subs = root / "subs"
+    names = sorted(p.name for p in subs.iterdir())
+    assert all(w["new"] for w in first.values()) and len(names) == 4  # blend and CNN, each with its YAML
+    again = run_blend(cfg, today=dt.date(2026, 11, 24))["written"]  # after midnight: the same predictions
+    assert sorted(p.name for p in subs.iterdir()) == names
+    assert {m: (w["path"], w["new"]) for m, w in again.items()} == {m: (w["path"], False) for m, w in first.items()}
+    info = yaml.safe_load(info_path(first["blend"]["path"]).read_text())
+    assert info["sha256"] == hashlib.sha256(gzip.decompress(Path(first["blend"]["path"]).read_bytes())).hexdigest()
+    cfg.blend.lstm_weight = 0.3  # the blend changes, the CNN's predictions do not
+    third = run_blend(cfg, today=dt.date(2026, 11, 24))["written"]
+    assert third["blend"]["new"] and third["blend"]["path"].startswith(str(subs / "2026-11-24_exp_cv"))
+    assert third["cnn_bagged"] == {**first["cnn_bagged"], "new": False}
+    assert latest_submission(cfg) == Path(third["blend"]["path"])
 
 
 def test_submit_refuses_an_invalid_file(tmp_path):

@@ -73,6 +73,34 @@ def test_resume_after_a_stop_ends_with_the_same_weights(processed):
         pd.testing.assert_frame_equal(h1, h2, rtol=0.05)
 
 
+def test_a_run_killed_at_any_write_of_its_last_epoch_resumes_with_its_whole_history(processed, monkeypatch):
+    """last.pt is written last: a kill while the epoch's history row (or OOF, or checkpoint) is being written
+    resumes from the epoch before, so history.csv has every epoch once (it lost the killed epoch's row when
+    last.pt came before it)."""
+    import ichpipe.train as train_module
+
+    root, _, _ = processed
+    straight = pd.read_csv(Path(train_fold(_train_cfg(root, "whole"), progress=False)["run_dir"]) / "history.csv")
+    real = train_module.atomic_path
+
+    def killed_at_history(path):
+        if Path(path).name == "history.csv" and (Path(path).parent / "checkpoints" / "epoch01.pt").exists():
+            raise KeyboardInterrupt  # the kill, as the last epoch's history row is written
+        return real(path)
+
+    monkeypatch.setattr(train_module, "atomic_path", killed_at_history)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(_train_cfg(root, "killed"), progress=False)
+    monkeypatch.setattr(train_module, "atomic_path", real)
+    out = root / "runs" / "killed" / "fold0"
+    assert _state(out / "last.pt")["epoch"] == 0
+    train_fold(_train_cfg(root, "killed", "resume=true"), progress=False)
+    history = pd.read_csv(out / "history.csv")
+    assert history.epoch.tolist() == [0, 1]
+    if default_device().type == "cpu":
+        pd.testing.assert_frame_equal(history, straight)
+
+
 def test_ddp_with_gloo_on_two_processes(processed):
     root, _, meta = processed
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

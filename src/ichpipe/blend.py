@@ -20,6 +20,7 @@ CNN bagged). Writes::
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import subprocess
@@ -37,7 +38,7 @@ from ichpipe.labels import ABBREVIATIONS, LABELS
 from ichpipe.metrics import per_class_log_loss, sigmoid, weighted_log_loss
 from ichpipe.metrics import prior as prior_of
 from ichpipe.paths import data_paths, epoch_number, finished_dirs, read_metadata, run_dir
-from ichpipe.submission import SubmissionError, check_submission, write_submission
+from ichpipe.submission import SubmissionError, check_submission, submission_csv, write_submission
 
 MODELS = ("prior", "cnn_single", "cnn_bagged", "lstm", "blend")
 
@@ -244,19 +245,50 @@ def submissions_dir(cfg: Config) -> Path:
     return out if out.is_absolute() else REPO_ROOT / out
 
 
-def write_checked(pred: pd.DataFrame, path: Path, sample: Path, info: dict) -> None:
+def write_checked(pred: pd.DataFrame, path: Path, sample: Path, info: dict) -> Path:
     """Write ``pred`` as a submission and ``info`` as the YAML beside it, together or not at all.
 
     Both go to temporary names; the submission must pass validation; then the YAML is renamed into
     place and the submission after it. A failure before (a NaN, a full disk) leaves neither; `make
-    submit` only takes a submission whose YAML is there.
+    submit` only takes a submission whose YAML is there. The YAML records the sha256 of the CSV's
+    text: when a complete submission of the same experiment and model with the same text is already
+    in the folder (a rerun that changed nothing, on another day), that one is kept and returned and
+    nothing is written.
     """
+    text = submission_csv(pred)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    same = _same_submission(path.parent, info, digest)
+    if same is not None:
+        return same
     with atomic_path(path) as tmp, atomic_path(info_path(path)) as tmp_info:
-        write_submission(pred, tmp)
+        write_submission(text, tmp)
         problems = check_submission(tmp, sample)
         if problems:
             raise SubmissionError(path, problems)
-        tmp_info.write_text(yaml.safe_dump(info, sort_keys=False))
+        tmp_info.write_text(yaml.safe_dump({**info, "sha256": digest}, sort_keys=False))
+    return path
+
+
+def _infos(out_dir: Path):
+    """(YAML path, its contents, its submission) of every complete submission in ``out_dir``."""
+    for p in sorted(out_dir.glob("*.yaml")) if out_dir.exists() else []:
+        try:
+            info = yaml.safe_load(p.read_text()) or {}
+        except (yaml.YAMLError, OSError):
+            continue
+        sub = p.with_name(str(info.get("file", "")))
+        if isinstance(info, dict) and sub.is_file() and info_path(sub) == p:
+            yield p, info, sub
+
+
+def _same_submission(out_dir: Path, info: dict, digest: str) -> Path | None:
+    if "experiment" not in info:
+        return None
+    for _, old, sub in _infos(out_dir):
+        if (old.get("experiment"), old.get("model"), old.get("sha256")) == (info["experiment"], info.get("model"),
+                                                                            digest):
+            return sub
+    return None
 
 
 def _sweep_leftovers(out_dir: Path, experiment: str) -> None:
@@ -283,16 +315,8 @@ def _experiment_of_name(name: str) -> str | None:
 def latest_submission(cfg: Config, model: str = "blend") -> Path:
     """The newest complete submission of exactly ``cfg.experiment`` (by the YAML beside it), else an error."""
     out_dir = submissions_dir(cfg)
-    found = []
-    for p in out_dir.glob("*.yaml") if out_dir.exists() else []:
-        try:
-            info = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError:
-            continue
-        sub = p.with_name(str(info.get("file", "")))
-        if info.get("experiment") == cfg.experiment and info.get("model") == model and sub.is_file() \
-                and info_path(sub) == p:
-            found.append((str(info.get("created", "")), sub.stat().st_mtime, sub))
+    found = [(str(info.get("created", "")), sub.stat().st_mtime, sub) for _, info, sub in _infos(out_dir)
+             if info.get("experiment") == cfg.experiment and info.get("model") == model]
     if not found:
         raise InputError(f"{out_dir}: no submission of experiment {cfg.experiment!r}; run `make submission` first")
     return max(found)[2]
@@ -358,6 +382,6 @@ def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
             "cv_table": {w: {m: s[m]["weighted"] for m in s} for w, s in scores.items()},
             "images_filled_with_prior": filled, "used": used,
             "configs": {"blend": to_dict(cfg), **_run_configs(cfg, used["folds"])}}
-        write_checked(test, path, paths.sample_submission_csv, info)
-        written[model] = {"path": str(path), "cv": cv, "filled": filled}
+        kept = write_checked(test, path, paths.sample_submission_csv, info)
+        written[model] = {"path": str(kept), "cv": cv, "filled": filled, "new": kept == path}
     return {"scores": scores, "written": written, "table": format_table(scores), "cv_dir": str(exp_dir)}

@@ -282,6 +282,6 @@ def run_ensemble(cfg: Config, today: dt.date | None = None) -> dict:
             "detail": detail, "cv": {w: s["final"] for w, s in scores.items()},
             "cv_table": {w: {m: s[m]["weighted"] for m in s} for w, s in scores.items()},
             "images_filled_with_prior": filled, "config": to_dict(cfg)}
-    write_checked(sub, path, paths.sample_submission_csv, info)
+    path = write_checked(sub, path, paths.sample_submission_csv, info)
     return {"scores": scores, "final": final, "path": str(path), "table": format_table(scores),
             "cv_dir": str(out), "detail": detail, "members": members}

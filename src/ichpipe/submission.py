@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import shutil
 import subprocess
@@ -29,14 +30,25 @@ class SubmissionError(InputError):
         super().__init__(f"{path}: " + "; ".join(problems))
 
 
-def write_submission(predictions: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write (image id × six labels) probabilities as Kaggle's ``ID,Label`` CSV (gzip if ``.gz``)."""
+def submission_csv(predictions: pd.DataFrame) -> str:
+    """(image id × six labels) probabilities as the text of Kaggle's ``ID,Label`` CSV."""
     missing = [c for c in LABELS if c not in predictions.columns]
     if missing:
         raise ValueError(f"predictions lack label columns {missing}")
+    return wide_to_long(predictions).to_csv(index=False, float_format="%.6g")
+
+
+def write_submission(predictions: pd.DataFrame | str, path: str | os.PathLike) -> Path:
+    """Write (image id × six labels) probabilities, or their `submission_csv` text, as Kaggle's ``ID,Label``
+    CSV (gzip if ``.gz``)."""
     path = Path(path)
+    text = predictions if isinstance(predictions, str) else submission_csv(predictions)
     with atomic_path(path) as tmp:
-        wide_to_long(predictions).to_csv(tmp, index=False, float_format="%.6g")
+        if path.suffix == ".gz":
+            with gzip.open(tmp, "wt", newline="") as f:
+                f.write(text)
+        else:
+            tmp.write_text(text)
     return path
 
 

@@ -384,11 +384,13 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0,
             with atomic_path(out / f"oof_epoch{epoch:02d}.parquet") as tmp:
                 oof.to_parquet(tmp, index=False)
             _save(model.state_dict(), out / "checkpoints" / f"epoch{epoch:02d}.pt")
+            with atomic_path(history_path) as tmp:
+                pd.DataFrame(history).to_csv(tmp, index=False)
+            # last.pt is the commit point: written after everything else of the epoch, so a run killed at any
+            # moment resumes from an epoch whose history row, OOF and checkpoint are all on disk.
             _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "torch_rng": torch.get_rng_state(),
                    "cuda_rng": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None}, last)
-            with atomic_path(history_path) as tmp:
-                pd.DataFrame(history).to_csv(tmp, index=False)
             writer.add_scalar("val/loss", metrics["val_loss"], step)
             writer.add_scalar("val/prior_loss", baseline, step)
             writer.add_scalar("train/epoch_loss", metrics["train_loss"], step)
