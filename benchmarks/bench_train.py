@@ -77,7 +77,7 @@ def throughput(cfg: Config, steps: int, device: torch.device, precisions: dict[s
     rows = []
     for label, dtype in precisions.items():
         torch.manual_seed(0)
-        model = create_model(cfg.model.backbone, pretrained=False, in_chans=channels).to(device)
+        model = create_model(cfg.model.backbone, pretrained=False, in_chans=channels, kwargs=cfg.model.kwargs).to(device)
         model = model.to(memory_format=torch.channels_last)
         x = torch.randint(0, 256, (bs, channels, size, size), dtype=torch.uint8, device=device)
         y = (torch.rand(bs, 6, device=device) < 0.1).float()

@@ -51,7 +51,7 @@ from ichpipe.device import default_device  # noqa: E402
 START, END = "<!-- gpu-check:start -->", "<!-- gpu-check:end -->"
 TINY = os.environ.get("GPU_CHECK_TINY", "") not in ("", "0")
 # The real check: every GPU config; the tiny one: the CPU test model at 32 px (same code, seconds).
-GPU_CONFIGS = sorted(p for p in (REPO / "configs" / "cnn").glob("*.yaml") if not p.stem.startswith("cpu_"))
+GPU_CONFIGS = sorted(p for p in (REPO / "configs" / "cnn").glob("*.yaml") if not p.stem.startswith(("cpu_", "bench_")))
 TINY_MODEL = ["model.backbone=test_resnet", "train.image_size=32", "train.batch_size=4", "embed.batch_size=8",
               "train.loader_workers=0"]
 RECIPE = REPO / "configs" / "cnn" / "resnext101_2nd_place.yaml"
@@ -199,7 +199,8 @@ def compile_time(device: torch.device) -> tuple[str, dict]:
     from ichpipe.models import create_model
 
     cfg = load_config(RECIPE, ["model.pretrained=false", *(TINY_MODEL if TINY else ["train.batch_size=32"])])
-    model = create_model(cfg.model.backbone, pretrained=False).to(device).to(memory_format=torch.channels_last)
+    model = create_model(cfg.model.backbone, pretrained=False, kwargs=cfg.model.kwargs).to(device)
+    model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model, backend="eager" if TINY else "inductor")  # eager in the tiny mode: no C++ build on CI
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
     loss_fn = make_loss("weighted_bce", device)

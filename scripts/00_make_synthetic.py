@@ -9,26 +9,24 @@ import time
 from pathlib import Path
 
 from ichpipe.cli import stage_main
-from ichpipe.config import load_config, save_config
+from ichpipe.config import save_config
 from ichpipe.labels import LABELS
-from ichpipe.synthetic.dataset import generate_dataset, missing_files
+from ichpipe.synthetic.dataset import SET_CONFIG, existing_set, generate_dataset
 from ichpipe.synthetic.realism import format_summary, set_summary
 
 
 def run(cfg, args):
-    done = Path(cfg.data.root) / "synthetic_config.yaml"  # written last, with the set's config
-    if done.exists() and load_config(done).synthetic == cfg.synthetic:
-        missing = missing_files(cfg.data.root)
-        if not missing:
-            print(f"{cfg.data.root}: the synthetic set of this config is already there "
-                  f"(delete {done} to write it again)")
-            return 0
-        print(f"{cfg.data.root}: the synthetic set is incomplete ({len(missing)} files missing, e.g. {missing[0]}); "
-              "writing it again")
+    done = Path(cfg.data.root) / SET_CONFIG
+    why = existing_set(cfg.data.root, cfg.synthetic)
+    if why is None:
+        print(f"{cfg.data.root}: the synthetic set of this config is already there (delete {done} to write it again)")
+        return 0
+    if "missing" in why:
+        print(f"{cfg.data.root}: the synthetic set is incomplete ({why}); writing it again")
     start = time.perf_counter()
     table = generate_dataset(cfg.synthetic, cfg.data.root, workers=cfg.data.workers)
     elapsed = time.perf_counter() - start
-    save_config(cfg, f"{cfg.data.root}/synthetic_config.yaml")
+    save_config(cfg, done)
     train = table[table.split == "train"]
     prevalence = ", ".join(f"{name} {100 * train[name].mean():.2f}%" for name in LABELS)
     print(f"wrote {len(train)} train and {len(table) - len(train)} test DICOMs of "

@@ -297,6 +297,10 @@ def test_resume_refuses_changed_settings_and_broken_checkpoints(processed):
     with pytest.raises(InputError, match=r"model.backbone='test_resnet' \(now 'test_efficientnet'\)"):
         train_fold(_train_cfg(root, "changed", "train.epochs=2", "model.backbone=test_efficientnet", "resume=true"),
                    progress=False)
+    # a mapping setting: a change of one of its entries is a change of the setting (model.kwargs builds the network)
+    with pytest.raises(InputError, match=r"model.kwargs.channels=None \(now \[8, 16, 32, 64\]\)"):
+        train_fold(_train_cfg(root, "changed", "train.epochs=2", "model.kwargs.channels=[8,16,32,64]", "resume=true"),
+                   progress=False)
     assert (run / "config.yaml").read_text() == saved  # a refused resume leaves the run's config as it was
     data = (run / "last.pt").read_bytes()
     (run / "last.pt").write_bytes(data[: len(data) // 2])

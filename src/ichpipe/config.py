@@ -95,6 +95,9 @@ class ModelConfig:
     weights: str = ""  # a local ImageNet weights file for the backbone, instead of downloading
     init_from: str = ""  # an ichpipe checkpoint to start from (half-res -> full-size fine-tuning)
     drop_rate: float = 0.0
+    # more arguments of timm.create_model, e.g. a reduced width {channels: [16, 32, 64, 128], stem_width: 16} for a
+    # resnet, saved with the run and the bundle (every stage builds the same network)
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -455,14 +458,15 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def changed_settings(saved_path: str | os.PathLike, cfg: Config, keys: tuple[str, ...]) -> dict[str, tuple]:
-    """Settings under ``keys`` (exact keys, or sections ending in '.') whose value in the config saved at
-    ``saved_path`` differs from ``cfg``'s: ``{key: (saved, now)}``. Empty when nothing was saved."""
+    """Settings under ``keys`` (exact keys with whatever they hold, e.g. ``model.kwargs`` and its entries, or
+    sections ending in '.') whose value in the config saved at ``saved_path`` differs from ``cfg``'s:
+    ``{key: (saved, now)}``. Empty when nothing was saved."""
     if not Path(saved_path).exists():
         return {}
     saved, now = flatten(to_dict(load_config(saved_path))), flatten(to_dict(cfg))
 
     def wanted(key: str) -> bool:
-        return any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys)
+        return any(key == k or key.startswith(k if k.endswith(".") else k + ".") for k in keys)
 
     return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if wanted(k) and saved.get(k) != now.get(k)}
 

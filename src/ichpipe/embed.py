@@ -37,7 +37,7 @@ from ichpipe.paths import data_paths, epoch_number, read_metadata, run_dir
 from ichpipe.preprocess import output_name
 
 # The settings an embeddings folder depends on: when one differs from the folder's, it is redone.
-EMBED_KEYS = ("seed", "model.backbone", "embed.tta", "embed.keep_views", "embed.train", "embed.dtype", "train.image_size",
+EMBED_KEYS = ("seed", "model.backbone", "model.kwargs", "embed.tta", "embed.keep_views", "embed.train", "embed.dtype", "train.image_size",
               "train.crop_border",
               "train.amp", "preprocess.size", "preprocess.windows", "preprocess.mode", "preprocess.name")
 
@@ -124,7 +124,7 @@ def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
     amp = amp_settings(cfg.train.amp, rt.device)
     emb_dtype = np.dtype(cfg.embed.dtype)
     channels = input_channels(cfg.preprocess.mode)
-    model = create_model(cfg.model.backbone, pretrained=False, in_chans=channels).to(rt.device)
+    model = create_model(cfg.model.backbone, pretrained=False, in_chans=channels, kwargs=cfg.model.kwargs).to(rt.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     dim = getattr(model, "head_hidden_size", None) or model.num_features  # the width of forward_head(pre_logits)

@@ -18,7 +18,7 @@ class ModelError(InputError):
 
 
 def create_model(backbone: str, pretrained: bool = True, weights: str = "", init_from: str = "",
-                 drop_rate: float = 0.0, in_chans: int = 3) -> nn.Module:
+                 drop_rate: float = 0.0, in_chans: int = 3, kwargs: dict | None = None) -> nn.Module:
     """A timm ``backbone`` with a 6-way head.
 
     Args:
@@ -29,6 +29,7 @@ def create_model(backbone: str, pretrained: bool = True, weights: str = "", init
             full-size fine-tuning); loaded after construction, head included.
         in_chans: input channels (9 for 3 slices x 3 windows); timm adapts the pretrained first
             convolution (its RGB filters repeated and rescaled).
+        kwargs: more arguments of ``timm.create_model`` (``model.kwargs``: e.g. a resnet's ``channels``).
     """
     # is_model takes timm's tagged names (resnext101_32x8d.fb_wsl_ig1b_ft_in1k), which list_models() leaves out.
     if not timm.is_model(backbone):
@@ -36,7 +37,7 @@ def create_model(backbone: str, pretrained: bool = True, weights: str = "", init
     if "." in backbone and not is_model_pretrained(backbone):
         tags = ", ".join(timm.list_pretrained(backbone.split(".")[0] + ".*")[:8]) or "none"
         raise ModelError(f"model.backbone: timm has no pretrained weights tagged {backbone!r} (known: {tags})")
-    kwargs = {"num_classes": N_LABELS, "drop_rate": drop_rate, "in_chans": in_chans}
+    kwargs = {**(kwargs or {}), "num_classes": N_LABELS, "drop_rate": drop_rate, "in_chans": in_chans}
     if weights:
         if not Path(weights).exists():
             raise ModelError(f"model.weights: {weights}: file not found")
@@ -50,6 +51,8 @@ def create_model(backbone: str, pretrained: bool = True, weights: str = "", init
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise ModelError(f"cannot load ImageNet weights for {backbone} (offline? {reason}); "
                          f"set model.pretrained=false or model.weights=PATH to a local weights file") from None
+    except TypeError as exc:  # an argument the architecture does not take (model.kwargs)
+        raise ModelError(f"model.kwargs: {backbone} does not take {str(exc).splitlines()[0][:200]}") from None
     except RuntimeError as exc:  # e.g. a local weights file of another architecture
         source = f"model.weights {weights}" if weights else f"timm's weights for {backbone}"
         raise ModelError(f"cannot build {backbone} from {source}: {str(exc).splitlines()[0][:200]}") from None

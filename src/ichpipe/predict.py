@@ -173,7 +173,8 @@ class Predictor:
         self.cnn = {}
         for k in self.info["folds"]:
             for e in self.info["epochs"][k]:
-                model = create_model(self.info["backbone"], pretrained=False, in_chans=self.channels)
+                model = create_model(self.info["backbone"], pretrained=False, in_chans=self.channels,
+                                     kwargs=config["model"].get("kwargs", {}))
                 state = torch.load(bundle.cnn_path(k, e), map_location="cpu", weights_only=True)
                 load_weights(model, {n: t.float() if t.is_floating_point() else t for n, t in state.items()},
                              bundle.cnn_path(k, e), self.info["backbone"])

@@ -181,7 +181,7 @@ def _save(obj, path: Path) -> None:
 
 
 # A resume continues the same optimisation: these settings must equal the run's own.
-RESUME_KEYS = ("seed", "model.backbone", "model.drop_rate", "train.image_size", "train.epochs", "train.batch_size",
+RESUME_KEYS = ("seed", "model.backbone", "model.kwargs", "model.drop_rate", "train.image_size", "train.epochs", "train.batch_size",
                "train.lr", "train.optimizer", "train.schedule", "train.weight_decay", "train.warmup_steps", "train.accumulate", "train.loss",
                "train.mixup", "train.label_smoothing", "train.augment", "train.crop_border", "train.crop_margin", "preprocess.size", "preprocess.windows",
                "preprocess.mode", "preprocess.name")
@@ -284,7 +284,7 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0,
 
     with local_main_first(rt):  # pretrained weights: downloaded once per machine, then read from its cache
         model = create_model(cfg.model.backbone, cfg.model.pretrained, cfg.model.weights, cfg.model.init_from,
-                             cfg.model.drop_rate, channels).to(rt.device)
+                             cfg.model.drop_rate, channels, cfg.model.kwargs).to(rt.device)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(tcfg.optimizer, model.parameters(), tcfg.lr, tcfg.weight_decay)

@@ -278,6 +278,24 @@ def generate_dataset(cfg: SyntheticConfig, root: str | os.PathLike, workers: int
     return table
 
 
+SET_CONFIG = "synthetic_config.yaml"  # written last, with the resolved config of the set
+
+
+def existing_set(root: str | os.PathLike, cfg: SyntheticConfig) -> str | None:
+    """Why the synthetic set of ``cfg`` is not (whole) under ``root``, or None when it is: the set's
+    ``synthetic_config.yaml`` is written last, so a set without it, of other settings or with files missing
+    is not the one asked for."""
+    from ichpipe.config import load_config
+
+    done = Path(root) / SET_CONFIG
+    if not done.exists():
+        return f"no {SET_CONFIG}"
+    if load_config(done).synthetic != cfg:
+        return f"its {SET_CONFIG} holds other synthetic settings"
+    missing = missing_files(root)
+    return f"{len(missing)} files missing, e.g. {missing[0]}" if missing else None
+
+
 def _write_csvs(table: pd.DataFrame, paths: DataPaths, cfg: SyntheticConfig) -> None:
     train = table[table.split == "train"].set_index("image_id")
     test = table[table.split == "test"].set_index("image_id")
