@@ -19,7 +19,7 @@ OVERRIDES := $(foreach w,$(MAKEOVERRIDES),$(if $(and $(findstring =,$(w)),$(filt
 # Quoted, so that a DATA_DIR or CONFIG with spaces stays one argument.
 STAGE_ARGS = --config "$(CONFIG)" data.root="$(DATA_DIR)" data.workers=$(WORKERS) $(OVERRIDES)
 
-.PHONY: help setup judge demo synthetic preprocess train embed lstm submission ensemble search submit report bundle predict eda test lint bench bench-preprocess bench-train bench-scale gpu-check gpu-wheels clean-data
+.PHONY: help setup judge demo synthetic preprocess train embed lstm submission ensemble search submit report bundle predict eda test lint bench benchmark bench-preprocess bench-train bench-scale gpu-check gpu-wheels clean-data
 
 help:
 	@echo "make demo        set up, generate the synthetic set and run the pipeline on it"
@@ -39,6 +39,7 @@ help:
 	@echo "make predict STUDY=folder-or-zip [BUNDLE=...]   run a bundle on new DICOM studies"
 	@echo "make eda         dataset overview figures from the metadata table (DATA_DIR/eda)"
 	@echo "make bench       print the benchmark figures"
+	@echo "make benchmark [OPTIONS=\"mixup no_crop\"]   the recipe benchmark: two families, seeds, sequence models, ensemble"
 	@echo "make gpu-check   on a GPU machine, offline: throughput, resume, compile, stages 3-4, tests (BENCHMARKS.md)"
 	@echo "make judge [N=6] [SUBTYPE=x]  BLAST-CT v1 (trained on real CT) on N synthetic series, in its own venv"
 
@@ -157,6 +158,13 @@ lint: setup
 	$(PY) -m ruff check src scripts tests eda benchmarks
 
 bench: bench-preprocess bench-train bench-scale
+
+# The benchmark that tells a better recipe from a worse one (README: Benchmark): its own synthetic set under
+# DATA_DIR/benchmark/<spec>, two model families, seeds for the noise, sequence models, their ensemble; targets
+# printed. OPTIONS="mixup no_crop nine_channel label_smoothing" adds a run per option. Resumable.
+SPEC ?= auto
+benchmark: setup
+	$(PY) benchmarks/benchmark.py --spec "$(SPEC)" --root "$(DATA_DIR)/benchmark" $(if $(OPTIONS),--options "$(OPTIONS)") $(OVERRIDES)
 
 # img/s of the configured backbone: tensors on the device vs the PNG loader, fp32 vs AMP.
 bench-train: setup

@@ -1,0 +1,79 @@
+"""`make benchmark`'s own logic: the spec, the noise, the verdicts and the targets (the runs are the stages')."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from ichpipe.io import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import benchmark  # noqa: E402
+
+
+def test_the_shipped_specs_load_and_name_configs_that_load():
+    from ichpipe.config import load_config
+
+    for path in sorted((REPO / "configs" / "benchmark").glob("*.yaml")):
+        spec = benchmark.read_spec(path)
+        assert spec.noise.family in spec.families and len(spec.noise.seeds) >= 2
+        for family, config in spec.families.items():
+            cfg = load_config(REPO / config, [*spec.overrides, *spec.family_overrides.get(family, [])])
+            assert not cfg.model.pretrained and cfg.train.crop_border, (path, family)  # from scratch, head crop
+        for overrides in [*spec.sequence.values(), *spec.options.values()]:
+            load_config(REPO / next(iter(spec.families.values())), overrides)
+
+
+def test_a_bad_spec_is_one_line_naming_the_file(tmp_path):
+    bad = tmp_path / "b.yaml"
+    bad.write_text("name: x\nfamilies: {a: configs/cnn/bench_resnet.yaml}\nnoise: {family: b, seeds: [0, 1]}\n")
+    with pytest.raises(InputError, match=r"b.yaml: \['b'\] named but not among the families \['a'\]"):
+        benchmark.read_spec(bad)
+    bad.write_text("name: x\nfamilies: {a: c.yaml}\nnoise: {family: a, seeds: [0]}\nextra: 1\n")
+    with pytest.raises(InputError, match=r"b.yaml: .*seeds.*at least 2.*extra.*not permitted"):
+        benchmark.read_spec(bad)
+    with pytest.raises(InputError, match="benchmark spec not found"):
+        benchmark.read_spec(tmp_path / "none.yaml")
+
+
+def test_rows_over_seeds_carry_their_mean_and_standard_deviation():
+    rows = [{"row": "m: final blend", "oof": v, "test": 2 * v, "auc_any": 0.9} for v in (0.10, 0.12, 0.14)]
+    out = benchmark.with_noise(rows)
+    assert out["oof"] == pytest.approx(0.12) and out["oof_sd"] == pytest.approx(0.02)
+    assert out["test_sd"] == pytest.approx(0.04) and out["auc_any_sd"] == 0.0 and out["seeds"] == 3
+
+
+@pytest.mark.parametrize(("delta", "sd", "word"), [(-0.005, 0.002, "better"), (0.005, 0.002, "worse"),
+                                                    (-0.003, 0.002, "within noise"), (0.001, math.nan, "within noise")])
+def test_a_difference_is_called_against_twice_the_seed_noise(delta, sd, word):
+    assert benchmark.verdict(delta, sd) == word
+
+
+def test_the_targets_are_checked_with_their_figures():
+    spec = benchmark.Spec(name="t", families={"a": "x.yaml", "b": "y.yaml"}, noise={"family": "b", "seeds": [0, 1]})
+    aucs = {f"auc_{c}": 0.95 for c in ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")}
+    table = [{"row": "prior", "oof": 0.20, "group": "prior"},
+             {"row": "a: CNN, bag of epochs", "oof": 0.12, "group": "family"},
+             {"row": "a: + sequence model", "oof": 0.10, "group": "family"},
+             {"row": "a: final blend", "oof": 0.10, "group": "family"},
+             {"row": "b: CNN, bag of epochs", "oof": 0.15, "group": "family"},
+             {"row": "b: + sequence model", "oof": 0.14, "group": "family"},
+             {"row": "b: final blend", "oof": 0.14, "group": "family"},
+             *[{"row": f"ensemble: {c}", "oof": v, "group": "ensemble", **aucs}
+               for c, v in (("mean", 0.097), ("weights", 0.093), ("stacker", 0.099), ("final", 0.093))],
+             {"row": "option x", "oof": 0.09, "group": "option", "delta": -0.01, "verdict": "better"}]
+    checks = {what: (ok, figures) for what, ok, figures in benchmark.targets(table, spec, sd=0.001)}
+    assert checks["a: final blend <= 0.60 x the prior OOF"] == (True, "0.1000 = 0.50 x 0.2000")
+    assert checks["b: final blend <= 0.60 x the prior OOF"][0] is False  # 0.70 x
+    assert checks["a: sequence model <= 0.90 x its CNN"][0] is True and checks["b: sequence model <= 0.90 x its CNN"][0] is False
+    ok, figures = checks["best ensemble <= 0.95 x its best member, by more than 2 x the seed noise"]
+    assert ok is True and figures.startswith("0.0930 = 0.930 x 0.1000; gain 0.0070")
+    assert checks["every subtype's OOF AUC >= 0.90 (the ensemble's final)"][0] is True
+    assert checks["option x"] == (None, "better (-0.0100 vs 2 sd 0.0020)")
+    big_noise = {w: ok for w, ok, _ in benchmark.targets(table, spec, sd=0.004)}
+    assert big_noise["best ensemble <= 0.95 x its best member, by more than 2 x the seed noise"] is False
