@@ -27,6 +27,7 @@ import copy
 import io
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -41,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 REPO = Path(__file__).resolve().parents[1]
 
 from ichpipe.config import Config, load_config  # noqa: E402
-from ichpipe.io import InputError  # noqa: E402
+from ichpipe.io import InputError, write_text_atomic  # noqa: E402
 from ichpipe.labels import ABBREVIATIONS, LABELS, SUBTYPES  # noqa: E402
 from ichpipe.metrics import auc_or_nan  # noqa: E402
 from ichpipe.paths import data_paths, read_metadata, run_dir  # noqa: E402
@@ -86,8 +87,18 @@ class Bench:
     def __init__(self, spec: Spec, root: Path, extra: list[str]):
         self.spec, self.root, self.extra = spec, root, extra
         self.started = time.perf_counter()
+        # the time of every invocation on this root (a killed one included), so that a resumed benchmark reports
+        # what the whole table cost
+        self.timing = root / "timing.json"
+        self.earlier = json.loads(self.timing.read_text())["invocations_s"] if self.timing.exists() else []
+
+    def seconds(self) -> list[float]:
+        """Seconds of each invocation on this root, this one last (so far)."""
+        return [*self.earlier, time.perf_counter() - self.started]
 
     def log(self, text: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.timing, json.dumps({"invocations_s": [round(s, 1) for s in self.seconds()]}) + "\n")
         print(f"[{(time.perf_counter() - self.started) / 60:5.1f} min] {text}", flush=True)
 
     def config(self, family: str, experiment: str, overrides: list[str] = ()) -> Config:
@@ -253,10 +264,19 @@ def plot(path: Path, table: list[dict]) -> None:
     y = np.arange(len(rows))[::-1]
     colours = {"family": "tab:blue", "noise": "tab:blue", "sequence": "tab:green", "ensemble": "tab:purple",
                "option": "tab:orange"}
-    ax.barh(y, [r["oof"] for r in rows], xerr=[r.get("oof_sd", 0.0) for r in rows], capsize=3,
-            color=[colours.get(r["group"], "grey") for r in rows])
+    ax.barh(y, [r["oof"] for r in rows], color=[colours.get(r["group"], "grey") for r in rows])
+    with_sd = [i for i, r in enumerate(rows) if "oof_sd" in r]
+    ax.errorbar([rows[i]["oof"] for i in with_sd], y[with_sd], xerr=[rows[i]["oof_sd"] for i in with_sd], fmt="none",
+                ecolor="black", capsize=3)
+    noisy = [r for r in rows if "oof_sd" in r and r["row"].endswith("final blend")]
+    if noisy:  # the seed noise drawn across every row: twice the sd either side of the first family's final blend
+        first = next(r for r in rows if r["row"].endswith("final blend"))
+        sd = noisy[0]["oof_sd"]
+        ax.axvspan(first["oof"] - 2 * sd, first["oof"] + 2 * sd, color="grey", alpha=0.2,
+                   label=f"{first['row']} ± 2 sd of the seed noise")
     prior = next(r["oof"] for r in table if r["row"] == "prior")
-    ax.axvline(prior, color="grey", ls=":", label=f"prior {prior:.4f}")
+    ax.set_xlim(0.8 * min(r["oof"] for r in rows), max(r["oof"] for r in rows) * 1.05)
+    ax.set_title(f"prior (not drawn): {prior:.4f}", fontsize=9)
     ax.set_yticks(y, [r["row"] for r in rows], fontsize=8)
     ax.set_xlabel("OOF weighted log loss (lower is better); error bars: sd over model seeds")
     ax.legend(fontsize=8)
@@ -330,15 +350,18 @@ def benchmark(bench: Bench, options: list[str], spec_path: Path) -> int:
         r["delta"] = r["oof"] - baseline["oof"]
         r["verdict"] = verdict(r["delta"], sd)
         table.append(r)
-    minutes = (time.perf_counter() - bench.started) / 60
+    bench.log("table done")
+    runs = bench.seconds()
+    took = f"{sum(runs) / 60:.0f} min" + (f" over {len(runs)} invocations ({', '.join(f'{s / 60:.1f}' for s in runs)} min: "
+                                          "resumed)" if len(runs) > 1 else "")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     meta = read_metadata(root)
     header = [f"# Benchmark `{spec.name}` ({spec_path.name}), {time.strftime('%Y-%m-%d')}, commit {commit or '?'}",
               "", f"{meta.fold.notna().sum():,} labelled + {(meta.split == 'test').sum():,} test slices of "
                   f"{meta.PatientID.nunique()} patients, {meta.fold.nunique()} folds; families: "
                   + ", ".join(f"{f} ({Path(c).name})" for f, c in spec.families.items())
-              + f"; ± = sd over {len(spec.noise.seeds)} model seeds of {spec.noise.family}; {minutes:.0f} min on "
-                f"{platform.machine()} ({'options: ' + ' '.join(options) if options else 'core table'})."]
+              + f"; ± = sd over {len(spec.noise.seeds)} model seeds of {spec.noise.family}; {took} on "
+                f"{platform.machine()}, {os.cpu_count()} CPUs ({'options: ' + ' '.join(options) if options else 'core table'})."]
     checks = targets(table, spec, sd)
     write(root, table, checks, header)
     print((root / "benchmark.md").read_text())

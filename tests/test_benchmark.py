@@ -77,3 +77,14 @@ def test_the_targets_are_checked_with_their_figures():
     assert checks["option x"] == (None, "better (-0.0100 vs 2 sd 0.0020)")
     big_noise = {w: ok for w, ok, _ in benchmark.targets(table, spec, sd=0.004)}
     assert big_noise["best ensemble <= 0.95 x its best member, by more than 2 x the seed noise"] is False
+
+
+def test_a_resumed_benchmark_counts_the_time_of_every_invocation(tmp_path):
+    spec = benchmark.read_spec(REPO / "configs" / "benchmark" / "cpu.yaml")
+    first = benchmark.Bench(spec, tmp_path / "cpu", [])
+    first.log("one")
+    first.earlier = [600.0]  # as if an invocation of ten minutes had been killed before it
+    first.log("two")
+    again = benchmark.Bench(spec, tmp_path / "cpu", [])  # the next invocation reads what the others took
+    assert again.earlier[0] == 600.0 and len(again.earlier) == 2 and 0 <= again.earlier[1] < 60
+    assert len(again.seconds()) == 3 and sum(again.seconds()) >= 600
