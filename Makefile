@@ -91,7 +91,7 @@ lstm: setup
 submission: setup
 	$(PY) scripts/05_blend.py $(STAGE_ARGS)
 
-# Several experiments combined: make ensemble EXPERIMENTS="demo demo_byobnet" (or ensemble.members in CONFIG).
+# Several experiments combined: make ensemble EXPERIMENTS="demo demo_mobilenet" (or ensemble.members in CONFIG).
 ensemble: setup
 	$(PY) scripts/10_ensemble.py $(STAGE_ARGS) $(if $(EXPERIMENTS),--members $(EXPERIMENTS))
 
@@ -141,13 +141,13 @@ judge: $(JUDGE_VENV)/.installed
 		$(if $(SUBTYPE),--subtype $(SUBTYPE))
 
 # The whole pipeline on the synthetic set, on the CPU (README: what it trades away): two model families
-# (test_resnet, test_byobnet) and their ensemble.
+# (test_resnet, mobilenetv3_small_050) and their ensemble.
 # A second `make demo` continues where the first stopped (resume=true: finished folds are kept).
 demo: setup
 	$(MAKE) --no-print-directory synthetic preprocess eda
 	$(MAKE) --no-print-directory train embed lstm submission report bundle resume=true
-	$(MAKE) --no-print-directory train embed lstm submission resume=true CONFIG=configs/cnn/cpu_small_byobnet.yaml
-	$(MAKE) --no-print-directory ensemble EXPERIMENTS="demo demo_byobnet"
+	$(MAKE) --no-print-directory train embed lstm submission resume=true CONFIG=configs/cnn/cpu_small_mobilenet.yaml
+	$(MAKE) --no-print-directory ensemble EXPERIMENTS="demo demo_mobilenet"
 	$(PY) -m ichpipe predict "$(DATA_DIR)/synthetic_example_study.zip" --bundle "$(DATA_DIR)/runs/demo/bundle" \
 		--out "$(DATA_DIR)/runs/demo/predict_example"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Ensemble of experiments: combine several experiments' stage-5 predictions into one submission.
 
-    python scripts/10_ensemble.py --config configs/cnn/cpu_small.yaml --members demo demo_byobnet
+    python scripts/10_ensemble.py --config configs/cnn/cpu_small.yaml --members demo demo_mobilenet
     python scripts/10_ensemble.py --config configs/ensemble/demo.yaml      # members in the YAML
 
 Checks that every member was trained on today's fold table, aligns predictions by image id, scores

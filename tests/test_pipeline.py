@@ -81,17 +81,17 @@ def test_make_demo_runs_every_stage(demo):
         assert f.readline().strip() == "ID,Label"
     assert len(list(subs.glob("*_demo-cnn_cv*.csv.gz"))) == 1
     # The second model family and the ensemble of both: every combiner scored on every OOF image.
-    assert (root / "runs" / "demo_byobnet" / "cv.json").exists()
+    assert (root / "runs" / "demo_mobilenet" / "cv.json").exists()
     ens = json.loads((root / "runs" / "ensemble" / "cv.json").read_text())
-    assert ens["members"] == ["demo", "demo_byobnet"]
-    assert set(ens["oof"]) == {"demo", "demo_byobnet", "mean", "weights", "stacker", "final"}
+    assert ens["members"] == ["demo", "demo_mobilenet"]
+    assert set(ens["oof"]) == {"demo", "demo_mobilenet", "mean", "weights", "stacker", "final"}
     assert all(s["n_images"] == meta.fold.notna().sum() for s in ens["oof"].values())
-    candidates = ("mean", "weights", "stacker", "demo", "demo_byobnet")  # the best member may be the final
+    candidates = ("mean", "weights", "stacker", "demo", "demo_mobilenet")  # the best member may be the final
     assert ens["oof"]["final"]["weighted"] == min(ens["oof"][c]["weighted"] for c in candidates)
     assert ens["oof"]["demo"]["weighted"] == pytest.approx(cv["oof"]["blend"]["weighted"])
     (ensemble,) = subs.glob("*_ensemble_cv*.csv.gz")
     assert check_submission(ensemble, root / "stage_2_sample_submission.csv") == []
-    assert len(list(subs.glob("*.yaml"))) == 5  # demo, demo-cnn, demo_byobnet, demo_byobnet-cnn, ensemble
+    assert len(list(subs.glob("*.yaml"))) == 5  # demo, demo-cnn, demo_mobilenet, demo_mobilenet-cnn, ensemble
     assert (root / "eda" / "summary.md").exists()
     report = exp / "report"
     for name in ("report.md", "figure1.png", "pr_curves.png", "calibration.png", "training_curves.png"):

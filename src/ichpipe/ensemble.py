@@ -183,7 +183,7 @@ def run_ensemble(cfg: Config, today: dt.date | None = None) -> dict:
     members = list(dict.fromkeys(ecfg.members))
     if len(members) < 2:
         raise InputError(f"ensemble.members: {members or 'none'}; name at least two experiments "
-                         f"(make ensemble EXPERIMENTS=\"demo demo_byobnet\")")
+                         f"(make ensemble EXPERIMENTS=\"demo demo_mobilenet\")")
     unknown = [c for c in ecfg.combiners if c not in COMBINERS]
     if unknown or not ecfg.combiners:
         raise InputError(f"ensemble.combiners: {unknown or 'none'}; choose from {', '.join(COMBINERS)}")
