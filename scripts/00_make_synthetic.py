@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write the synthetic RSNA-format dataset under the data root.
 
-    python scripts/00_make_synthetic.py [--config configs/default.yaml] [synthetic.n_patients=200] [data.root=data]
+    python scripts/00_make_synthetic.py [--config configs/cnn/cpu_small.yaml] [synthetic.n_patients=200] [data.root=data]
 """
 
 import sys

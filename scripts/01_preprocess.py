@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Stage 1: DICOMs → 3-window PNGs, metadata table and patient folds under <data root>/processed/.
 
-    python scripts/01_preprocess.py [--config configs/default.yaml] [--shard I/N] [preprocess.size=256]
+    python scripts/01_preprocess.py [--config configs/cnn/cpu_small.yaml] [--shard I/N] [preprocess.size=256]
 
 Resumable: rerun after a kill and it finishes the job. --shard I/N processes chunk k when k % N == I
 (one task of a cluster array job); the run that finds every chunk done writes the table.
@@ -30,6 +30,9 @@ def parse_shard(text):
 
 def run(cfg, args):
     summary = run_preprocess(cfg, parse_shard(args.shard))
+    if summary["labels_without_dicom"]:
+        print(f"warning: {summary['labels_without_dicom']} labelled images have no DICOM file (within "
+              f"preprocess.max_bad_fraction={cfg.preprocess.max_bad_fraction}); they are left out")
     print(f"preprocess: {summary['processed']} files processed, {summary['skipped']} already done, "
           f"in {summary['seconds']:.1f} s -> {summary['out_dir']}")
     if not summary["complete"]:

@@ -3,8 +3,9 @@
 
     python scripts/06_submit.py --config configs/cnn/cpu_small.yaml [--file submissions/X.csv.gz]
 
-Default file: the newest complete final-blend submission of exactly this experiment in
-blend.out_dir, found by the YAML beside it (temporary files and other experiments are never taken). The message
+Default file: the newest complete final-blend submission of exactly this experiment and this data root
+(the work folder recorded in the YAML beside it) in blend.out_dir (temporary files, other experiments and
+other data roots' files are never taken). The message
 names the experiment, the model, the OOF score and the git commit (from the YAML beside the file).
 The file is validated first; the API token is read by the kaggle CLI only.
 """
@@ -17,7 +18,7 @@ import yaml
 from ichpipe.blend import info_path, latest_submission
 from ichpipe.cli import stage_main
 from ichpipe.paths import DataPaths
-from ichpipe.submission import submit_to_kaggle, validate_submission
+from ichpipe.submission import kaggle_cli, submit_to_kaggle, validate_submission
 
 
 def add_arguments(parser):
@@ -34,7 +35,9 @@ def run(cfg, args):
         f", git {info['git']['commit'][:10]}" if info.get("git", {}).get("commit") else "")
     sample = DataPaths(cfg.data.root).sample_submission_csv
     validate_submission(path, sample)  # before saying "uploading": a bad file is one error line, nothing else
-    print(f"uploading {path} to {cfg.blend.competition}: {message!r}")
+    kaggle_cli()  # and a missing token or CLI too
+    root = f" (data root {info['work_dir']})" if info.get("work_dir") else ""
+    print(f"uploading {path}{root} to {cfg.blend.competition}: {message!r}")
     code = submit_to_kaggle(path, sample, cfg.blend.competition, message)
     if code:
         print(f"error: kaggle competitions submit exited with {code}", file=sys.stderr)

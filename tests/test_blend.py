@@ -292,7 +292,7 @@ def test_submit_script(tmp_path):
             f"blend.out_dir={root / 'subs'}"]
     res = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO)
     assert res.returncode == 2 and res.stderr.strip() == f"error: {NO_CREDENTIALS}"
-    assert not (bin_dir / "args.json").exists()
+    assert not (bin_dir / "args.json").exists() and "uploading" not in res.stdout  # checked before it says so
 
     secret = "0123456789abcdef-secret"
     res = subprocess.run(args, capture_output=True, text=True, env={**env, "KAGGLE_USERNAME": "me", "KAGGLE_KEY": secret},
@@ -303,6 +303,23 @@ def test_submit_script(tmp_path):
     final = next(p for p in (root / "subs").glob("*_exp_cv*.csv.gz"))
     assert sent[:6] == ["competitions", "submit", "-c", "rsna-intracranial-hemorrhage-detection", "-f", str(final)]
     assert sent[6] == "-m" and sent[7].startswith("ichpipe exp: blend, OOF ")
+    assert f"uploading {final} (data root {root.resolve()})" in res.stdout
+
+
+def test_submit_takes_the_submission_of_the_current_data_root(tmp_path):
+    cfg_a, *_ = _experiment(tmp_path / "a", np.random.default_rng(3))
+    cfg_b, *_ = _experiment(tmp_path / "b", np.random.default_rng(4))
+    cfg_b.blend.out_dir = cfg_a.blend.out_dir  # one submissions/ folder for both data roots, as the repository's
+    a = run_blend(cfg_a, today=dt.date(2026, 11, 23))["written"]["blend"]["path"]
+    b = run_blend(cfg_b, today=dt.date(2026, 11, 24))["written"]["blend"]["path"]  # newer, of the other root
+    assert yaml.safe_load(info_path(a).read_text())["work_dir"] == str((tmp_path / "a").resolve())
+    assert latest_submission(cfg_a) == Path(a)  # was: b, the newest file of that experiment's name
+    assert latest_submission(cfg_b) == Path(b)
+    cfg_c = load_config(overrides=[f"data.root={tmp_path / 'c'}", "experiment=exp",
+                                   f"blend.out_dir={tmp_path / 'a' / 'subs'}"])
+    with pytest.raises(InputError, match=r"no submission of experiment 'exp' from the data root .*c \(only from "
+                                         r".*a, .*b: give FILE=\.\.\. to upload one of those\)$"):
+        latest_submission(cfg_c)
 
 
 def test_submit_takes_only_complete_submissions_of_exactly_this_experiment(tmp_path, monkeypatch):

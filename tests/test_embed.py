@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
 import timm
 import torch
 
+from ichpipe.config import ConfigError
 from ichpipe.embed import embed_fold, embed_loader, mean_probability_logit
 from ichpipe.io import InputError
 from ichpipe.labels import LABELS
@@ -44,12 +49,14 @@ def test_plain_view_logits_reproduce_the_training_oof(trained):
     oof = pd.read_parquet(run / "oof_epoch01.parquet").set_index("image_id").loc[ids, list(LABELS)]
     np.testing.assert_allclose(_sigmoid(logits), oof.to_numpy(), rtol=1e-4, atol=1e-5)
     assert embed_fold(cfg, progress=False) == []  # finished checkpoints are skipped
-    wide = _train_cfg(root, "embed", "train.epochs=2", "embed.tta=[none]", "embed.dtype=float32", "embed.epochs=[1]")
+    wide = _train_cfg(root, "embed", "train.epochs=2", "embed.tta=[none]", "embed.dtype=float32", "embed.epochs=[1]",
+                      "replace=true")
     assert embed_fold(wide, progress=False) == [str(emb_dir)]  # another dtype: redone
     emb32 = np.load(emb_dir / "oof_emb.npy")
     assert emb32.dtype == np.float32
     np.testing.assert_allclose(emb.astype(np.float32), emb32, rtol=2 ** -10, atol=1e-4)  # float16's rounding only
     np.testing.assert_array_equal(np.load(emb_dir / "oof_logits.npy"), logits)
+    cfg.replace = True
     embed_fold(cfg, progress=False)  # back to the default for the tests below
 
 
@@ -110,17 +117,30 @@ def test_views_average_as_probabilities_not_logits():
     assert torch.equal(mean_probability_logit(one), one[0])  # a single view passes through unchanged
 
 
-def test_a_rerun_with_other_settings_redoes_the_checkpoint(trained, capsys):
+def test_a_rerun_with_other_settings_is_refused_unless_told_to_replace(trained, capsys):
     root, _ = trained
     folder = root / "runs" / "embed" / "fold0" / "embeddings" / "epoch01"
     cfg = _train_cfg(root, "embed", "train.epochs=2", "embed.tta=[none]", "embed.epochs=[1]")
-    embed_fold(cfg, progress=False)
+    embed_fold(_train_cfg(root, "embed", "train.epochs=2", "embed.tta=[none]", "embed.epochs=[1]", "replace=true"),
+               progress=False)  # from whatever the tests before left
     assert (folder / "done").read_text().strip() == "none"
     assert embed_fold(cfg, progress=False) == []  # the same settings: kept
     other = _train_cfg(root, "embed", "train.epochs=2", "embed.tta=[none, hflip]", "embed.epochs=[1]")
-    assert embed_fold(other, progress=False) == [str(folder)]  # was: the old files kept, the new TTA printed
+    with pytest.raises(ConfigError, match=re.escape(
+            f"{folder}: embeddings made with other settings (embed.tta=['none'] (now ['none', 'hflip'])); set "
+            "experiment=<new name> to keep it and start another, or add replace=true to redo it")):
+        embed_fold(other, progress=False)  # was: replaced without a word
+    assert (folder / "done").read_text().strip() == "none"  # kept
+    other.replace = True
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    stale = folder / f".oof_emb.npy.{killed.pid}.abcd1234.tmp.npy"  # what a killed embedding run leaves (GBs)
+    stale.write_bytes(b"partial")
+    assert embed_fold(other, progress=False) == [str(folder)]  # told to: redone
+    assert not stale.exists()
     assert (folder / "done").read_text().strip() == "none,hflip"
-    assert "other settings (embed.tta=['none'] (now ['none', 'hflip'])); redoing" in capsys.readouterr().out
+    assert "redoing the embeddings (other settings: embed.tta=['none'] (now ['none', 'hflip']))" in \
+        capsys.readouterr().out
 
 
 def test_embeddings_beyond_float16_are_refused_not_stored_as_inf():

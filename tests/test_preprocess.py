@@ -70,6 +70,12 @@ def test_non_512_inputs_are_resized(processed):
     assert read_png(root / "processed" / "512" / f"{row.image_id}.png").shape == (512, 512, 3)
 
 
+def _labels_of(src: Path, root: Path, image_ids: list[str]) -> None:
+    """``root``'s stage_2_train.csv: the rows of ``src``'s for these images only (a subset copied as a whole)."""
+    labels = pd.read_csv(src / "stage_2_train.csv")
+    labels[labels.ID.str.rsplit("_", n=1).str[0].isin(image_ids)].to_csv(root / "stage_2_train.csv", index=False)
+
+
 def test_bad_files_are_reported_and_left_out(tiny_data, tmp_path):
     src, truth = tiny_data
     root = tmp_path / "data"
@@ -79,7 +85,7 @@ def test_bad_files_are_reported_and_left_out(tiny_data, tmp_path):
     truncated = truth[truth.truncated].image_id.item()
     for image_id in [*keep, truncated]:
         shutil.copy(src / "stage_2_train" / f"{image_id}.dcm", train_dir)
-    shutil.copy(src / "stage_2_train.csv", root)
+    _labels_of(src, root, [*keep, truncated])
     (train_dir / "ID_000000bad.dcm").write_text("this is not a DICOM file")
     template = train_dir / f"{keep[0]}.dcm"
     for stem, change in [("ID_00000nopx", lambda d: d.__delattr__("PixelData")),
@@ -226,7 +232,7 @@ def test_a_file_named_unlike_its_sop_instance_uid_is_reported_and_leaves_no_png(
     for image_id in (good, other):
         shutil.copy(src / "stage_2_train" / f"{image_id}.dcm", root / "stage_2_train")
     shutil.copy(src / "stage_2_train" / f"{good}.dcm", root / "stage_2_train" / "ID_0000renamed.dcm")
-    shutil.copy(src / "stage_2_train.csv", root)
+    _labels_of(src, root, [good, other])
     summary = run_preprocess(_cfg(root, "preprocess.max_bad_fraction=0.4", "preprocess.n_folds=2"), progress=False)
     assert summary["complete"] and summary["bad"] == 1
     report = pd.read_csv(root / "processed" / "512" / "bad_files.csv")

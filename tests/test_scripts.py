@@ -38,7 +38,7 @@ def test_bad_override_and_bad_shard_are_one_line_errors(tmp_path):
 
 def test_eda_writes_figures_and_summary(processed):
     root, _, meta = processed
-    res = _run(REPO / "eda/01_dataset_overview.py", f"data.root={root}")
+    res = _run(REPO / "eda/01_dataset_overview.py", "--config", REPO / "configs/default.yaml", f"data.root={root}")
     assert res.returncode == 0, res.stderr
     out = root / "eda"
     for name in ("prevalence.png", "cooccurrence.png", "slices_per_series.png", "examples.png"):

@@ -170,9 +170,13 @@ def test_nested_folds_never_train_on_the_predicted_patient(embedded, monkeypatch
     again = train_sequence_fold(cfg, progress=False)["epoch00"]  # done: read back, not retrained
     assert again == pytest.approx(results["epoch00"], rel=1e-6)
     assert calls == []
-    # other LSTM settings: retrained (the old predictions were kept before, with the new setting printed)
+    # other LSTM settings: refused, naming them (before issue 23: replaced without being asked); replace=true redoes
     wider = _train_cfg(root, "lstm", "train.epochs=1", "embed.tta=[none]", "lstm.epochs=3", "lstm.bag_last=2",
                        "lstm.inner_folds=2", f"fold={cfg.fold}", "lstm.hidden=12")
+    with pytest.raises(ConfigError, match=r"sequence models made with other settings \(lstm.hidden=64 \(now 12\)\)"):
+        train_sequence_fold(wider, progress=False)
+    assert calls == []
+    wider.replace = True
     changed = train_sequence_fold(wider, progress=False)["epoch00"]
     assert len(calls) == 3 and changed["lstm"] != results["epoch00"]["lstm"]
     assert yaml.safe_load((out / "config.yaml").read_text())["lstm"]["hidden"] == 12
@@ -213,7 +217,12 @@ def test_train_and_oof_adds_the_cnn_training_patients_but_never_the_predicted_on
     calls.clear()
     only_train = _train_cfg(root, "lstm_train", "train.epochs=1", "embed.tta=[none]", "lstm.epochs=2",
                             "lstm.bag_last=2", f"fold={fold}", "embed.train=true", "lstm.train_on=train")
-    result = train_sequence_fold(only_train, progress=False)["epoch00"]  # other settings: redone
+    with pytest.raises(ConfigError, match=r"lstm/epoch00: sequence models made with other settings \(.*lstm.train_on="
+                                          r"'train_and_oof' \(now 'train'\).*add replace=true to redo it"):
+        train_sequence_fold(only_train, progress=False)  # other settings: refused, the finished result kept
+    assert calls == []
+    only_train.replace = True
+    result = train_sequence_fold(only_train, progress=False)["epoch00"]  # told to: redone
     assert calls == [(train_patients, fold_patients)]
     out = root / "runs" / "lstm_train" / f"fold{fold}" / "lstm" / "epoch00"
     oof = pd.read_parquet(out / "oof.parquet").set_index("image_id")

@@ -104,8 +104,8 @@ def test_a_run_killed_at_any_write_of_its_last_epoch_resumes_with_its_whole_hist
 def test_ddp_with_gloo_on_two_processes(processed):
     root, _, meta = processed
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "scripts" / "02_train_cnn.py"), *TINY_OVERRIDES, *TINY_TRAIN, f"data.root={root}",
-           "experiment=ddp", "train.epochs=1"]
+           str(REPO / "scripts" / "02_train_cnn.py"), "--config", str(REPO / "configs" / "default.yaml"), *TINY_OVERRIDES,
+           *TINY_TRAIN, f"data.root={root}", "experiment=ddp", "train.epochs=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ICHPIPE_DEVICE": "cpu"}  # gloo on the CPU, whatever the machine has
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -5,8 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ichpipe.cli import one_line
-from ichpipe.io import InputError
+from ichpipe.cli import report_errors
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count given on the command line, checked as a config's)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", nargs="?", help="a folder (searched recursively) or a zip of DICOM files")
     p.add_argument("--bundle", required=True, help="a bundle folder or .tar.gz (make bundle)")
     p.add_argument("--out", required=True, help="output folder (with --kaggle: the submission .csv.gz)")
-    p.add_argument("--min-slices", type=int, default=1, help="skip series with fewer slices (default 1)")
+    p.add_argument("--min-slices", type=at_least_one, default=1, help="skip series with fewer slices (default 1)")
     p.add_argument("--no-figures", action="store_true", help="skip the per-series figures")
     p.add_argument("--dicom-sc", action="store_true",
                    help="also write each series' figure as a DICOM Secondary Capture in its study (for a PACS)")
@@ -29,24 +39,24 @@ def main(argv: list[str] | None = None) -> int:
     from ichpipe.predict import predict, predict_kaggle
 
     device = None if args.device == "auto" else torch.device(args.device)
-    try:
+    if not args.kaggle and not args.path:
+        parser.error("give PATH (a folder or zip of DICOMs), or --kaggle DATA_DIR")
+
+    def run() -> int:
         if args.kaggle:
             r = predict_kaggle(args.kaggle, args.bundle, args.out)
             print(f"submission for {r['slices']} test slices written and validated: {r['file']}"
                   + (f" ({r['filled']} images without a prediction got the prior)" if r["filled"] else ""))
             return 0
-        if not args.path:
-            parser.error("give PATH (a folder or zip of DICOMs), or --kaggle DATA_DIR")
         r = predict(args.path, args.bundle, args.out, args.min_slices, not args.no_figures, device=device,
                     dicom_sc=args.dicom_sc)
-    except InputError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    for s in r["skipped"]:
-        print(f"skipped {s['what']}: {s['reason']}")
-    print(f"{r['series']} series, {r['slices']} slices in {r['seconds']:.1f} s -> {r['out']}/slices.csv, series.csv"
-          " (research tool, not for diagnosis)")
-    return 0
+        for s in r["skipped"]:
+            print(f"skipped {s['what']}: {s['reason']}")
+        print(f"{r['series']} series, {r['slices']} slices in {r['seconds']:.1f} s -> {r['out']}/slices.csv, "
+              "series.csv (research tool, not for diagnosis)")
+        return 0
+
+    return report_errors(run)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from ichpipe.io import InputError, atomic_path, long_to_wide, read_long_csv, wri
 from ichpipe.labels import ABBREVIATIONS, LABELS
 from ichpipe.metrics import per_class_log_loss, sigmoid, weighted_log_loss
 from ichpipe.metrics import prior as prior_of
-from ichpipe.paths import data_paths, epoch_number, finished_dirs, read_metadata, run_dir
+from ichpipe.paths import data_paths, epoch_number, finished_dirs, read_metadata, run_dir, work_dir_id
 from ichpipe.submission import SubmissionError, check_submission, submission_csv, write_submission
 
 MODELS = ("prior", "cnn_single", "cnn_bagged", "lstm", "blend")
@@ -226,7 +226,7 @@ def _run_configs(cfg: Config, folds: list[int]) -> dict:
                 folder = next(iter(finished_dirs(folder / "lstm")), None)
             if folder is not None and (folder / "config.yaml").exists():
                 per_fold[k] = yaml.safe_load((folder / "config.yaml").read_text())
-        stripped = [{key: v for key, v in c.items() if key not in ("fold", "resume")} for c in per_fold.values()]
+        stripped = [{key: v for key, v in c.items() if key not in ("fold", "resume", "replace")} for c in per_fold.values()]
         if stripped and all(s == stripped[0] for s in stripped):
             out[kind] = stripped[0]
         elif per_fold:
@@ -285,8 +285,8 @@ def _same_submission(out_dir: Path, info: dict, digest: str) -> Path | None:
     if "experiment" not in info:
         return None
     for _, old, sub in _infos(out_dir):
-        if (old.get("experiment"), old.get("model"), old.get("sha256")) == (info["experiment"], info.get("model"),
-                                                                            digest):
+        if (old.get("experiment"), old.get("model"), old.get("work_dir"), old.get("sha256")) == (
+                info["experiment"], info.get("model"), info.get("work_dir"), digest):
             return sub
     return None
 
@@ -315,11 +315,18 @@ def _experiment_of_name(name: str) -> str | None:
 def latest_submission(cfg: Config, model: str = "blend") -> Path:
     """The newest complete submission of exactly ``cfg.experiment`` (by the YAML beside it), else an error."""
     out_dir = submissions_dir(cfg)
-    found = [(str(info.get("created", "")), sub.stat().st_mtime, sub) for _, info, sub in _infos(out_dir)
-             if info.get("experiment") == cfg.experiment and info.get("model") == model]
+    work = work_dir_id(cfg)
+    ours = [(info, sub) for _, info, sub in _infos(out_dir)
+            if info.get("experiment") == cfg.experiment and info.get("model") == model]
+    found = [(str(info.get("created", "")), sub.stat().st_mtime, sub) for info, sub in ours
+             if info.get("work_dir") == work]
     if not found:
-        raise InputError(f"{out_dir}: no submission of experiment {cfg.experiment!r}; run `make submission` first")
+        others = sorted({str(info.get("work_dir", "an unrecorded data root")) for info, _ in ours})
+        raise InputError(f"{out_dir}: no submission of experiment {cfg.experiment!r} from the data root {work}"
+                         + (f" (only from {', '.join(others)}: give FILE=... to upload one of those)" if others else
+                            "; run `make submission` first"))
     return max(found)[2]
+
 
 
 def _test_frame(pred: pd.DataFrame, sample_ids: pd.Index, fill: np.ndarray) -> tuple[pd.DataFrame, int]:
@@ -377,8 +384,8 @@ def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
             raise InputError(f"{paths.sample_submission_csv}: {filled} of {len(sample_ids)} test images have no "
                              f"prediction, more than preprocess.max_bad_fraction={limit}; see the bad_files.csv "
                              f"of stage 1, or run stage 1 after adding the missing test files")
-        info = {"file": path.name, "experiment": cfg.experiment, "model": model, "created": dt.datetime.now().isoformat(
-            timespec="seconds"), "git": git_state(), "cv": {w: s[model] for w, s in scores.items()},
+        info = {"file": path.name, "experiment": cfg.experiment, "model": model, "work_dir": work_dir_id(cfg),
+                "created": dt.datetime.now().isoformat(timespec="seconds"), "git": git_state(), "cv": {w: s[model] for w, s in scores.items()},
             "cv_table": {w: {m: s[m]["weighted"] for m in s} for w, s in scores.items()},
             "images_filled_with_prior": filled, "used": used,
             "configs": {"blend": to_dict(cfg), **_run_configs(cfg, used["folds"])}}

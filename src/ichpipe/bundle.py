@@ -18,12 +18,15 @@ receive from someone else. Nothing outside the bundle is needed: no training dat
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import hashlib
 import json
 import os
 import shutil
 import tarfile
 import tempfile
+import weakref
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +39,7 @@ from sklearn.linear_model import LogisticRegression
 from ichpipe.blend import git_state
 from ichpipe.config import Config, to_dict
 from ichpipe.folds import check_fold_table
-from ichpipe.io import InputError, atomic_dir
+from ichpipe.io import InputError, atomic_dir, atomic_path, name_os_errors, save_torch
 from ichpipe.labels import LABELS
 from ichpipe.metrics import logit
 from ichpipe.metrics import prior as prior_of
@@ -98,7 +101,7 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
                 state = torch.load(run / "checkpoints" / f"epoch{e:02d}.pt", map_location="cpu", weights_only=True)
                 if fp16:
                     state = {n: t.half() if t.is_floating_point() else t for n, t in state.items()}
-                torch.save(state, tmp / "cnn" / f"fold{k}_epoch{e:02d}.pt")
+                save_torch(state, tmp / "cnn" / f"fold{k}_epoch{e:02d}.pt")
                 if use_lstm:
                     models = run / "lstm" / f"epoch{e:02d}" / "models.pt"
                     if not models.exists():
@@ -137,10 +140,8 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
         manifest = {"format": FORMAT, "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     if archive:
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".tar.gz", delete=False) as f:
-            with tarfile.open(fileobj=f, mode="w:gz") as tar:
-                tar.add(out, arcname=out.name)
-        os.replace(f.name, out.with_name(out.name + ".tar.gz"))
+        with atomic_path(out.with_name(out.name + ".tar.gz")) as tmp, tarfile.open(tmp, mode="w:gz") as tar:
+            tar.add(out, arcname=out.name)
     return out
 
 
@@ -148,6 +149,20 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
 class Bundle:
     root: Path
     info: dict
+    unpacked: Path | None = None  # the temporary folder a .tar.gz was unpacked into (removed by close())
+
+    def close(self) -> None:
+        """Remove the folder a ``.tar.gz`` bundle was unpacked into (also done when the object is collected or the
+        interpreter exits)."""
+        if self.unpacked is not None:
+            shutil.rmtree(self.unpacked, ignore_errors=True)
+            self.unpacked = None
+
+    def __enter__(self) -> Bundle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def cnn_path(self, fold: int, epoch: int) -> Path:
         return self.root / "cnn" / f"fold{fold}_epoch{epoch:02d}.pt"
@@ -157,16 +172,41 @@ class Bundle:
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
-    """Open a bundle directory (or its ``.tar.gz``) after checking every file against the manifest."""
+    """Open a bundle directory (or its ``.tar.gz``) after checking every file against the manifest.
+
+    A ``.tar.gz`` is unpacked into a temporary folder that the returned bundle owns (``close()``, or ``with``);
+    a damaged, truncated or unsafe archive (a member outside the folder, a link) is a one-line InputError, and
+    the temporary folder is removed on every way out."""
     path = Path(path)
-    if path.is_file() and path.name.endswith(".tar.gz"):
-        target = Path(tempfile.mkdtemp(prefix="ichpipe_bundle_"))
-        with tarfile.open(path) as tar:
-            tar.extractall(target, filter="data")  # no links or paths outside the folder
+    if not (path.is_file() and path.name.endswith(".tar.gz")):
+        if path.is_file():
+            raise InputError(f"{path}: not a model bundle (a bundle folder or its .tar.gz is expected)")
+        return _open_bundle(path)
+    target = Path(tempfile.mkdtemp(prefix="ichpipe_bundle_"))
+    try:
+        try:
+            with tarfile.open(path) as tar, name_os_errors(target):
+                tar.extractall(target, filter="data")  # no links or paths outside the folder
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise InputError(f"{path}: not a readable bundle archive, truncated, damaged or unsafe "
+                             f"({type(exc).__name__}: {reason}); make it again with `make bundle ... --archive`") \
+                from None
         dirs = [p for p in target.iterdir() if p.is_dir()]
         if len(dirs) != 1:
             raise InputError(f"{path}: not a bundle archive (one folder expected inside)")
-        path = dirs[0]
+        bundle = _open_bundle(dirs[0])
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    bundle.unpacked = target
+    weakref.finalize(bundle, shutil.rmtree, target, True)  # also when close() is never called
+    return bundle
+
+
+def _open_bundle(path: Path) -> Bundle:
+    if not path.exists():
+        raise InputError(f"{path}: bundle not found; make one with `make bundle`")
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
         raise InputError(f"{path}: not a model bundle (no {MANIFEST}); make one with `make bundle`")

@@ -6,9 +6,11 @@ import argparse
 import copy
 import errno
 import sys
+import tarfile
+import zipfile
 from collections.abc import Callable
 
-from ichpipe.config import Config, ConfigError, load_config
+from ichpipe.config import REPO_ROOT, STAGE_CONFIG, Config, ConfigError, load_config
 from ichpipe.io import InputError
 
 
@@ -22,14 +24,16 @@ def stage_main(description: str, run: Callable[[Config, argparse.Namespace], int
     files end the program with a one-line ``error:`` message and exit code 2, not a traceback.
     """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
+    parser.add_argument("--config", default=str(STAGE_CONFIG),
+                        help=f"YAML config (default: {STAGE_CONFIG.relative_to(REPO_ROOT)}, as the Makefile's CONFIG)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. fold=0 data.root=/mnt/rsna")
     if per_fold:
         parser.add_argument("--all-folds", action="store_true", help="every fold of the metadata table in turn")
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def main() -> int:
         cfg = load_config(args.config, args.overrides)
         if not getattr(args, "all_folds", False):
             return run(cfg, args) or 0
@@ -40,19 +44,43 @@ def stage_main(description: str, run: Callable[[Config, argparse.Namespace], int
             if code:
                 return code
         return 0
+
+    return report_errors(main)
+
+
+def report_errors(main: Callable[[], int]) -> int:
+    """``main()``, with what a user can fix ended by one ``error:`` line on stderr and exit code 2, not a
+    traceback: a bad config or input file, an operating-system error (the path it concerns and what to do: a
+    full disk, a read-only or missing folder, no permission) and a damaged or unsafe archive. Every entry point
+    (the stage scripts, ``python -m ichpipe``) runs through this."""
+    try:
+        return main()
     except (ConfigError, InputError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
     except OSError as exc:
-        if exc.errno not in UNWRITABLE:
-            raise
-        where = exc.filename or "the output folder"
-        print(f"error: {where}: {exc.strerror}; write the outputs elsewhere with data.work_dir=PATH", file=sys.stderr)
-        return 2
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
+        print(f"error: a damaged or unsafe archive ({type(exc).__name__}: {one_line(exc)[:200]})", file=sys.stderr)
+    return 2
 
 
-# A read-only data root (/kaggle/input), no permission, a full disk or quota: one line naming the path.
-UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError: the path (both for a rename), the system's words, and what to do."""
+    where = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p) or "an output file"
+    what = exc.strerror or one_line(exc) or type(exc).__name__
+    hint = HINTS.get(exc.errno, "")
+    return f"{where}: {what}" + (f"; {hint}" if hint else "")
+
+
+ELSEWHERE = "write the outputs elsewhere with data.work_dir=PATH"
+HINTS = {
+    errno.ENOSPC: f"free some space there, or {ELSEWHERE} (TMPDIR for temporary files)",
+    errno.EDQUOT: f"free some space there, or {ELSEWHERE}",
+    errno.EROFS: ELSEWHERE, errno.EACCES: ELSEWHERE, errno.EPERM: ELSEWHERE,
+    errno.ENOTDIR: "a file stands where a folder is needed: give another path",
+    errno.EISDIR: "a folder stands where a file is needed: give another path",
+    errno.ENOENT: "check the path",
+}
 
 
 def one_line(exc: BaseException) -> str:

@@ -9,9 +9,12 @@ name the key. :func:`save_config` writes the resolved config beside a stage's ou
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,10 @@ import yaml
 from ichpipe.io import atomic_path, read_yaml_mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"  # load_config()'s base when no file is named
+# The config of every entry point run without --config (scripts/*.py, eda/*.py) and of the Makefile's CONFIG: one
+# default, so that `python scripts/lstm_train.py` after `make demo` works on the demo's experiment with its settings
+STAGE_CONFIG = REPO_ROOT / "configs" / "cnn" / "cpu_small.yaml"
 
 
 class ConfigError(ValueError):
@@ -230,6 +236,9 @@ class Config:
     fold: int = 0
     seed: int = 42
     resume: bool = False  # continue the fold's run from its last checkpoint
+    # redo a finished result (embeddings, sequence models) that was made with other settings; without it such a
+    # result is kept and the stage stops, naming the settings that differ
+    replace: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -409,12 +418,46 @@ AT_LEAST = {
     "lstm.epochs": 1, "lstm.bag_last": 1, "lstm.batch_size": 1, "lstm.reduce_dim": 0,
     "report.examples_per_class": 1, "report.calibration_bins": 2,
 }
+ABOVE = {  # strictly above
+    "train.lr": 0.0, "lstm.lr": 0.0,
+}
+NOT_NEGATIVE = ("train.weight_decay", "lstm.weight_decay", "train.clip_grad", "train.mixup")
 RANGES = {  # closed intervals
     "preprocess.max_bad_fraction": (0.0, 1.0), "preprocess.png_level": (0, 9), "lstm.dropout": (0.0, 1.0),
     "blend.lstm_weight": (0.0, 1.0), "blend.clip": (0.0, 0.5), "synthetic.test_fraction": (0.0, 1.0),
-    "lstm.lr_gamma": (0.0, 1.0), "train.crop_margin": (0.0, 1.0),
+    "lstm.lr_gamma": (0.0, 1.0), "train.crop_margin": (0.0, 1.0), "train.label_smoothing": (0.0, 1.0),
+    "model.drop_rate": (0.0, 1.0), "report.default_recall": (0.0, 1.0),
     "synthetic.rate_gantry_tilt": (0.0, 1.0), "synthetic.rate_motion": (0.0, 1.0),
 }
+
+
+# Settings that become a folder or file name under the data root: a plain name, never a path ("../x", "a/b", "").
+NAMES = ("experiment", "ensemble.name")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_name(value: str, key: str) -> str:
+    """``value`` if it is a plain folder name (letters, digits, ``_ . -``, not starting with a dot); else a
+    one-line ConfigError naming ``key``: a name from the command line must not lead outside its folder."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise ConfigError(f"{key}: must be a plain folder name (letters, digits, '_', '.', '-'; not starting with "
+                          f"'.'), got {value!r}")
+    return value
+
+
+def _floats(obj: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Every float setting of a config (dotted key, value), in mappings and lists too."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _floats(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _floats(v, f"{prefix}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _floats(v, f"{prefix}[{i}]")
+    elif isinstance(obj, float):
+        yield prefix, obj
 
 
 def get_value(cfg: Config, key: str) -> Any:
@@ -426,13 +469,29 @@ def get_value(cfg: Config, key: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    """Values the types allow but no stage can use; a one-line error naming the key, before any work."""
+    """Values the types allow but no stage can use; a one-line error naming the key, before any work (no run
+    folder is made for a config that fails here)."""
+    for key, value in _floats(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+    for key in NAMES:
+        check_name(get_value(cfg, key), key)
+    for i, member in enumerate(cfg.ensemble.members):
+        check_name(member, f"ensemble.members[{i}]")
+    if cfg.preprocess.name:
+        check_name(cfg.preprocess.name, "preprocess.name")
     for key, allowed in CHOICES.items():
         if get_value(cfg, key) not in allowed:
             raise ConfigError(f"{key}: one of {', '.join(allowed)}, got {get_value(cfg, key)!r}")
     for key, low in AT_LEAST.items():
         if get_value(cfg, key) < low:
             raise ConfigError(f"{key}: must be at least {low}, got {get_value(cfg, key)}")
+    for key, low in ABOVE.items():
+        if not get_value(cfg, key) > low:
+            raise ConfigError(f"{key}: must be above {low}, got {get_value(cfg, key)}")
+    for key in NOT_NEGATIVE:
+        if get_value(cfg, key) < 0:
+            raise ConfigError(f"{key}: must not be negative, got {get_value(cfg, key)}")
     for key, (low, high) in RANGES.items():
         if not low <= get_value(cfg, key) <= high:
             raise ConfigError(f"{key}: must be between {low} and {high}, got {get_value(cfg, key)}")
@@ -473,6 +532,17 @@ def changed_settings(saved_path: str | os.PathLike, cfg: Config, keys: tuple[str
 
 def describe_changes(changes: dict[str, tuple]) -> str:
     return ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changes.items())
+
+
+def may_replace(folder: str | os.PathLike, cfg: Config, keys: tuple[str, ...], what: str) -> dict[str, tuple]:
+    """The settings under ``keys`` in which the finished result in ``folder`` (its saved ``config.yaml``) differs
+    from ``cfg``'s; empty when none. A difference without ``replace=true`` is a one-line ConfigError naming the
+    settings and the two ways on: no stage silently replaces a result made with other settings."""
+    changed = changed_settings(Path(folder) / "config.yaml", cfg, keys)
+    if changed and not cfg.replace:
+        raise ConfigError(f"{folder}: {what} made with other settings ({describe_changes(changed)}); set "
+                          f"experiment=<new name> to keep it and start another, or add replace=true to redo it")
+    return changed
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -145,12 +146,49 @@ def read_dataset(path: str | os.PathLike, pixels: bool = False):
         raise DicomError(f"not a readable DICOM file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
+# Every numeric header field the pipeline reads: (values it must have, or None for any number of them, the
+# plausible closed range of each value, whether the field is required). A value outside (NaN and infinity
+# included) makes the file a bad one, named in the bad-files report (stage 1) or skipped.csv (predict): a NaN
+# slope would otherwise give an all-black image that is trained on or predicted from.
+NUMERIC_FIELDS = {
+    "RescaleSlope": (1, (1e-6, 1e3), False),  # HU = stored x slope + intercept: CT uses 1 (rarely 0.5-2)
+    "RescaleIntercept": (1, (-1e4, 1e4), False),  # -1024, -1000, 0, -3024 on CT
+    "PixelSpacing": (2, (1e-3, 50.0), False),  # mm; head CT 0.4-1
+    "ImagePositionPatient": (3, (-1e5, 1e5), True),  # mm
+    "ImageOrientationPatient": (6, (-1.01, 1.01), False),  # direction cosines
+    "WindowCenter": (None, (-1e5, 1e5), False),
+    "WindowWidth": (None, (1e-6, 1e6), False),  # the standard: at least 1
+}
+
+
+def check_numeric_fields(ds) -> None:
+    """A DicomError naming the first numeric field of :data:`NUMERIC_FIELDS` that is not a finite, plausible
+    number (or has the wrong number of values); absent optional fields pass."""
+    for name, (count, (low, high), required) in NUMERIC_FIELDS.items():
+        value = ds.get(name)
+        if value is None or value == "":
+            if required:
+                raise DicomError(f"{name} is empty")
+            continue
+        values = list(value) if isinstance(value, (pydicom.multival.MultiValue, list, tuple)) else [value]
+        if count is not None and len(values) != count:
+            raise DicomError(f"{name} has {len(values)} value(s), expected {count}")
+        try:
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise DicomError(f"{name} is not numeric ({value!r})") from None
+        bad = [v for v in numbers if not (math.isfinite(v) and low <= v <= high)]
+        if bad or not numbers:
+            raise DicomError(f"{name} = {bad[0] if bad else 'empty'} is not a finite number in [{low:g}, {high:g}]")
+
+
 def _read_header(path, ds) -> dict:
     if ds is None:
         ds = read_dataset(path)
     missing = [t for t in REQUIRED_TAGS if t not in ds]
     if missing:
         raise DicomError(f"missing required tag(s) {', '.join(missing)}")
+    check_numeric_fields(ds)
     try:
         z = slice_position(ds)
     except (ValueError, TypeError) as exc:

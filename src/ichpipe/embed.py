@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ichpipe.config import Config, changed_settings, describe_changes, save_config
+from ichpipe.config import Config, describe_changes, may_replace, save_config
 from ichpipe.data import SliceDataset, build_transform, input_channels, make_loader, normalize
 from ichpipe.device import amp_settings, autocast, init_runtime
 from ichpipe.folds import check_fold_table
-from ichpipe.io import InputError, atomic_path, write_text_atomic
+from ichpipe.io import InputError, atomic_path, sweep_temp_files, write_text_atomic
 from ichpipe.labels import N_LABELS
 from ichpipe.models import create_model, load_weights
 from ichpipe.paths import data_paths, epoch_number, read_metadata, run_dir
@@ -132,13 +132,14 @@ def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
     for ckpt in ckpts:
         folder = out / "embeddings" / ckpt.stem
         if (folder / "done").exists():
-            changed = changed_settings(folder / "config.yaml", cfg, EMBED_KEYS)
+            changed = may_replace(folder, cfg, EMBED_KEYS, "embeddings")
             if not changed and (folder / "done").stat().st_mtime >= ckpt.stat().st_mtime:
                 continue
-            reason = describe_changes(changed) if changed else f"{ckpt.name} is newer"
-            tqdm.write(f"fold {cfg.fold} {ckpt.stem}: embeddings were made with other settings ({reason}); redoing")
+            reason = f"other settings: {describe_changes(changed)}" if changed else f"{ckpt.name} is newer"
+            tqdm.write(f"fold {cfg.fold} {ckpt.stem}: redoing the embeddings ({reason})")
             (folder / "done").unlink()
         folder.mkdir(parents=True, exist_ok=True)
+        sweep_temp_files(folder)  # a killed run's partial .npy files (GBs at real size)
         load_weights(model, torch.load(ckpt, map_location="cpu", weights_only=True), ckpt, cfg.model.backbone)
         for name, rows in sets.items():
             if rows.empty:

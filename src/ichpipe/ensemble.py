@@ -62,7 +62,7 @@ from ichpipe.io import InputError, long_to_wide, read_long_csv, write_text_atomi
 from ichpipe.labels import LABELS
 from ichpipe.metrics import EPS, log_loss_1d, logit, sigmoid
 from ichpipe.metrics import prior as prior_of
-from ichpipe.paths import data_paths, read_metadata, z_order
+from ichpipe.paths import data_paths, read_metadata, work_dir_id, z_order
 
 COMBINERS = ("mean", "weights", "stacker")
 
@@ -276,7 +276,7 @@ def run_ensemble(cfg: Config, today: dt.date | None = None) -> dict:
     if filled > cfg.preprocess.max_bad_fraction * len(sample_ids):
         raise InputError(f"{paths.sample_submission_csv}: {filled} of {len(sample_ids)} test images have no "
                          f"prediction in the members; run their stage 5 on today's metadata")
-    info = {"file": path.name, "experiment": ecfg.name, "model": "final", "combiner": final,
+    info = {"file": path.name, "experiment": ecfg.name, "model": "final", "combiner": final, "work_dir": work_dir_id(cfg),
             "created": dt.datetime.now().isoformat(timespec="seconds"), "git": git_state(),
             "members": {m: {"model": ecfg.member_model, "oof": scores["oof"][m]["weighted"]} for m in members},
             "detail": detail, "cv": {w: s["final"] for w, s in scores.items()},

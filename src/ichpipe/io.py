@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import io
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -37,6 +40,18 @@ def read_yaml_mapping(path: Path, error: type[Exception] | None = None) -> dict:
 
 
 @contextlib.contextmanager
+def name_os_errors(path: Path) -> Iterator[None]:
+    """An OSError without a file name (a write onto a full disk names none) gets ``path``: the one-line error
+    of the entry points then says which output could not be written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
@@ -46,13 +61,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+                                   suffix=".tmp" + "".join(path.suffixes))
+    except OSError as exc:  # named by the output asked for, not by the temporary name
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with name_os_errors(path):
+            yield tmp_path
+            os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -62,33 +82,73 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; it takes the place of ``path`` (whole) only if the block succeeds.
 
-    A crash leaves the former ``path`` (or none) and no half-filled folder under its name.
+    A crash leaves the former ``path`` (or none) and no half-filled folder under its name; the staging folder a
+    killed run left beside it is removed by the next one (its writer's process id is in its name: one whose
+    process is gone on this machine).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # a killed run's staging folder
+        if stale.is_dir() and not _writer_alive(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:  # named by the output asked for, not by the temporary name
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
     try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with name_os_errors(path):
+            yield tmp
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+_PID = re.compile(r"^\..+?\.(\d+)\.[^.]+\.tmp")
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process that made the temporary file or folder ``name`` (its id is in the name) still runs
+    on this machine; names without an id (older versions) count as left by a dead one."""
+    m = _PID.match(name)
+    if not m:
+        return False
+    pid = int(m.group(1))
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def sweep_temp_files(folder: str | os.PathLike) -> int:
-    """Delete the temporary files :func:`atomic_path` leaves when a process is killed mid-write.
-
-    Only call this when no other process is writing into ``folder``. Returns how many were removed.
-    """
+    """Delete the temporary files :func:`atomic_path` left in ``folder`` when its process was killed mid-write
+    (those of live processes stay). Returns how many were removed."""
     removed = 0
     for p in Path(folder).glob(".*.tmp*"):
-        if p.is_file():
+        if p.is_file() and not _writer_alive(p.name):
             p.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path``, atomically. The bytes are made in memory and written by Python: torch's own
+    file writer reports a full disk as a RuntimeError naming no file, this as the OSError naming ``path`` that the
+    entry points turn into one line."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -112,6 +172,8 @@ def read_long_csv(path: str | os.PathLike) -> pd.DataFrame:
         raise InputError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
     if list(df.columns) != ["ID", "Label"]:
         raise InputError(f"{path}: header must be 'ID,Label', found {','.join(map(str, df.columns))!r}")
+    if df.empty:
+        raise InputError(f"{path}: has no rows, only its header")
     df = df.drop_duplicates()
     dup = df["ID"].duplicated(keep=False)
     if dup.any():

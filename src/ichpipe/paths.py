@@ -90,6 +90,12 @@ def data_paths(cfg: Any) -> DataPaths:
     return DataPaths(cfg.data.root, cfg.data.work_dir or None)
 
 
+def work_dir_id(cfg: Any) -> str:
+    """The work folder of a Config as a submission records it (absolute): submissions of one experiment made
+    under two data roots share blend.out_dir, and `make submit` takes only the current root's."""
+    return str(data_paths(cfg).work.resolve())
+
+
 def read_metadata(paths: DataPaths | str | os.PathLike) -> pd.DataFrame:
     """Stage 1's metadata table; a one-line error when stage 1 has not run."""
     path = (paths if isinstance(paths, DataPaths) else DataPaths(paths)).metadata

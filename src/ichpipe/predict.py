@@ -23,12 +23,13 @@ This is a research tool, not a medical device: its output must not be used for d
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import tempfile
 import time
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from ichpipe.data import build_transform, input_channels, normalize, stack_neigh
 from ichpipe.device import amp_settings, default_device
 from ichpipe.dicom import DicomError, _as_dicom_error, _quiet, read_dataset, read_header
 from ichpipe.embed import embed_loader
-from ichpipe.io import InputError, atomic_dir
+from ichpipe.io import InputError, atomic_dir, name_os_errors
 from ichpipe.labels import ANY_INDEX, LABELS, N_LABELS
 from ichpipe.metrics import logit, sigmoid
 from ichpipe.models import create_model, load_weights
@@ -61,15 +62,50 @@ class Series:
     z: list[float] = field(default_factory=list)
 
 
-def _files(path: Path, workdir: Path) -> list[Path]:
+# A member of a zip larger than this, unpacked, is no CT slice (512 x 512 x 2 bytes is 0.5 MiB; a 2048-px
+# multi-frame 8 MiB): it is left out, with a reason, after reading at most this much of it (a zip bomb's
+# members claim small sizes, so the limit is enforced on the bytes actually written).
+MAX_MEMBER_BYTES = 64 << 20
+
+
+def _unzip(path: Path, workdir: Path, skipped: list[dict]) -> None:
+    """Every member of the zip ``path`` into ``workdir``, one by one, streamed: never outside ``workdir``, never
+    more than :data:`MAX_MEMBER_BYTES` of one member (the rest of such a member is not read; it goes to
+    ``skipped``)."""
+    with zipfile.ZipFile(path) as z:
+        for member in z.infolist():
+            target = (workdir / member.filename).resolve()
+            if member.is_dir() or not target.is_relative_to(workdir.resolve()):
+                continue
+            what = f"{path}:{member.filename}"
+            if member.file_size > MAX_MEMBER_BYTES:
+                skipped.append({"what": what, "reason": f"{member.file_size / 2**20:.0f} MiB unpacked, more than "
+                                                        f"{MAX_MEMBER_BYTES >> 20} MiB: not a CT slice"})
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            written = 0
+            try:
+                with z.open(member) as src, open(target, "wb") as dst, name_os_errors(target):
+                    while block := src.read(1 << 20):
+                        written += len(block)
+                        if written > MAX_MEMBER_BYTES:
+                            break
+                        dst.write(block)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+                # a damaged or encrypted member: that member's failure, not the study's
+                target.unlink(missing_ok=True)
+                skipped.append({"what": what, "reason": f"cannot be unpacked ({type(exc).__name__}: "
+                                                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''})"})
+                continue
+            if written > MAX_MEMBER_BYTES:
+                target.unlink(missing_ok=True)
+                skipped.append({"what": what, "reason": f"more than {MAX_MEMBER_BYTES >> 20} MiB unpacked (its header "
+                                                        f"says {member.file_size} bytes): not a CT slice"})
+
+
+def _files(path: Path, workdir: Path, skipped: list[dict]) -> list[Path]:
     if path.is_file() and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            for member in z.infolist():  # extracted one by one, never outside workdir
-                target = (workdir / member.filename).resolve()
-                if not member.is_dir() and target.is_relative_to(workdir.resolve()):
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with z.open(member) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+        _unzip(path, workdir, skipped)
         path = workdir
     if path.is_file():
         return [path]
@@ -99,7 +135,7 @@ def find_series(path: str | os.PathLike, workdir: Path, min_slices: int = 1) -> 
     skipped: list[dict] = []
     found: dict[tuple[str, str], Series] = {}
     rejected: dict[tuple[str, str], str] = {}
-    for f in _files(Path(path), workdir):
+    for f in _files(Path(path), workdir, skipped):
         try:
             with _quiet(), _as_dicom_error():
                 ds = read_dataset(f)
@@ -297,7 +333,7 @@ def write_secondary_capture(figure: Path, ref: Path, out: Path, series_number: i
     sc.save_as(out)
 
 
-def predict(path: str | os.PathLike, bundle_path: str | os.PathLike, out: str | os.PathLike,
+def predict(path: str | os.PathLike, bundle_path: str | os.PathLike | Bundle, out: str | os.PathLike,
             min_slices: int = 1, figures: bool = True, progress: bool = True, device: torch.device | None = None,
             dicom_sc: bool = False) -> dict:
     """Predict every usable series under ``path`` with the bundle; write the outputs into ``out`` at once.
@@ -306,7 +342,15 @@ def predict(path: str | os.PathLike, bundle_path: str | os.PathLike, out: str | 
     """
     start = time.perf_counter()
     out = Path(out)
-    bundle = load_bundle(bundle_path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder; give --out a folder (it is replaced as a whole)")
+    with contextlib.ExitStack() as stack:
+        bundle = bundle_path if isinstance(bundle_path, Bundle) else stack.enter_context(load_bundle(bundle_path))
+        return _predict(path, bundle, out, min_slices, figures, progress, device, dicom_sc, start)
+
+
+def _predict(path, bundle: Bundle, out: Path, min_slices: int, figures: bool, progress: bool,
+             device: torch.device | None, dicom_sc: bool, start: float) -> dict:
     info = bundle.info
     with tempfile.TemporaryDirectory(prefix="ichpipe_predict_") as work:
         series, skipped = find_series(path, Path(work), min_slices)
@@ -363,16 +407,17 @@ def predict_kaggle(data_dir: str | os.PathLike, bundle_path: str | os.PathLike, 
     paths = DataPaths(data_dir)
     if not paths.sample_submission_csv.exists():
         raise InputError(f"{paths.sample_submission_csv}: not found; it lists the test images to predict")
-    with tempfile.TemporaryDirectory(prefix="ichpipe_kaggle_") as tmp:
-        result = predict(paths.test_dir, bundle_path, Path(tmp) / "out", figures=False, progress=progress)
+    with load_bundle(bundle_path) as bundle, tempfile.TemporaryDirectory(prefix="ichpipe_kaggle_") as tmp:
+        result = predict(paths.test_dir, bundle, Path(tmp) / "out", figures=False, progress=progress)
         slices = pd.read_csv(Path(tmp) / "out" / "slices.csv").set_index("SOPInstanceUID")[list(LABELS)]
+        prior = bundle.info["prior"]
     sample_ids = pd.Index(read_long_csv(paths.sample_submission_csv).image_id.unique(), name="image_id")
     pred = slices.reindex(sample_ids)
     missing = ~sample_ids.isin(slices.index)
     if missing.sum() > max_missing * len(sample_ids):
         raise InputError(f"{paths.test_dir}: {int(missing.sum())} of {len(sample_ids)} test images have no "
                          f"prediction, more than {max_missing}; see the skipped files")
-    pred.loc[missing] = load_bundle(bundle_path).info["prior"]
+    pred.loc[missing] = prior
     out_file = Path(out_file)
     write_checked(pred, out_file, paths.sample_submission_csv, {"bundle": str(bundle_path), "filled": int(missing.sum()),
                                                                    "model": "bundle"})

@@ -193,6 +193,7 @@ def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool 
     paths = data_paths(cfg)
     files = list_inputs(paths)  # inputs and labels first: a wrong DATA_DIR creates nothing
     labels = _read_labels_first(paths, files)
+    without_dicom = _labels_without_dicom(paths, files, labels, pcfg.max_bad_fraction)
     out_dir = paths.processed / output_name(pcfg)
     _check_previous_run(out_dir, pcfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +218,7 @@ def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool 
                        desc="preprocess", progress=progress)
     summary = {"files": len(files), "processed": sum(r[0] - r[2] for r in results),
                "skipped": len(files) - sum(r[0] - r[2] for r in results), "seconds": time.perf_counter() - start,
-               "out_dir": str(out_dir), "complete": False}
+               "out_dir": str(out_dir), "complete": False, "labels_without_dicom": without_dicom}
     done = sum(p.exists() for p in parts)
     if done < n_chunks:
         summary["pending_chunks"] = n_chunks - done
@@ -285,6 +286,19 @@ def _read_labels_first(paths: DataPaths, files: list[tuple[str, str]]) -> pd.Dat
             raise PreprocessError(f"{paths.train_csv}: not found; the training DICOMs need their labels")
         return read_labels(paths.train_csv)
     return pd.DataFrame(columns=list(LABELS), dtype=float)
+
+
+def _labels_without_dicom(paths: DataPaths, files: list[tuple[str, str]], labels: pd.DataFrame,
+                          max_fraction: float) -> int:
+    """How many labelled images have no file in ``stage_2_train/`` (a partial download or unzip); above
+    ``max_fraction`` of the labelled images an error, before any work."""
+    have = {Path(f).stem for split, f in files if split == "train"}
+    missing = labels.index[~labels.index.isin(have)] if have else labels.index[:0]
+    if len(missing) > max_fraction * len(labels):
+        raise PreprocessError(f"{paths.train_csv}: {len(missing)} of {len(labels)} labelled images have no DICOM in "
+                              f"{paths.train_dir} (e.g. {', '.join(missing[:3])}), more than "
+                              f"preprocess.max_bad_fraction={max_fraction}; is the download or unzip complete?")
+    return len(missing)
 
 
 def _merge(cfg: Config, paths: DataPaths, out_dir: Path, part_files: list[Path], labels: pd.DataFrame):

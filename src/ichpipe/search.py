@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from ichpipe.config import ConfigError, get_value, load_config, nest
+from ichpipe.config import ConfigError, check_name, get_value, load_config, nest
 from ichpipe.io import InputError, atomic_path, read_yaml_mapping, write_text_atomic
 from ichpipe.paths import data_paths
 
@@ -68,6 +68,10 @@ def read_space(path: str | Path) -> dict:
         raise InputError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     if not spec.get("name") or not isinstance(spec.get("space"), dict) or not spec["space"]:
         raise InputError(f"{path}: needs a name and a non-empty space")
+    try:
+        check_name(spec["name"], "name")  # the study's folder under runs/ and its trials' experiment names
+    except ConfigError as exc:
+        raise InputError(f"{path}: {exc}") from None
     spec.setdefault("trials", 8)
     spec.setdefault("fold", 0)
     spec.setdefault("seed", 0)

@@ -43,10 +43,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from tqdm import tqdm
 
-from ichpipe.config import CHOICES, Config, LstmConfig, changed_settings, describe_changes, save_config
+from ichpipe.config import CHOICES, Config, LstmConfig, describe_changes, may_replace, save_config
 from ichpipe.device import NO_AMP, amp_settings, autocast, default_device
 from ichpipe.folds import assign_folds, check_fold_table
-from ichpipe.io import InputError, atomic_path, write_text_atomic
+from ichpipe.io import InputError, atomic_path, save_torch, sweep_temp_files, write_text_atomic
 from ichpipe.labels import LABELS, N_LABELS
 from ichpipe.losses import make_loss
 from ichpipe.metrics import sigmoid, weighted_log_loss
@@ -420,9 +420,9 @@ def _stale(target: Path, folder: Path, cfg: Config) -> str | None:
     """Why a finished LSTM folder must be redone (other settings, newer embeddings, no saved models), or None."""
     if not (target / "done").exists():
         return None
-    changed = changed_settings(target / "config.yaml", cfg, LSTM_KEYS)
+    changed = may_replace(target, cfg, LSTM_KEYS, "sequence models")
     if changed:
-        return describe_changes(changed)
+        return f"other settings: {describe_changes(changed)}"
     if (target / "done").stat().st_mtime < (folder / "done").stat().st_mtime:
         return f"{folder} was embedded again"
     if not (target / "models.pt").exists():
@@ -447,7 +447,7 @@ def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
         cnn_loss = weighted_log_loss(oof_feats.labels, sigmoid(oof_feats.logits))
         reason = _stale(target, folder, cfg)
         if reason:
-            tqdm.write(f"fold {cfg.fold} {folder.name}: the LSTM was trained with other settings ({reason}); redoing")
+            tqdm.write(f"fold {cfg.fold} {folder.name}: redoing the sequence models ({reason})")
             (target / "done").unlink()
         if (target / "done").exists():
             oof = pd.read_parquet(target / "oof.parquet").set_index("image_id").loc[oof_feats.ids, list(LABELS)]
@@ -468,8 +468,8 @@ def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
 def _write(target: Path, cfg: Config, keep: dict, history: list[dict], predictions: dict) -> None:
     """One finished LSTM folder: saved models, predictions, history, config, then ``done``."""
     target.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target / "models.pt") as tmp:
-        torch.save(keep, tmp)
+    sweep_temp_files(target)  # what a killed run was writing
+    save_torch(keep, target / "models.pt")
     for name, (ids, probs) in predictions.items():
         with atomic_path(target / f"{name}.parquet") as tmp:
             pd.DataFrame(probs.astype(np.float32), columns=list(LABELS)).assign(image_id=ids)[

@@ -129,6 +129,17 @@ NO_CREDENTIALS = ("no Kaggle API token: create one at kaggle.com > Settings > AP
                   "kaggle.json as ~/.kaggle/kaggle.json (chmod 600), or set KAGGLE_USERNAME and KAGGLE_KEY")
 
 
+def kaggle_cli() -> str:
+    """The ``kaggle`` executable, after checking that it has a token to use; else a one-line InputError (checked
+    before anything is said to be uploading)."""
+    if kaggle_credentials() is None:
+        raise InputError(NO_CREDENTIALS)
+    exe = shutil.which("kaggle") or shutil.which("kaggle", path=str(Path(sys.executable).parent))
+    if exe is None:
+        raise InputError("the kaggle CLI is not installed; run `make setup`")
+    return exe
+
+
 def submit_to_kaggle(path: str | os.PathLike, sample_path: str | os.PathLike, competition: str,
                      message: str) -> int:
     """Validate ``path``, then upload it with ``kaggle competitions submit``; returns the CLI's exit code.
@@ -137,11 +148,7 @@ def submit_to_kaggle(path: str | os.PathLike, sample_path: str | os.PathLike, co
     prints or copies it.
     """
     validate_submission(path, sample_path)
-    if kaggle_credentials() is None:
-        raise InputError(NO_CREDENTIALS)
-    exe = shutil.which("kaggle") or shutil.which("kaggle", path=str(Path(sys.executable).parent))
-    if exe is None:
-        raise InputError("the kaggle CLI is not installed; run `make setup`")
+    exe = kaggle_cli()
     return subprocess.run([exe, "competitions", "submit", "-c", competition, "-f", str(path), "-m", message]).returncode
 
 

@@ -35,7 +35,7 @@ from ichpipe.config import Config, changed_settings, describe_changes, save_conf
 from ichpipe.data import DEFAULT_AUGMENT, SliceDataset, build_transform, input_channels, make_loader, normalize
 from ichpipe.device import Runtime, amp_settings, autocast, close_runtime, init_runtime, local_main_first
 from ichpipe.folds import record_fold_table
-from ichpipe.io import InputError, atomic_path
+from ichpipe.io import InputError, atomic_path, save_torch, sweep_temp_files
 from ichpipe.labels import LABELS
 from ichpipe.losses import make_loss
 from ichpipe.metrics import auc_or_nan, logit, per_class_log_loss, prior, weighted_log_loss
@@ -175,11 +175,6 @@ class OptimizerStep:
         return self.scale >= before
 
 
-def _save(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 # A resume continues the same optimisation: these settings must equal the run's own.
 RESUME_KEYS = ("seed", "model.backbone", "model.kwargs", "model.drop_rate", "train.image_size", "train.epochs", "train.batch_size",
                "train.lr", "train.optimizer", "train.schedule", "train.weight_decay", "train.warmup_steps", "train.accumulate", "train.loss",
@@ -266,6 +261,8 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0,
     micro = micro_batch(tcfg.batch_size, tcfg.accumulate, rt.world_size)
     if rt.is_main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for folder in (out, out / "checkpoints"):  # what a killed run was writing (a checkpoint's temp file)
+            sweep_temp_files(folder)
         record_fold_table(out, meta)
         save_config(cfg, out / "config.yaml")
 
@@ -383,12 +380,12 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0,
             oof = pd.DataFrame(probs, columns=list(LABELS)).assign(image_id=val_ds.ids)[["image_id", *LABELS]]
             with atomic_path(out / f"oof_epoch{epoch:02d}.parquet") as tmp:
                 oof.to_parquet(tmp, index=False)
-            _save(model.state_dict(), out / "checkpoints" / f"epoch{epoch:02d}.pt")
+            save_torch(model.state_dict(), out / "checkpoints" / f"epoch{epoch:02d}.pt")
             with atomic_path(history_path) as tmp:
                 pd.DataFrame(history).to_csv(tmp, index=False)
             # last.pt is the commit point: written after everything else of the epoch, so a run killed at any
             # moment resumes from an epoch whose history row, OOF and checkpoint are all on disk.
-            _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "torch_rng": torch.get_rng_state(),
                    "cuda_rng": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None}, last)
             writer.add_scalar("val/loss", metrics["val_loss"], step)
