@@ -23,7 +23,7 @@ import torch
 
 from ichpipe.config import Config, load_config
 from ichpipe.data import DEFAULT_AUGMENT, SliceDataset, build_transform, input_channels, make_loader, normalize
-from ichpipe.device import autocast, init_runtime
+from ichpipe.device import Amp, autocast, init_runtime
 from ichpipe.losses import make_loss
 from ichpipe.models import create_model
 from ichpipe.optim import make_optimizer
@@ -45,7 +45,7 @@ def measure(model, batches, device, amp_dtype, steps: int, optimizer: str = "ada
             start, images = time.perf_counter(), 0
         x = normalize(x.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         y = y.to(device, non_blocking=True)
-        with autocast(device, amp_dtype is not None, amp_dtype or torch.float32):
+        with autocast(device, Amp(amp_dtype is not None, amp_dtype or torch.float32, False)):
             loss = loss_fn(model(x), y)
         scaler.scale(loss).backward()
         step()

@@ -13,6 +13,7 @@ import timm
 import torch
 
 from ichpipe.config import ConfigError
+from ichpipe.device import NO_AMP
 from ichpipe.embed import embed_fold, embed_loader, mean_probability_logit
 from ichpipe.io import InputError
 from ichpipe.labels import LABELS
@@ -95,7 +96,7 @@ def test_hflip_view_is_the_model_on_a_left_right_flipped_image(tmp_path):
         x = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
         n = len(batch)
         out = {"emb": np.zeros((n, 96), np.float32), "logits": np.zeros((n, len(LABELS)), np.float32)}
-        embed_loader(model, [(x, None, None)], views, torch.device("cpu"), (False, torch.float32, False), False, "", out)
+        embed_loader(model, [(x, None, None)], views, torch.device("cpu"), NO_AMP, False, "", out)
         return out["logits"]
 
     flipped = run(images, ["hflip"])
@@ -154,8 +155,8 @@ def test_embeddings_beyond_float16_are_refused_not_stored_as_inf():
     out = {"emb": np.zeros((2, 96), np.float16), "logits": np.zeros((2, len(LABELS)), np.float32)}
     with pytest.raises(InputError, match=r"fold 0 epoch00 test: the model's pooled features reach .*, beyond "
                                          r"float16's 65504; set embed.dtype=float32"):
-        embed_loader(model, [(x, None, None)], ["none"], torch.device("cpu"), (False, torch.float32, False), False,
+        embed_loader(model, [(x, None, None)], ["none"], torch.device("cpu"), NO_AMP, False,
                      "fold 0 epoch00 test", out)
     wide = {"emb": np.zeros((2, 96), np.float32), "logits": np.zeros((2, len(LABELS)), np.float32)}
-    embed_loader(model, [(x, None, None)], ["none"], torch.device("cpu"), (False, torch.float32, False), False, "", wide)
+    embed_loader(model, [(x, None, None)], ["none"], torch.device("cpu"), NO_AMP, False, "", wide)
     assert np.abs(wide["emb"]).max() > 65504 and np.isfinite(wide["emb"]).all()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -127,3 +130,12 @@ def test_report_writes_every_figure_and_the_page(tmp_path):
     cfg.report.model = "gbm"
     with pytest.raises(InputError, match="report.model='gbm'"):
         run_report(cfg)
+
+
+def test_importing_the_package_leaves_the_callers_matplotlib_backend_alone():
+    """report.py called matplotlib.use("Agg") when imported (bundle imports it): a notebook's backend changed."""
+    code = ("import matplotlib, ichpipe.report, ichpipe.bundle, ichpipe.predict; "
+            "print(matplotlib.rcParams['backend'])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "MPLBACKEND": "svg"})
+    assert res.returncode == 0 and res.stdout.strip() == "svg", res.stderr[-2000:]

@@ -7,6 +7,7 @@ import datetime
 import os
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -86,10 +87,18 @@ def close_runtime(rt: Runtime) -> None:
         dist.destroy_process_group()
 
 
-NO_AMP = (False, torch.float32, False)
+class Amp(NamedTuple):
+    """Mixed precision as ``train.amp`` resolves on a device."""
+
+    enabled: bool  # autocast on
+    dtype: torch.dtype  # its dtype
+    scaler: bool  # a GradScaler (fp16 on CUDA)
 
 
-def amp_settings(mode: str, device: torch.device) -> tuple[bool, torch.dtype, bool]:
+NO_AMP = Amp(False, torch.float32, False)
+
+
+def amp_settings(mode: str, device: torch.device) -> Amp:
     """(autocast on, dtype, GradScaler on) for ``train.amp``. ``bf16`` on a GPU without bfloat16 (T4, V100)
     falls back to fp16 with loss scaling; ``fp16`` and ``bf16`` on a CPU (without fast half-precision
     kernels: bf16 autocast ran ~8x slower than float32 on this project's machines) to float32; each says so."""
@@ -103,11 +112,12 @@ def amp_settings(mode: str, device: torch.device) -> tuple[bool, torch.dtype, bo
                       "loss scaling instead", stacklevel=2)
         mode = "fp16"
     if mode in ("auto", "fp16"):
-        return True, torch.float16, device.type == "cuda"
+        return Amp(True, torch.float16, device.type == "cuda")
     if mode == "bf16":
-        return True, torch.bfloat16, False
+        return Amp(True, torch.bfloat16, False)
     raise InputError(f"train.amp: auto, bf16, fp16 or off, got {mode!r}")
 
 
-def autocast(device: torch.device, enabled: bool, dtype: torch.dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled) if enabled else contextlib.nullcontext()
+def autocast(device: torch.device, amp: Amp):
+    """``torch.autocast`` as ``amp`` says (a no-op context when it is off)."""
+    return torch.autocast(device.type, dtype=amp.dtype, enabled=True) if amp.enabled else contextlib.nullcontext()

@@ -77,7 +77,7 @@ def embed_loader(model, loader: DataLoader, views: list[str], device, amp, progr
         x = normalize(x.to(device, non_blocking=True))
         e_views, l_views = [], []
         for view in views:
-            with autocast(device, amp[0], amp[1]):
+            with autocast(device, amp):
                 pooled = model.forward_head(model.forward_features(VIEWS[view](x).contiguous(memory_format=layout)),
                                             pre_logits=True)
                 e_views.append(pooled.float())

@@ -192,7 +192,7 @@ def render_series(s: Series, info: dict) -> tuple[np.ndarray, list[int]]:
 
 
 class Predictor:
-    """The bundle's models, loaded once; ``predict(images)`` → per-slice probabilities of one series."""
+    """The bundle's models, loaded once; ``probabilities(images)`` → per-slice probabilities of one series."""
 
     def __init__(self, bundle: Bundle, device: torch.device | None = None):
         self.bundle, self.info = bundle, bundle.info
@@ -226,7 +226,7 @@ class Predictor:
             images = stack_neighbours(images)
         return torch.stack([to_input(img, self.transform, 0, self.crop) for img in images])
 
-    def predict(self, images: np.ndarray, ids: list[str], z: np.ndarray | None = None) -> np.ndarray:
+    def probabilities(self, images: np.ndarray, ids: list[str], z: np.ndarray | None = None) -> np.ndarray:
         """(N, 6) final probabilities of one series' slices (z order; ``z`` their positions in mm, which the
         transformer sequence model reads), blended as stage 5 blends the test set."""
         x = self.inputs(images)
@@ -279,10 +279,7 @@ class Predictor:
 
 def _series_figure(path: Path, s: Series, images: np.ndarray, probs: np.ndarray, flags: np.ndarray,
                    predictor: Predictor, thresholds: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend is left as it is
 
     chosen = np.flatnonzero(flags[:, ANY_INDEX])
     title = "flagged slices (any)"
@@ -291,7 +288,7 @@ def _series_figure(path: Path, s: Series, images: np.ndarray, probs: np.ndarray,
     chosen = chosen[np.argsort(-probs[chosen, ANY_INDEX])][:6]
     chosen = np.sort(chosen)
     cams = predictor.grad_cam(images[chosen])
-    fig = plt.figure(figsize=(3 * max(len(chosen), 3), 7.5))
+    fig = Figure(figsize=(3 * max(len(chosen), 3), 7.5))
     grid = fig.add_gridspec(2, max(len(chosen), 3), height_ratios=[1.1, 1])
     for j, i in enumerate(chosen):
         ax = fig.add_subplot(grid[0, j])
@@ -312,7 +309,6 @@ def _series_figure(path: Path, s: Series, images: np.ndarray, probs: np.ndarray,
                  "not for diagnosis", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def write_secondary_capture(figure: Path, ref: Path, out: Path, series_number: int) -> None:
@@ -369,7 +365,7 @@ def _predict(path, bundle: Bundle, out: Path, min_slices: int, figures: bool, pr
                 if not len(images):
                     skipped.append({"what": f"series {s.series}", "reason": "no readable slice"})
                     continue
-                probs = predictor.predict(images, s.ids, np.asarray(s.z, np.float64))
+                probs = predictor.probabilities(images, s.ids, np.asarray(s.z, np.float64))
                 thresholds = info["thresholds"]
                 flags = np.stack([probs[:, c] >= thresholds[name]["threshold"] for c, name in enumerate(LABELS)], 1)
                 for i in range(len(s.ids)):

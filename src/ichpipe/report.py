@@ -21,23 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.colors import LinearSegmentedColormap
+from matplotlib.figure import Figure  # figures without pyplot: no backend is chosen for whoever imports this
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve
 
-matplotlib.use("Agg")  # headless
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
-from sklearn.metrics import average_precision_score, precision_recall_curve  # noqa: E402
-
-from ichpipe.config import Config  # noqa: E402
-from ichpipe.folds import check_fold_table  # noqa: E402
-from ichpipe.io import InputError, atomic_path, write_text_atomic  # noqa: E402
-from ichpipe.labels import ABBREVIATIONS, ANY_INDEX, LABELS, SUBTYPES  # noqa: E402
-from ichpipe.metrics import auc_or_nan, per_class_log_loss, weighted_log_loss  # noqa: E402
-from ichpipe.metrics import prior as prior_of  # noqa: E402
-from ichpipe.paths import data_paths, finished_dirs, read_metadata, run_dir  # noqa: E402
-from ichpipe.preprocess import output_name, read_png  # noqa: E402
+from ichpipe.config import Config
+from ichpipe.folds import check_fold_table
+from ichpipe.io import InputError, atomic_path, write_text_atomic
+from ichpipe.labels import ABBREVIATIONS, ANY_INDEX, LABELS, SUBTYPES
+from ichpipe.metrics import auc_or_nan, per_class_log_loss, weighted_log_loss
+from ichpipe.metrics import prior as prior_of
+from ichpipe.paths import data_paths, finished_dirs, read_metadata, run_dir
+from ichpipe.preprocess import output_name, read_png
 
 COLUMNS = (*SUBTYPES, "control")
 RED_TO_GREEN = LinearSegmentedColormap.from_list("baseline_to_perfect", ["#d7191c", "#fdae61", "#a6d96a", "#00e000"])
@@ -149,17 +147,22 @@ def best_epoch(val: pd.DataFrame) -> tuple[int, int, float]:
 
 # --- figures ---------------------------------------------------------------------------------------
 
+def _subplots(rows: int, cols: int, figsize: tuple[float, float], **kw):
+    """(figure, axes) as ``plt.subplots`` gives them, without pyplot's global state or a backend choice."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, **kw)
+
+
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
 
 
 def figure1(y, p, prior, ids, png_dir: Path, path: Path, per_column: int, seed: int) -> dict:
     """The per-class accuracy grid; returns the header accuracy and the chosen examples per column."""
     rng = np.random.default_rng(seed)
-    fig, axes = plt.subplots(per_column, len(COLUMNS), figsize=(2.1 * len(COLUMNS), 2.5 * per_column + 0.6),
-                             squeeze=False)
+    fig, axes = _subplots(per_column, len(COLUMNS), figsize=(2.1 * len(COLUMNS), 2.5 * per_column + 0.6),
+                          squeeze=False)
     summary = {}
     for j, column in enumerate(COLUMNS):
         members = np.flatnonzero(column_members(y, column))
@@ -197,7 +200,7 @@ def figure1(y, p, prior, ids, png_dir: Path, path: Path, per_column: int, seed: 
 
 
 def pr_figure(y, p, targets: dict[str, float], path: Path) -> dict[str, OperatingPoint]:
-    fig, axes = plt.subplots(2, 3, figsize=(13, 8))
+    fig, axes = _subplots(2, 3, figsize=(13, 8))
     points = {}
     for ax, (i, name) in zip(axes.ravel(), enumerate(LABELS), strict=True):
         ax.set_title(f"{name} ({ABBREVIATIONS[name]})")
@@ -224,7 +227,7 @@ def pr_figure(y, p, targets: dict[str, float], path: Path) -> dict[str, Operatin
 
 
 def calibration_figure(y, p, n_bins: int, path: Path) -> dict[str, pd.DataFrame]:
-    fig, axes = plt.subplots(2, 3, figsize=(13, 8))
+    fig, axes = _subplots(2, 3, figsize=(13, 8))
     bins = {}
     for ax, (i, name) in zip(axes.ravel(), enumerate(LABELS), strict=True):
         b = calibration_bins(y[:, i], p[:, i], n_bins)
@@ -249,10 +252,10 @@ def calibration_figure(y, p, n_bins: int, path: Path) -> dict[str, pd.DataFrame]
 def training_figure(curves: dict[int, pd.DataFrame], lstm: pd.DataFrame | None, path: Path) -> dict[int, tuple]:
     """Train/validation loss per fold from TensorBoard, best epoch marked; LSTM curves beside when present."""
     n = 2 if lstm is not None else 1
-    fig, axes = plt.subplots(1, n, figsize=(7 * n, 4.5), squeeze=False)
+    fig, axes = _subplots(1, n, figsize=(7 * n, 4.5), squeeze=False)
     ax = axes[0, 0]
     best = {}
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, frame in curves.items():
         c = colours[k % len(colours)]
         train = frame[frame.tag == "train/loss"]

@@ -44,7 +44,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from tqdm import tqdm
 
 from ichpipe.config import CHOICES, Config, LstmConfig, describe_changes, may_replace, save_config
-from ichpipe.device import NO_AMP, amp_settings, autocast, default_device
+from ichpipe.device import NO_AMP, Amp, amp_settings, autocast, default_device
 from ichpipe.folds import assign_folds, check_fold_table
 from ichpipe.io import InputError, atomic_path, save_torch, sweep_temp_files, write_text_atomic
 from ichpipe.labels import LABELS, N_LABELS
@@ -235,14 +235,14 @@ PREDICT_BATCH = 64  # series per prediction batch (no gradients: larger than the
 
 
 def _predict(model: SequenceModel, feats: SliceFeatures, series: list[int], mean, std, batch_size: int,
-             device: torch.device, amp: tuple = NO_AMP) -> np.ndarray:
+             device: torch.device, amp: Amp = NO_AMP) -> np.ndarray:
     """(N, 6) probabilities for the rows of ``series`` (others stay NaN)."""
     out = np.full((len(feats.ids), N_LABELS), np.nan, np.float32)
     model.eval()
     with torch.no_grad():
         for i in range(0, len(series), batch_size):
             emb, logits, _, lengths, rows, z = feats.batch(series[i:i + batch_size], mean, std)
-            with autocast(device, amp[0], amp[1]):
+            with autocast(device, amp):
                 lg = model(to_device(emb, device), to_device(logits, device), lengths, to_device(z, device))
             probs = torch.sigmoid(lg.float()).cpu().numpy()
             valid = np.arange(probs.shape[1])[None, :] < lengths.numpy()[:, None]
@@ -286,7 +286,7 @@ def fit_predict(feats: SliceFeatures, train_series: list[int], targets: list[tup
     model = SequenceModel(feats.emb.shape[1], **{k: getattr(cfg, k) for k in MODEL_KEYS}).to(device)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=cfg.lr_gamma) if cfg.lr_gamma != 1 else None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp[2])
+    scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
     loss_fn = make_loss("weighted_bce", device)
     bags = [np.zeros((len(f.ids), N_LABELS), np.float64) for f, _ in targets]
     n_bagged = 0
@@ -300,7 +300,7 @@ def fit_predict(feats: SliceFeatures, train_series: list[int], targets: list[tup
             mask = torch.arange(emb.shape[1])[None, :] < lengths[:, None]
             n = int(mask.sum())
             mask = to_device(mask, device)
-            with autocast(device, amp[0], amp[1]):
+            with autocast(device, amp):
                 out = model(to_device(emb, device), to_device(logits, device), lengths, to_device(z, device))
             loss = loss_fn(out[mask], to_device(labels, device)[mask])
             optimizer.zero_grad(set_to_none=True)
@@ -350,7 +350,7 @@ def load_models(path: str | Path, device: torch.device | None = None) -> tuple[l
     return models, state["mean"].numpy(), state["std"].numpy()
 
 
-def predict_bag(models: list[SequenceModel], feats: SliceFeatures, mean, std, device=None, amp: tuple = NO_AMP
+def predict_bag(models: list[SequenceModel], feats: SliceFeatures, mean, std, device=None, amp: Amp = NO_AMP
                 ) -> np.ndarray:
     """(N, 6) mean probability of the bagged models over every series of ``feats`` (``amp``: as stage 4 ran)."""
     series = list(range(len(feats.series)))

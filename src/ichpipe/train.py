@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ichpipe.config import Config, changed_settings, describe_changes, save_config
 from ichpipe.data import DEFAULT_AUGMENT, SliceDataset, build_transform, input_channels, make_loader, normalize
-from ichpipe.device import Runtime, amp_settings, autocast, close_runtime, init_runtime, local_main_first
+from ichpipe.device import Amp, Runtime, amp_settings, autocast, close_runtime, init_runtime, local_main_first
 from ichpipe.folds import record_fold_table
 from ichpipe.io import InputError, atomic_path, save_torch, sweep_temp_files
 from ichpipe.labels import LABELS
@@ -113,12 +113,13 @@ def prior_baseline(train_y: np.ndarray, val_y: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, rt: Runtime, amp: tuple, progress: bool = False) -> np.ndarray:
+def validation_probabilities(model: nn.Module, loader: DataLoader, rt: Runtime, amp: Amp, progress: bool = False
+                             ) -> np.ndarray:
     model.eval()
     out = []
     for x, _, _ in tqdm(loader, desc="validate", leave=False, disable=not progress):
         x = normalize(x.to(rt.device, non_blocking=True))
-        with autocast(rt.device, amp[0], amp[1]):
+        with autocast(rt.device, amp):
             out.append(torch.sigmoid(model(x).float()).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, len(LABELS)), np.float32)
 
@@ -289,7 +290,7 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0,
     steps_per_epoch = math.ceil(len(train_loader) / tcfg.accumulate)
     scheduler = make_schedule(optimizer, tcfg.schedule, tcfg.warmup_steps, steps_per_epoch * tcfg.epochs)
     amp = amp_settings(tcfg.amp, rt.device)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=amp[2])
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=amp.scaler)
     optimizer_step = OptimizerStep(optimizer, scaler)
     start_epoch, step = 0, 0
     if not last.exists() and not cfg.model.init_from:
@@ -341,7 +342,7 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0,
             # Micro-steps before the update skip DDP's gradient all-reduce; the update's backward does it.
             sync = contextlib.nullcontext() if update or not rt.distributed else net.no_sync()
             with sync:
-                with autocast(rt.device, amp[0], amp[1]):
+                with autocast(rt.device, amp):
                     loss = loss_fn(net(x), y)
                 scaler.scale(loss / groups[i]).backward()
             running += loss.detach() * len(x)
@@ -372,7 +373,7 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0,
         if rt.distributed:  # BatchNorm statistics differ per process after training: validate (and save) rank 0's
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
-        probs = _gather_predictions(predict(model, val_loader, rt, amp, progress), len(val_ds), rt)
+        probs = _gather_predictions(validation_probabilities(model, val_loader, rt, amp, progress), len(val_ds), rt)
         if rt.is_main:
             metrics = {"epoch": epoch, "step": step, "train_loss": train_loss,
                        "prior_loss": baseline, **evaluate(val_y, probs)}
