@@ -156,6 +156,7 @@ test: setup
 
 lint: setup
 	$(PY) -m ruff check src scripts tests eda benchmarks
+	$(VENV)/bin/lint-imports --config pyproject.toml
 
 bench: bench-preprocess bench-train bench-scale
 

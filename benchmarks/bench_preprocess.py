@@ -28,9 +28,9 @@ import pydicom
 
 from ichpipe.config import load_config
 from ichpipe.dicom import read_slice
-from ichpipe.preprocess import ChunkJob, encode_png, png_settings, process_chunk, render_file, resize_to
+from ichpipe.preprocess import ChunkJob, encode_png, png_settings, process_chunk
 from ichpipe.synthetic.dataset import generate_dataset
-from ichpipe.windowing import window_stored
+from ichpipe.windowing import render_file, resize_to, window_stored
 
 WINDOWS = [[40, 80], [80, 200], [40, 380]]
 

@@ -126,16 +126,8 @@ def build(root: Path, scale: float, dim: int, dtype: str = "float16", seed: int 
 def part_lstm(cfg, epochs: int) -> dict:
     from ichpipe.device import amp_settings, default_device
     from ichpipe.paths import data_paths, read_metadata, run_dir
-    from ichpipe.sequence import (
-        MODEL_KEYS,
-        PREDICT_BATCH,
-        SequenceModel,
-        _inner_groups,
-        _predict,
-        concat_features,
-        fit_predict,
-        load_features,
-    )
+    from ichpipe.sequence import _inner_groups, concat_features, fit_predict, load_features
+    from ichpipe.sequence_models import MODEL_KEYS, PREDICT_BATCH, SequenceModel, predict_rows
 
     schedule = cfg.lstm  # the configured epochs and bagging, for the projection
     lcfg = dataclasses.replace(cfg.lstm, epochs=epochs, bag_last=1)  # this run: a few epochs only
@@ -169,10 +161,10 @@ def part_lstm(cfg, epochs: int) -> dict:
     mean, std = np.zeros(oof.emb.shape[1], np.float32), np.ones(oof.emb.shape[1], np.float32)
     amp = amp_settings(cfg.train.amp, device)
     start = time.perf_counter()
-    _predict(model, test, list(range(len(test.series))), mean, std, PREDICT_BATCH, device, amp)
+    predict_rows(model, test, list(range(len(test.series))), mean, std, PREDICT_BATCH, device, amp)
     test_s = time.perf_counter() - start
     start = time.perf_counter()
-    _predict(model, val_feats, val, mean, std, PREDICT_BATCH, device, amp)
+    predict_rows(model, val_feats, val, mean, std, PREDICT_BATCH, device, amp)
     val_s = time.perf_counter() - start
     epoch_s = (fit_s - test_s - val_s) / epochs
     per_model = schedule.epochs * epoch_s + schedule.epochs * val_s + schedule.bag_last * test_s

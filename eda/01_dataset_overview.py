@@ -18,10 +18,9 @@ import numpy as np
 import pandas as pd
 
 from ichpipe.cli import stage_main
-from ichpipe.io import write_text_atomic
+from ichpipe.io import read_png, write_text_atomic
 from ichpipe.labels import ABBREVIATIONS, LABELS, SUBTYPES
-from ichpipe.paths import data_paths, read_metadata
-from ichpipe.preprocess import output_name, read_png
+from ichpipe.paths import data_paths, output_name, read_metadata
 
 N_EXAMPLES = 4  # rows of the example grid
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from ichpipe.blend import info_path, latest_submission
 from ichpipe.cli import stage_main
 from ichpipe.paths import DataPaths
-from ichpipe.submission import kaggle_cli, submit_to_kaggle, validate_submission
+from ichpipe.submission import info_path, kaggle_cli, latest_submission, submit_to_kaggle, validate_submission
 
 
 def add_arguments(parser):

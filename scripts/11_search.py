@@ -20,8 +20,9 @@ def add_arguments(parser):
 
 def run(cfg, args):
     from ichpipe.search import run_search
+    from ichpipe.train import train_fold  # each trial is a stage-2 run
 
-    result = run_search(args.config, args.space, args.overrides, args.storage)
+    result = run_search(args.config, args.space, args.overrides, args.storage, train_fold=train_fold)
     print(result["table"])
     print(f"best trial {result['best']}: val {result['best_value']:.4f}  {result['params']}")
     print(f"written: {result['out']}/trials.csv, trials.md, best.yaml, {', '.join(result['figures'])}")

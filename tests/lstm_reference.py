@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ichpipe.config import LstmConfig
-from ichpipe.sequence import SliceFeatures, fit_predict
+from ichpipe.sequence import fit_predict
+from ichpipe.sequence_models import SliceFeatures
 
 REFERENCE = Path(__file__).parent / "data" / "lstm_cpu_reference.npz"
 CFG = LstmConfig(reduce_dim=8, hidden=8, layers=2, dropout=0.2, epochs=3, bag_last=2, batch_size=3)

@@ -24,7 +24,7 @@ import pytest
 
 from ichpipe import io as ichio
 from ichpipe.__main__ import main as ichpipe_main
-from ichpipe.bundle import load_bundle
+from ichpipe.bundle_format import load_bundle
 from ichpipe.cli import report_errors, stage_main
 from ichpipe.config import STAGE_CONFIG, ConfigError, load_config
 from ichpipe.dicom import DicomError, read_header

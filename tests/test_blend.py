@@ -17,13 +17,21 @@ import pandas as pd
 import pytest
 import yaml
 
-from ichpipe.blend import info_path, latest_submission, run_blend, weighted_mean
+from ichpipe.blend import run_blend
 from ichpipe.config import load_config, save_config
 from ichpipe.folds import record_fold_table
 from ichpipe.io import InputError, wide_to_long
 from ichpipe.labels import LABELS
 from ichpipe.metrics import weighted_log_loss
-from ichpipe.submission import NO_CREDENTIALS, SubmissionError, kaggle_credentials, submit_to_kaggle
+from ichpipe.results import weighted_mean
+from ichpipe.submission import (
+    NO_CREDENTIALS,
+    SubmissionError,
+    info_path,
+    kaggle_credentials,
+    latest_submission,
+    submit_to_kaggle,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 L = list(LABELS)

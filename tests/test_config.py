@@ -94,7 +94,7 @@ def test_values_no_stage_can_use_are_refused_when_the_config_is_read(override, m
 def test_every_shipped_config_loads_and_names_a_timm_model():
     import timm
 
-    from ichpipe.sequence import KINDS
+    from ichpipe.sequence_models import KINDS
 
     paths = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if p.parent.name not in ("search", "benchmark"))
     assert len(paths) >= 5

@@ -16,8 +16,7 @@ from ichpipe.dicom import (
     read_header,
     read_slice,
 )
-from ichpipe.preprocess import render_file
-from ichpipe.windowing import apply_window, window_stored
+from ichpipe.windowing import apply_window, render_file, window_stored
 
 # pydicom's bundled test files and, from the pydicom-data package, real CT/MR files in several
 # transfer syntaxes (uncompressed, JPEG 2000 lossless and lossy, a pixel-representation mismatch).

@@ -14,7 +14,8 @@ import torch
 
 from ichpipe.config import ConfigError
 from ichpipe.device import NO_AMP
-from ichpipe.embed import embed_fold, embed_loader, mean_probability_logit
+from ichpipe.embed import embed_fold
+from ichpipe.inference import embed_loader, mean_probability_logit
 from ichpipe.io import InputError
 from ichpipe.labels import LABELS
 from ichpipe.train import train_fold

@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from ichpipe.blend import info_path
 from ichpipe.config import load_config
 from ichpipe.ensemble import fit_weights, neighbour_features, run_ensemble
 from ichpipe.folds import record_fold_table
 from ichpipe.io import InputError, wide_to_long
 from ichpipe.labels import LABELS
 from ichpipe.metrics import weighted_log_loss
+from ichpipe.submission import info_path
 
 REPO = Path(__file__).resolve().parents[1]
 L = list(LABELS)

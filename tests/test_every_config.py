@@ -20,7 +20,7 @@ import torch
 from ichpipe.config import flatten, load_config, to_dict
 from ichpipe.data import DEFAULT_AUGMENT, SliceDataset, build_transform, input_channels, make_loader
 from ichpipe.embed import embed_fold
-from ichpipe.preprocess import output_name
+from ichpipe.paths import output_name
 from ichpipe.sequence import train_sequence_fold
 from ichpipe.train import load_fold, train_fold
 

@@ -15,7 +15,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from ichpipe.bundle import load_bundle, make_bundle
+from ichpipe.bundle import make_bundle
+from ichpipe.bundle_format import load_bundle
 from ichpipe.config import load_config
 from ichpipe.io import InputError, read_long_csv
 from ichpipe.labels import LABELS

@@ -9,8 +9,8 @@ import pydicom
 import torch
 
 from ichpipe.data import SliceDataset, build_transform, to_input
+from ichpipe.io import read_png
 from ichpipe.predict import _why_not, find_series, render_series
-from ichpipe.preprocess import read_png
 
 
 def test_in_memory_images_equal_stage_1_and_the_loader(processed, tmp_path):

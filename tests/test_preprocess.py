@@ -18,9 +18,9 @@ import pytest
 
 from ichpipe.dicom import hounsfield
 from ichpipe.folds import fold_table_id, record_fold_table
-from ichpipe.io import InputError
+from ichpipe.io import InputError, read_png
 from ichpipe.labels import LABELS
-from ichpipe.preprocess import PreprocessError, read_png, run_preprocess
+from ichpipe.preprocess import PreprocessError, run_preprocess
 from ichpipe.windowing import apply_window
 
 from .conftest import TINY_OVERRIDES, _cfg

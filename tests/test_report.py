@@ -16,6 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 from ichpipe.blend import run_blend
 from ichpipe.io import InputError
 from ichpipe.labels import LABELS
+from ichpipe.metrics import threshold_for_recall
 from ichpipe.report import (
     bar_colour_position,
     best_epoch,
@@ -24,7 +25,6 @@ from ichpipe.report import (
     indicator_values,
     read_scalars,
     run_report,
-    threshold_for_recall,
 )
 
 from .test_blend import _experiment

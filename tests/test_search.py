@@ -9,6 +9,7 @@ import yaml
 from ichpipe.config import load_config
 from ichpipe.io import InputError
 from ichpipe.search import run_search
+from ichpipe.train import train_fold
 
 from .conftest import TINY_OVERRIDES, TINY_TRAIN
 
@@ -29,7 +30,7 @@ def _overrides(root, *extra):
 def test_search_runs_trials_as_runs_resumes_and_writes_the_best_config(processed, tmp_path):
     root, _, _ = processed
     ov = _overrides(root)
-    result = run_search(None, _space(tmp_path, "search_a"), ov, progress=False)
+    result = run_search(None, _space(tmp_path, "search_a"), ov, progress=False, train_fold=train_fold)
     runs = root / "runs"
     out = runs / "search_a"
     trials = pd.read_csv(out / "trials.csv")
@@ -47,7 +48,7 @@ def test_search_runs_trials_as_runs_resumes_and_writes_the_best_config(processed
     assert (out / "optimization_history.png").stat().st_size > 5000
     assert (out / "param_importances.png").stat().st_size > 5000
     # A second call with more trials continues the same study: only the missing trial runs.
-    run_search(None, _space(tmp_path, "search_a", trials=4), ov, progress=False)
+    run_search(None, _space(tmp_path, "search_a", trials=4), ov, progress=False, train_fold=train_fold)
     again = pd.read_csv(out / "trials.csv")
     assert len(again) == 4 and again.iloc[:3][["number", "value"]].equals(trials[["number", "value"]])
 
@@ -58,21 +59,22 @@ def test_pruned_trials_stop_early_and_bad_spaces_are_refused(processed, tmp_path
     # A threshold no validation loss stays under: every trial is stopped after its first epoch.
     space = _space(tmp_path, "search_b", trials=2, pruner={"kind": "threshold", "upper": 1e-6})
     with pytest.raises(InputError, match="no trial of study search_b finished"):
-        run_search(None, space, ov, progress=False)
+        run_search(None, space, ov, progress=False, train_fold=train_fold)
     trials = pd.read_csv(root / "runs" / "search_b" / "trials.csv")
     assert list(trials.state) == ["PRUNED", "PRUNED"]
     for name in trials.experiment:
         assert len(pd.read_csv(root / "runs" / name / "fold0" / "history.csv")) == 1  # 1 of 2 epochs
     bad = _space(tmp_path, "search_c", space={"train.lrr": {"low": 1e-4, "high": 1e-2}})
     with pytest.raises(InputError, match=r"space.train.lrr: not a config key"):
-        run_search(None, bad, ov, progress=False)
+        run_search(None, bad, ov, progress=False, train_fold=train_fold)
     with pytest.raises(InputError, match=r"space.yaml: pruner: .*unexpected keyword argument 'n_startup'"):
-        run_search(None, _space(tmp_path, "search_c", pruner={"kind": "median", "n_startup": 2}), ov, progress=False)
+        run_search(None, _space(tmp_path, "search_c", pruner={"kind": "median", "n_startup": 2}), ov, progress=False,
+                   train_fold=train_fold)
     with pytest.raises(InputError, match=r"space.yaml: trials must be a positive integer, got 0"):
-        run_search(None, _space(tmp_path, "search_c", trials=0), ov, progress=False)
+        run_search(None, _space(tmp_path, "search_c", trials=0), ov, progress=False, train_fold=train_fold)
     with pytest.raises(InputError, match=r"space.train.lr: low 0.1 must be below high 0.01"):
         run_search(None, _space(tmp_path, "search_c", space={"train.lr": {"low": 0.1, "high": 0.01}}), ov,
-                   progress=False)
+                   progress=False, train_fold=train_fold)
 
 
 _DYING_WORKER = """

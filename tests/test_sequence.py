@@ -8,19 +8,20 @@ import pytest
 import torch
 import yaml
 
-from ichpipe import sequence
+from ichpipe import sequence, sequence_models
 from ichpipe.config import ConfigError, LstmConfig
 from ichpipe.device import amp_settings, default_device
 from ichpipe.embed import embed_fold
 from ichpipe.io import InputError
 from ichpipe.labels import LABELS
 from ichpipe.metrics import weighted_log_loss
-from ichpipe.sequence import SequenceModel, SliceFeatures, fit_predict, load_features, train_sequence_fold
+from ichpipe.sequence import fit_predict, load_features, train_sequence_fold
+from ichpipe.sequence_models import SequenceModel, SliceFeatures
 from ichpipe.train import train_fold
 
 from .conftest import _train_cfg
 
-KINDS = sequence.KINDS
+KINDS = sequence_models.KINDS
 SKIP_KINDS = [k for k in KINDS if k != "lstm_2nd_place"]  # the kinds that add their output to the CNN logits
 
 
@@ -230,11 +231,11 @@ def test_train_and_oof_adds_the_cnn_training_patients_but_never_the_predicted_on
     truth = meta.set_index("image_id").loc[oof.index, list(LABELS)].to_numpy()
     assert result["lstm"] == pytest.approx(weighted_log_loss(truth, oof[list(LABELS)].to_numpy()))
     test = pd.read_parquet(out / "test.parquet").set_index("image_id")
-    models, mean, std = sequence.load_models(out / "models.pt")
+    models, mean, std = sequence_models.load_models(out / "models.pt")
     assert len(models) == 2  # the model that made both predictions, bagged over its last 2 epochs
     feats = load_features(folder, "test", meta)
     device = default_device()
-    again = sequence.predict_bag(models, feats, mean, std, device, amp_settings(only_train.train.amp, device))
+    again = sequence_models.predict_bag(models, feats, mean, std, device, amp_settings(only_train.train.amp, device))
     np.testing.assert_allclose(again, test.loc[feats.ids, list(LABELS)].to_numpy(), rtol=1e-5, atol=1e-6)
     history = pd.read_csv(out / "history.csv")
     assert history.inner_fold.tolist() == ["all", "all"] and history.val_loss.notna().all()
@@ -268,11 +269,11 @@ def test_the_saved_refit_reproduces_the_test_predictions(embedded):
     root, meta, cfg = embedded
     train_sequence_fold(cfg, progress=False)
     folder = root / "runs" / "lstm" / f"fold{cfg.fold}"
-    models, mean, std = sequence.load_models(folder / "lstm" / "epoch00" / "models.pt")
+    models, mean, std = sequence_models.load_models(folder / "lstm" / "epoch00" / "models.pt")
     assert len(models) == 2  # lstm.bag_last=2
     feats = load_features(folder / "embeddings" / "epoch00", "test", meta)
     device = default_device()  # as stage 4 ran: on the GPU with its mixed precision where there is one
-    again = sequence.predict_bag(models, feats, mean, std, device, amp_settings(cfg.train.amp, device))
+    again = sequence_models.predict_bag(models, feats, mean, std, device, amp_settings(cfg.train.amp, device))
     saved = pd.read_parquet(folder / "lstm" / "epoch00" / "test.parquet").set_index("image_id").loc[feats.ids, list(LABELS)]
     np.testing.assert_allclose(again, saved.to_numpy(), rtol=1e-5, atol=1e-6)
 
@@ -339,8 +340,8 @@ def test_float16_embeddings_give_the_float32_predictions_within_tolerance():
     fit_predict(feats, train, [(feats, val)], cfg, seed=1, device=cpu, keep=keep)
     model = SequenceModel(32, **keep["lstm"])
     model.load_state_dict(keep["bag"][-1])
-    a = sequence._predict(model, feats, val, keep["mean"].numpy(), keep["std"].numpy(), 8, cpu)
-    b = sequence._predict(model, half, val, keep["mean"].numpy(), keep["std"].numpy(), 8, cpu)
+    a = sequence_models.predict_rows(model, feats, val, keep["mean"].numpy(), keep["std"].numpy(), 8, cpu)
+    b = sequence_models.predict_rows(model, half, val, keep["mean"].numpy(), keep["std"].numpy(), 8, cpu)
     assert np.abs(a[rows] - b[rows]).max() < 5e-5
 
 

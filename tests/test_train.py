@@ -355,7 +355,7 @@ def test_nine_channel_input_stacks_each_slice_with_its_series_neighbours(process
     import cv2
 
     from ichpipe.data import DEFAULT_AUGMENT, input_channels, stack_neighbours, to_input
-    from ichpipe.preprocess import output_name
+    from ichpipe.paths import output_name
 
     root, _, meta = processed
     cfg = _train_cfg(root, "nine", "preprocess.mode=2.5d_windows")

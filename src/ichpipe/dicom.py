@@ -24,7 +24,7 @@ REQUIRED_TAGS = ("SOPInstanceUID", "PatientID", "StudyInstanceUID", "SeriesInsta
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_reads():
     """Kaggle's "ID_<hex>" UIDs are not valid DICOM UIDs: read without pydicom's warnings and logs."""
     with pydicom.config.disable_value_validation(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -119,7 +119,7 @@ class DicomSlice:
 
 
 @contextlib.contextmanager
-def _as_dicom_error():
+def as_dicom_error():
     """Whatever a damaged file makes pydicom or numpy raise (ValueError on a non-numeric DS, struct.error
     on a header cut short, pydicom's BytesLengthException, ...) becomes a DicomError naming it: a
     per-file failure belongs in the bad-files report, never in a traceback that stops the stage."""
@@ -134,7 +134,7 @@ def _as_dicom_error():
 
 def read_header(path: str | os.PathLike, ds=None) -> dict:
     """The metadata row of one file (header only unless ``ds`` is given)."""
-    with _quiet(), _as_dicom_error():  # values are validated lazily, on access: keep the whole read quiet
+    with quiet_reads(), as_dicom_error():  # values are validated lazily, on access: keep the whole read quiet
         return _read_header(path, ds)
 
 
@@ -212,7 +212,7 @@ def _read_header(path, ds) -> dict:
 
 def read_slice(path: str | os.PathLike) -> DicomSlice:
     """Read one file once (header and pixels); raise :class:`DicomError` naming what is wrong."""
-    with _quiet(), _as_dicom_error():
+    with quiet_reads(), as_dicom_error():
         sl = _read_slice(path)
         # the rescale and window values are parsed lazily: parse them here, inside the error handling
         for key in ("RescaleSlope", "RescaleIntercept"):

@@ -44,18 +44,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ichpipe.blend import (
-    PREDICTION_FILES,
-    _sweep_leftovers,
-    _test_frame,
-    format_table,
-    git_state,
-    sample_image_ids,
-    score,
-    submissions_dir,
-    write_checked,
-    write_prediction_tables,
-)
 from ichpipe.config import Config, to_dict
 from ichpipe.folds import check_fold_table
 from ichpipe.io import InputError, long_to_wide, read_long_csv, write_text_atomic
@@ -63,6 +51,8 @@ from ichpipe.labels import LABELS
 from ichpipe.metrics import EPS, log_loss_1d, logit, sigmoid
 from ichpipe.metrics import prior as prior_of
 from ichpipe.paths import data_paths, read_metadata, work_dir_id, z_order
+from ichpipe.results import PREDICTION_FILES, format_table, git_state, score, write_prediction_tables
+from ichpipe.submission import fill_missing, sample_image_ids, submissions_dir, sweep_leftovers, write_checked
 
 COMBINERS = ("mean", "weights", "stacker")
 
@@ -269,10 +259,10 @@ def run_ensemble(cfg: Config, today: dt.date | None = None) -> dict:
     write_prediction_tables(out, preds_oof, preds_test)
     sample_ids = sample_image_ids(paths)
     out_dir = submissions_dir(cfg)
-    _sweep_leftovers(out_dir, ecfg.name)
+    sweep_leftovers(out_dir, ecfg.name)
     cv = scores["oof"]["final"]["weighted"]
     path = out_dir / f"{(today or dt.date.today()).isoformat()}_{ecfg.name}_cv{cv:.4f}.csv.gz"
-    sub, filled = _test_frame(preds_test["final"], sample_ids, prior_of(truth))
+    sub, filled = fill_missing(preds_test["final"], sample_ids, prior_of(truth))
     if filled > cfg.preprocess.max_bad_fraction * len(sample_ids):
         raise InputError(f"{paths.sample_submission_csv}: {filled} of {len(sample_ids)} test images have no "
                          f"prediction in the members; run their stage 5 on today's metadata")

@@ -229,3 +229,13 @@ def wide_to_long(wide: pd.DataFrame) -> pd.DataFrame:
     ids = np.char.add(np.repeat(wide.index.to_numpy().astype(str), len(LABELS)),
                       np.tile(np.array([f"_{c}" for c in LABELS]), len(wide)))
     return pd.DataFrame({"ID": ids, "Label": values.reshape(-1)})
+
+
+def read_png(path: str | os.PathLike) -> np.ndarray:
+    """RGB (or greyscale) uint8 array of a PNG written by stage 1."""
+    import cv2  # here: most users of this module read no image
+
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise InputError(f"{path}: not a readable PNG")
+    return img[..., ::-1] if img.ndim == 3 else img

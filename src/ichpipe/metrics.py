@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -124,6 +126,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(result, indent=2) if args.json else format_scores(result))
     return 0
+
+
+@dataclass
+class OperatingPoint:
+    threshold: float
+    recall: float
+    precision: float
+    specificity: float
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+
+def threshold_for_recall(y: np.ndarray, p: np.ndarray, target: float) -> OperatingPoint:
+    """The highest threshold (predict positive when p >= t) whose recall reaches ``target``."""
+    y = np.asarray(y) > 0.5
+    positives = np.sort(p[y])[::-1]
+    if not len(positives):
+        raise ValueError("no positive examples: recall is undefined")
+    k = max(1, math.ceil(target * len(positives) - 1e-9))
+    t = float(positives[k - 1])
+    pred = p >= t
+    tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
+    fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
+    return OperatingPoint(t, tp / (tp + fn), tp / max(tp + fp, 1), tn / max(tn + fp, 1), tp, fp, tn, fn)
 
 
 if __name__ == "__main__":

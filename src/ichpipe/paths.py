@@ -117,3 +117,9 @@ def finished_dirs(folder: str | os.PathLike) -> list[Path]:
 def run_dir(cfg: Any, fold: int | None = None) -> Path:
     """``<work dir>/runs/<experiment>/fold<k>``: where stages 2-4 of one fold write (``cfg``: a Config)."""
     return data_paths(cfg).runs / cfg.experiment / f"fold{cfg.fold if fold is None else fold}"
+
+
+def output_name(cfg: Any) -> str:
+    """The folder of stage 1's PNGs under ``processed/`` for a PreprocessConfig: ``preprocess.name``, else
+    ``<size>`` (``<size>_2.5d`` in 2.5D mode)."""
+    return cfg.name or (f"{cfg.size}_2.5d" if cfg.mode == "2.5d" else f"{cfg.size}")

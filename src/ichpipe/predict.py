@@ -38,18 +38,19 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from ichpipe.blend import final_blend, weighted_mean, write_checked
-from ichpipe.bundle import Bundle, load_bundle
+from ichpipe.bundle_format import Bundle, load_bundle
 from ichpipe.data import build_transform, input_channels, normalize, stack_neighbours, to_input
 from ichpipe.device import amp_settings, default_device
-from ichpipe.dicom import DicomError, _as_dicom_error, _quiet, read_dataset, read_header
-from ichpipe.embed import embed_loader
+from ichpipe.dicom import DicomError, as_dicom_error, quiet_reads, read_dataset, read_header
+from ichpipe.inference import embed_loader
 from ichpipe.io import InputError, atomic_dir, name_os_errors
 from ichpipe.labels import ANY_INDEX, LABELS, N_LABELS
 from ichpipe.metrics import logit, sigmoid
 from ichpipe.models import create_model, load_weights
-from ichpipe.preprocess import render_file
-from ichpipe.sequence import SliceFeatures, load_models, predict_bag
+from ichpipe.results import final_blend, weighted_mean
+from ichpipe.sequence_models import SliceFeatures, load_models, predict_bag
+from ichpipe.submission import write_checked
+from ichpipe.windowing import render_file
 
 
 @dataclass
@@ -137,7 +138,7 @@ def find_series(path: str | os.PathLike, workdir: Path, min_slices: int = 1) -> 
     rejected: dict[tuple[str, str], str] = {}
     for f in _files(Path(path), workdir, skipped):
         try:
-            with _quiet(), _as_dicom_error():
+            with quiet_reads(), as_dicom_error():
                 ds = read_dataset(f)
                 row = read_header(f, ds)
                 reason = _why_not(ds)

@@ -39,13 +39,13 @@ import pandas as pd
 import yaml
 
 from ichpipe.config import Config, PreprocessConfig, save_config
-from ichpipe.dicom import DicomError, read_header, read_slice
+from ichpipe.dicom import DicomError, read_header
 from ichpipe.folds import assign_folds, fold_table_id, runs_on_fold_table
-from ichpipe.io import InputError, atomic_path, read_labels, sweep_temp_files
+from ichpipe.io import InputError, atomic_path, read_labels, read_png, sweep_temp_files
 from ichpipe.labels import LABELS
 from ichpipe.parallel import n_workers, run_pool
-from ichpipe.paths import DataPaths, data_paths
-from ichpipe.windowing import window_stored
+from ichpipe.paths import DataPaths, data_paths, output_name
+from ichpipe.windowing import render_file
 
 SPLITS = ("train", "test")
 META_COLUMNS = ["image_id", "split", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "z", "slice_index",
@@ -55,10 +55,6 @@ META_COLUMNS = ["image_id", "split", "PatientID", "StudyInstanceUID", "SeriesIns
 
 class PreprocessError(InputError):
     """The stage cannot finish (too many bad files, inconsistent outputs); one line."""
-
-
-def output_name(cfg: PreprocessConfig) -> str:
-    return cfg.name or (f"{cfg.size}_2.5d" if cfg.mode == "2.5d" else f"{cfg.size}")
 
 
 def png_settings(cfg: PreprocessConfig) -> tuple[int, str, str]:
@@ -95,34 +91,9 @@ def encode_png(img: np.ndarray, level: int = 1, png_filter: str = "none", strate
     return buf.tobytes()
 
 
-def read_png(path: str | os.PathLike) -> np.ndarray:
-    """RGB (or greyscale) uint8 array of a PNG written by this stage."""
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise InputError(f"{path}: not a readable PNG")
-    return img[..., ::-1] if img.ndim == 3 else img
-
-
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-
-
-def resize_to(img: np.ndarray, size: int) -> np.ndarray:
-    if img.shape[0] == size and img.shape[1] == size:
-        return img
-    shrink = img.shape[0] > size
-    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
-def render_file(path: Path, windows, size: int) -> tuple[dict, np.ndarray]:
-    """(metadata row, windowed uint8 image at ``size``) of one DICOM, read once."""
-    sl = read_slice(path)
-    try:
-        img = window_stored(sl.stored, sl.ds, windows)
-    except (ValueError, TypeError, OverflowError, MemoryError) as exc:  # e.g. stored values far outside the type
-        raise DicomError(f"pixel values cannot be windowed ({type(exc).__name__}: {str(exc)[:160]})") from None
-    return sl.meta, resize_to(img, size)
 
 
 @dataclass

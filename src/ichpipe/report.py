@@ -16,8 +16,6 @@ whose own class is right at threshold 0.5.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -30,12 +28,11 @@ from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from ichpipe.config import Config
 from ichpipe.folds import check_fold_table
-from ichpipe.io import InputError, atomic_path, write_text_atomic
+from ichpipe.io import InputError, atomic_path, read_png, write_text_atomic
 from ichpipe.labels import ABBREVIATIONS, ANY_INDEX, LABELS, SUBTYPES
-from ichpipe.metrics import auc_or_nan, per_class_log_loss, weighted_log_loss
+from ichpipe.metrics import OperatingPoint, auc_or_nan, per_class_log_loss, threshold_for_recall, weighted_log_loss
 from ichpipe.metrics import prior as prior_of
-from ichpipe.paths import data_paths, finished_dirs, read_metadata, run_dir
-from ichpipe.preprocess import output_name, read_png
+from ichpipe.paths import data_paths, finished_dirs, output_name, read_metadata, run_dir
 
 COLUMNS = (*SUBTYPES, "control")
 RED_TO_GREEN = LinearSegmentedColormap.from_list("baseline_to_perfect", ["#d7191c", "#fdae61", "#a6d96a", "#00e000"])
@@ -75,32 +72,6 @@ def column_accuracy(y: np.ndarray, p: np.ndarray, column: str) -> float:
         return float("nan")
     label = ANY_INDEX if column == "control" else LABELS.index(column)
     return float(((p[members, label] >= 0.5) == (y[members, label] > 0.5)).mean())
-
-
-@dataclass
-class OperatingPoint:
-    threshold: float
-    recall: float
-    precision: float
-    specificity: float
-    tp: int
-    fp: int
-    tn: int
-    fn: int
-
-
-def threshold_for_recall(y: np.ndarray, p: np.ndarray, target: float) -> OperatingPoint:
-    """The highest threshold (predict positive when p >= t) whose recall reaches ``target``."""
-    y = np.asarray(y) > 0.5
-    positives = np.sort(p[y])[::-1]
-    if not len(positives):
-        raise ValueError("no positive examples: recall is undefined")
-    k = max(1, math.ceil(target * len(positives) - 1e-9))
-    t = float(positives[k - 1])
-    pred = p >= t
-    tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
-    fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
-    return OperatingPoint(t, tp / (tp + fn), tp / max(tp + fp, 1), tn / max(tn + fp, 1), tp, fp, tn, fn)
 
 
 def calibration_bins(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> pd.DataFrame:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +121,12 @@ def _pruner(spec: dict):
 
 
 def run_search(config_path: str | Path | None, space_path: str | Path, overrides: list[str],
-               storage: str = "", progress: bool = True) -> dict:
-    """Run (or resume) the search until the study holds ``trials`` finished trials; write its outputs."""
-    import optuna
+               storage: str = "", progress: bool = True, *, train_fold: Callable[..., dict]) -> dict:
+    """Run (or resume) the search until the study holds ``trials`` finished trials; write its outputs.
 
-    from ichpipe.train import train_fold
+    ``train_fold``: stage 2's ``train_fold(cfg, progress=, on_epoch=)``, which trains each trial (given by the
+    caller: a stage never imports another)."""
+    import optuna
 
     spec = read_space(space_path)
     base = load_config(config_path, overrides)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import os
 import shutil
 import subprocess
@@ -15,9 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
-from ichpipe.io import InputError, atomic_path, wide_to_long
+from ichpipe.config import REPO_ROOT, Config
+from ichpipe.io import InputError, atomic_path, read_long_csv, wide_to_long
 from ichpipe.labels import LABELS
+from ichpipe.paths import work_dir_id
 
 N_EXAMPLES = 5  # offending IDs named per failure message
 
@@ -171,6 +175,115 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"valid: {args.file}")
     return 0
+
+
+def info_path(submission: str | os.PathLike) -> Path:
+    """The YAML written beside a submission (``X.csv.gz`` or ``X.csv`` -> ``X.yaml``)."""
+    p = Path(submission)
+    return p.with_name(p.name.removesuffix(".gz").removesuffix(".csv") + ".yaml")
+
+
+def submissions_dir(cfg: Config) -> Path:
+    out = Path(cfg.blend.out_dir)
+    return out if out.is_absolute() else REPO_ROOT / out
+
+
+def write_checked(pred: pd.DataFrame, path: Path, sample: Path, info: dict) -> Path:
+    """Write ``pred`` as a submission and ``info`` as the YAML beside it, together or not at all.
+
+    Both go to temporary names; the submission must pass validation; then the YAML is renamed into
+    place and the submission after it. A failure before (a NaN, a full disk) leaves neither; `make
+    submit` only takes a submission whose YAML is there. The YAML records the sha256 of the CSV's
+    text: when a complete submission of the same experiment and model with the same text is already
+    in the folder (a rerun that changed nothing, on another day), that one is kept and returned and
+    nothing is written.
+    """
+    text = submission_csv(pred)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    same = _same_submission(path.parent, info, digest)
+    if same is not None:
+        return same
+    with atomic_path(path) as tmp, atomic_path(info_path(path)) as tmp_info:
+        write_submission(text, tmp)
+        problems = check_submission(tmp, sample)
+        if problems:
+            raise SubmissionError(path, problems)
+        tmp_info.write_text(yaml.safe_dump({**info, "sha256": digest}, sort_keys=False))
+    return path
+
+
+def completed_submissions(out_dir: Path):
+    """(YAML path, its contents, its submission) of every complete submission in ``out_dir``."""
+    for p in sorted(out_dir.glob("*.yaml")) if out_dir.exists() else []:
+        try:
+            info = yaml.safe_load(p.read_text()) or {}
+        except (yaml.YAMLError, OSError):
+            continue
+        sub = p.with_name(str(info.get("file", "")))
+        if isinstance(info, dict) and sub.is_file() and info_path(sub) == p:
+            yield p, info, sub
+
+
+def _same_submission(out_dir: Path, info: dict, digest: str) -> Path | None:
+    if "experiment" not in info:
+        return None
+    for _, old, sub in completed_submissions(out_dir):
+        if (old.get("experiment"), old.get("model"), old.get("work_dir"), old.get("sha256")) == (
+                info["experiment"], info.get("model"), info.get("work_dir"), digest):
+            return sub
+    return None
+
+
+def sweep_leftovers(out_dir: Path, experiment: str) -> None:
+    """What a killed blend of ``experiment`` left: temporary files, and submissions without their YAML."""
+    if not out_dir.exists():
+        return
+    for p in out_dir.glob(".*.tmp*"):
+        if _experiment_of_name(p.name.lstrip(".").split(".tmp")[0]) == experiment:
+            p.unlink(missing_ok=True)
+    for p in out_dir.glob("*.csv.gz"):
+        if _experiment_of_name(p.name) == experiment and not info_path(p).exists():
+            p.unlink(missing_ok=True)
+
+
+def _experiment_of_name(name: str) -> str | None:
+    """``<date>_<experiment>[-cnn]_cv<score>.csv.gz[...]`` → experiment (None for other names)."""
+    stem, sep, _ = name.rpartition("_cv")
+    date, under, rest = stem.partition("_")
+    if not sep or not under or len(date) != 10:
+        return None
+    return rest.removesuffix("-cnn")
+
+
+def latest_submission(cfg: Config, model: str = "blend") -> Path:
+    """The newest complete submission of exactly ``cfg.experiment`` (by the YAML beside it), else an error."""
+    out_dir = submissions_dir(cfg)
+    work = work_dir_id(cfg)
+    ours = [(info, sub) for _, info, sub in completed_submissions(out_dir)
+            if info.get("experiment") == cfg.experiment and info.get("model") == model]
+    found = [(str(info.get("created", "")), sub.stat().st_mtime, sub) for info, sub in ours
+             if info.get("work_dir") == work]
+    if not found:
+        others = sorted({str(info.get("work_dir", "an unrecorded data root")) for info, _ in ours})
+        raise InputError(f"{out_dir}: no submission of experiment {cfg.experiment!r} from the data root {work}"
+                         + (f" (only from {', '.join(others)}: give FILE=... to upload one of those)" if others else
+                            "; run `make submission` first"))
+    return max(found)[2]
+
+
+def fill_missing(pred: pd.DataFrame, sample_ids: pd.Index, fill: np.ndarray) -> tuple[pd.DataFrame, int]:
+    """Predictions for every image of the sample submission; images without one get ``fill`` (the prior)."""
+    out = pred.reindex(sample_ids)
+    missing = ~sample_ids.isin(pred.index)  # a NaN prediction stays NaN: validation must refuse it
+    out.loc[missing] = fill
+    return out, int(missing.sum())
+
+
+def sample_image_ids(paths) -> pd.Index:
+    """The test images a submission must cover: those of the sample submission."""
+    if not paths.sample_submission_csv.exists():
+        raise InputError(f"{paths.sample_submission_csv}: not found; it lists the test images to predict")
+    return pd.Index(read_long_csv(paths.sample_submission_csv).image_id.unique(), name="image_id")
 
 
 if __name__ == "__main__":

@@ -41,8 +41,7 @@ from ichpipe.losses import make_loss
 from ichpipe.metrics import auc_or_nan, logit, per_class_log_loss, prior, weighted_log_loss
 from ichpipe.models import create_model, load_weights
 from ichpipe.optim import accumulation_groups, make_optimizer, make_schedule
-from ichpipe.paths import data_paths, read_metadata, run_dir
-from ichpipe.preprocess import output_name
+from ichpipe.paths import data_paths, output_name, read_metadata, run_dir
 
 
 class EpochSampler(Sampler[int]):

@@ -12,11 +12,12 @@ slice's range: identical output, one table lookup per pixel instead of float mat
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
 
-from ichpipe.dicom import hounsfield
+from ichpipe.dicom import DicomError, hounsfield, read_slice
 
 # The third channel: a soft-tissue window (40/380) as the 2nd place used, or the bone window (600/2800)
 # of the 1st place.
@@ -56,3 +57,20 @@ def window_stored(stored: np.ndarray, ds, windows: Sequence[Sequence[float]]) ->
     for i in range(len(windows)):
         np.take(np.ascontiguousarray(lut[:, i]), idx, out=out[..., i])
     return out
+
+
+def resize_to(img: np.ndarray, size: int) -> np.ndarray:
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    shrink = img.shape[0] > size
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def render_file(path: Path, windows, size: int) -> tuple[dict, np.ndarray]:
+    """(metadata row, windowed uint8 image at ``size``) of one DICOM, read once."""
+    sl = read_slice(path)
+    try:
+        img = window_stored(sl.stored, sl.ds, windows)
+    except (ValueError, TypeError, OverflowError, MemoryError) as exc:  # e.g. stored values far outside the type
+        raise DicomError(f"pixel values cannot be windowed ({type(exc).__name__}: {str(exc)[:160]})") from None
+    return sl.meta, resize_to(img, size)

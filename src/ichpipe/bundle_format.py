@@ -1,0 +1,121 @@
+"""The model bundle's format and its reading (``make bundle`` writes one, ``predict`` and ``evaluate`` read it):
+the manifest of sha256 sums checked on loading, a ``.tar.gz`` unpacked safely, every tensor file read with
+``torch.load(weights_only=True)``. See ichpipe.bundle for what a bundle holds."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import weakref
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ichpipe.io import InputError, name_os_errors
+
+FORMAT = 1
+
+
+MANIFEST = "manifest.json"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Bundle:
+    root: Path
+    info: dict
+    unpacked: Path | None = None  # the temporary folder a .tar.gz was unpacked into (removed by close())
+
+    def close(self) -> None:
+        """Remove the folder a ``.tar.gz`` bundle was unpacked into (also done when the object is collected or the
+        interpreter exits)."""
+        if self.unpacked is not None:
+            shutil.rmtree(self.unpacked, ignore_errors=True)
+            self.unpacked = None
+
+    def __enter__(self) -> Bundle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def cnn_path(self, fold: int, epoch: int) -> Path:
+        return self.root / "cnn" / f"fold{fold}_epoch{epoch:02d}.pt"
+
+    def lstm_path(self, fold: int, epoch: int) -> Path:
+        return self.root / "lstm" / f"fold{fold}_epoch{epoch:02d}.pt"
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Open a bundle directory (or its ``.tar.gz``) after checking every file against the manifest.
+
+    A ``.tar.gz`` is unpacked into a temporary folder that the returned bundle owns (``close()``, or ``with``);
+    a damaged, truncated or unsafe archive (a member outside the folder, a link) is a one-line InputError, and
+    the temporary folder is removed on every way out."""
+    path = Path(path)
+    if not (path.is_file() and path.name.endswith(".tar.gz")):
+        if path.is_file():
+            raise InputError(f"{path}: not a model bundle (a bundle folder or its .tar.gz is expected)")
+        return open_bundle_dir(path)
+    target = Path(tempfile.mkdtemp(prefix="ichpipe_bundle_"))
+    try:
+        try:
+            with tarfile.open(path) as tar, name_os_errors(target):
+                tar.extractall(target, filter="data")  # no links or paths outside the folder
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise InputError(f"{path}: not a readable bundle archive, truncated, damaged or unsafe "
+                             f"({type(exc).__name__}: {reason}); make it again with `make bundle ... --archive`") \
+                from None
+        dirs = [p for p in target.iterdir() if p.is_dir()]
+        if len(dirs) != 1:
+            raise InputError(f"{path}: not a bundle archive (one folder expected inside)")
+        bundle = open_bundle_dir(dirs[0])
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    bundle.unpacked = target
+    weakref.finalize(bundle, shutil.rmtree, target, True)  # also when close() is never called
+    return bundle
+
+
+def open_bundle_dir(path: Path) -> Bundle:
+    if not path.exists():
+        raise InputError(f"{path}: bundle not found; make one with `make bundle`")
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise InputError(f"{path}: not a model bundle (no {MANIFEST}); make one with `make bundle`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        listed = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{manifest_path}: not a readable manifest") from None
+    for rel, digest in listed.items():
+        file = path / rel
+        if not file.is_file():
+            raise InputError(f"{file}: listed in the bundle's manifest but missing")
+        if sha256(file) != digest:
+            raise InputError(f"{file}: changed since the bundle was made (sha256 differs from the manifest); "
+                             f"refusing to load it")
+    extra = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()
+                   and p.name != MANIFEST and p.relative_to(path).as_posix() not in listed)
+    if extra:
+        raise InputError(f"{path / extra[0]}: not in the bundle's manifest; refusing to load it")
+    info = yaml.safe_load((path / "bundle.yaml").read_text())
+    if info.get("format") != FORMAT:
+        raise InputError(f"{path}: bundle format {info.get('format')}, this ichpipe reads format {FORMAT}")
+    return Bundle(path, info)

@@ -1,0 +1,89 @@
+"""What every stage that produces results shares: probability averaging, the CV scores and their table, the
+prediction tables, and the git state recorded with a submission or a bundle (stage 5, the ensemble, predict,
+the bundle)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+
+from ichpipe.config import REPO_ROOT
+from ichpipe.io import InputError, atomic_path
+from ichpipe.labels import ABBREVIATIONS, LABELS
+from ichpipe.metrics import per_class_log_loss, weighted_log_loss
+
+
+def weighted_mean(frames: list[pd.DataFrame], weights: list[float]) -> pd.DataFrame:
+    """Row-aligned weighted mean of probability frames that hold the same image ids (else a one-line error)."""
+    if sum(weights) <= 0:
+        raise InputError(f"blend: weights {weights} must sum to more than 0")
+    base = frames[0]
+    for f in frames[1:]:
+        if len(f.index) != len(base.index) or not f.index.isin(base.index).all():
+            raise InputError(f"{f.attrs.get('source', 'predictions')}: holds {len(f.index)} images, "
+                             f"{int((~f.index.isin(base.index)).sum())} of them not in "
+                             f"{base.attrs.get('source', 'the first')} ({len(base.index)} images); "
+                             f"the folders were made from different metadata: embed them again")
+    total = sum(w * f.loc[base.index].to_numpy() for f, w in zip(frames, weights, strict=True))
+    return pd.DataFrame(total / sum(weights), index=base.index, columns=base.columns)
+
+
+def final_blend(cnn: pd.DataFrame, lstm: pd.DataFrame | None, lstm_weight: float) -> pd.DataFrame:
+    """The final blend: ``lstm_weight`` x LSTM + the rest x CNN (bagged), in the LSTM's row order; the CNN
+    alone when there is no LSTM. Stage 5 and `predict` both blend here."""
+    if lstm is None:
+        return cnn
+    return lstm_weight * lstm + (1 - lstm_weight) * cnn.loc[lstm.index]
+
+
+def score(preds: dict[str, pd.DataFrame], truth: pd.DataFrame, complete: bool = True) -> dict[str, dict[str, float]]:
+    """Weighted log loss and per-class loss of each model on the images of ``truth``.
+
+    ``complete``: every image of ``truth`` must have a prediction (OOF); otherwise (the synthetic
+    test answer key, which also lists test files stage 1 could not read) the common images are scored.
+    """
+    out = {}
+    for name, p in preds.items():
+        missing = truth.index.difference(p.index)
+        if complete and len(missing):
+            raise InputError(f"{name}: no prediction for {len(missing)} of {len(truth)} labelled images "
+                             f"(e.g. {missing[0]}); a CV score on fewer images is not comparable")
+        common = truth.index.intersection(p.index)
+        y, q = truth.loc[common, list(LABELS)].to_numpy(), p.loc[common].to_numpy()
+        out[name] = {"weighted": weighted_log_loss(y, q), **per_class_log_loss(y, q), "n_images": len(common)}
+    return out
+
+
+def format_table(scores: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The CV table as Markdown: one block per scored set, one row per model."""
+    header = "| model | weighted | " + " | ".join(ABBREVIATIONS[c] for c in LABELS) + " | images |"
+    lines = []
+    for where, rows in scores.items():
+        lines += [f"**{where}**", "", header, "|" + "---|" * (len(LABELS) + 3)]
+        for model, s in rows.items():
+            cells = " | ".join(f"{s[c]:.4f}" for c in LABELS)
+            lines.append(f"| {model} | {s['weighted']:.4f} | {cells} | {s['n_images']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def git_state() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+PREDICTION_FILES = {"oof": "oof_predictions.parquet", "test": "test_predictions.parquet"}
+
+
+def write_prediction_tables(folder: Path, oof: dict[str, pd.DataFrame], test: dict[str, pd.DataFrame]) -> None:
+    """``oof_predictions.parquet`` and ``test_predictions.parquet``: image_id, model, six probabilities."""
+    for where, preds in (("oof", oof), ("test", test)):
+        with atomic_path(folder / PREDICTION_FILES[where]) as tmp:
+            pd.concat([p.assign(model=m) for m, p in preds.items()]).rename_axis("image_id").reset_index()[
+                ["image_id", "model", *LABELS]].to_parquet(tmp, index=False)
