@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -167,8 +168,28 @@ def fit_stacker(cfg: Config, x: np.ndarray, y: np.ndarray, folds: np.ndarray, x_
     return oof, test
 
 
+@dataclass
+class _Members:
+    """The members' predictions, aligned: (members, rows, 6) arrays over the labelled and the test images."""
+
+    names: list[str]
+    labelled: pd.DataFrame  # the metadata's labelled rows, indexed by image id
+    test_rows: pd.DataFrame  # the metadata's rows of the test images, in test_index order
+    oof: np.ndarray
+    test: np.ndarray
+    test_index: pd.Index
+
+
 def run_ensemble(cfg: Config, today: dt.date | None = None) -> dict:
     """Combine the members of ``cfg.ensemble``; CV table, predictions and a validated submission."""
+    members = _check_settings(cfg)
+    loaded = _load_members(cfg, members)
+    oof, test, detail = _combine_members(cfg, loaded)
+    return _write_results(cfg, loaded, oof, test, detail, today)
+
+
+def _check_settings(cfg: Config) -> list[str]:
+    """The members (each once), after the ensemble's settings are checked."""
     ecfg = cfg.ensemble
     members = list(dict.fromkeys(ecfg.members))
     if len(members) < 2:
@@ -182,6 +203,12 @@ def run_ensemble(cfg: Config, today: dt.date | None = None) -> dict:
                          f"or a member {members}")
     if ecfg.weight_space not in ("auto", "prob", "logit"):
         raise InputError(f"ensemble.weight_space={ecfg.weight_space!r}: auto, prob or logit")
+    return members
+
+
+def _load_members(cfg: Config, members: list[str]) -> _Members:
+    """Every member's stage-5 predictions, on today's folds, over the same images."""
+    ecfg = cfg.ensemble
     paths = data_paths(cfg)
     meta = read_metadata(paths)
     labelled = meta[meta.fold.notna()].set_index("image_id")
@@ -193,52 +220,63 @@ def run_ensemble(cfg: Config, today: dt.date | None = None) -> dict:
 
     oof_frames = {m: load_member(paths.runs, m, ecfg.member_model, "oof") for m in members}
     test_frames = {m: load_member(paths.runs, m, ecfg.member_model, "test") for m in members}
-    index = labelled.index
     test_index = test_frames[members[0]].index
     for name, frame in test_frames.items():
         if not frame.index.sort_values().equals(test_index.sort_values()):
             raise InputError(f"member {name}: its test predictions cover {len(frame)} images, "
                              f"{members[0]}'s {len(test_index)}; run stage 5 of both on the same metadata")
-    oof_m, test_m = aligned(oof_frames, index, "OOF"), aligned(test_frames, test_index, "test")
-    y = labelled[list(LABELS)].to_numpy(np.float64)
-    folds = labelled.fold.to_numpy(int)
+    return _Members(members, labelled, meta.set_index("image_id").loc[test_index],
+                    aligned(oof_frames, labelled.index, "OOF"), aligned(test_frames, test_index, "test"), test_index)
 
-    oof: dict[str, np.ndarray] = {m: oof_m[i] for i, m in enumerate(members)}
-    test: dict[str, np.ndarray] = {m: test_m[i] for i, m in enumerate(members)}
+
+def _combine_members(cfg: Config, m: _Members) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+    """OOF and test probabilities of each member and each combiner (cross-fitted out of fold), and what each
+    combiner fitted."""
+    ecfg = cfg.ensemble
+    y = m.labelled[list(LABELS)].to_numpy(np.float64)
+    folds = m.labelled.fold.to_numpy(int)
+    oof: dict[str, np.ndarray] = {name: m.oof[i] for i, name in enumerate(m.names)}
+    test: dict[str, np.ndarray] = {name: m.test[i] for i, name in enumerate(m.names)}
     detail: dict = {}
     if "mean" in ecfg.combiners:
-        oof["mean"], test["mean"] = oof_m.mean(axis=0), test_m.mean(axis=0)
+        oof["mean"], test["mean"] = m.oof.mean(axis=0), m.test.mean(axis=0)
     if "weights" in ecfg.combiners:
         spaces = ["prob", "logit"] if ecfg.weight_space == "auto" else [ecfg.weight_space]
         cross: dict[str, np.ndarray] = {}
         for space in spaces:
             cross[space] = np.empty_like(y)
             for k in np.unique(folds):
-                w = fit_weights(oof_m[:, folds != k], y[folds != k], space)
-                cross[space][folds == k] = apply_weights(oof_m[:, folds == k], w, space)
+                w = fit_weights(m.oof[:, folds != k], y[folds != k], space)
+                cross[space][folds == k] = apply_weights(m.oof[:, folds == k], w, space)
         losses = {s: score({"w": pd.DataFrame(p, columns=list(LABELS))},
                            pd.DataFrame(y, columns=list(LABELS)))["w"]["weighted"] for s, p in cross.items()}
         space = min(losses, key=losses.get)
-        weights = fit_weights(oof_m, y, space)
-        oof["weights"], test["weights"] = cross[space], apply_weights(test_m, weights, space)
+        weights = fit_weights(m.oof, y, space)
+        oof["weights"], test["weights"] = cross[space], apply_weights(m.test, weights, space)
         detail["weights"] = {"space": space, "cv_by_space": losses,
-                             "per_class": {c: {m: round(float(weights[i, j]), 4) for i, m in enumerate(members)}
+                             "per_class": {c: {name: round(float(weights[i, j]), 4) for i, name in enumerate(m.names)}
                                            for j, c in enumerate(LABELS)}}
     if "stacker" in ecfg.combiners:
         offsets = list(ecfg.stacker.neighbours)
-        x = neighbour_features(oof_m, labelled, offsets)
-        test_rows = meta.set_index("image_id").loc[test_index]
-        x_test = neighbour_features(test_m, test_rows, offsets)
+        x = neighbour_features(m.oof, m.labelled, offsets)
+        x_test = neighbour_features(m.test, m.test_rows, offsets)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             oof["stacker"], test["stacker"] = fit_stacker(cfg, x, y, folds, x_test)
         detail["stacker"] = {"model": ecfg.stacker.model, "features": int(x.shape[1]), "neighbours": offsets}
+    return oof, test, detail
 
+
+def _write_results(cfg: Config, m: _Members, oof: dict[str, np.ndarray], test: dict[str, np.ndarray], detail: dict,
+                   today: dt.date | None) -> dict:
+    """Scores, the final choice, the CV table, prediction tables and the validated submission."""
+    ecfg, paths, members = cfg.ensemble, data_paths(cfg), m.names
     clip = cfg.blend.clip
-    preds_oof = {m: pd.DataFrame(np.clip(p, clip, 1 - clip), index=index, columns=list(LABELS)) for m, p in oof.items()}
-    preds_test = {m: pd.DataFrame(np.clip(p, clip, 1 - clip), index=test_index, columns=list(LABELS))
-                  for m, p in test.items()}
-    truth = labelled[list(LABELS)]
+    index, test_index = m.labelled.index, m.test_index
+    preds_oof = {k: pd.DataFrame(np.clip(p, clip, 1 - clip), index=index, columns=list(LABELS)) for k, p in oof.items()}
+    preds_test = {k: pd.DataFrame(np.clip(p, clip, 1 - clip), index=test_index, columns=list(LABELS))
+                  for k, p in test.items()}
+    truth = m.labelled[list(LABELS)]
     scores = {"oof": score(preds_oof, truth)}
     # auto: the lowest OOF loss among the combiners and the members themselves, so that an ensemble
     # no combiner of which beats its best member submits that member rather than something worse
@@ -268,9 +306,9 @@ def run_ensemble(cfg: Config, today: dt.date | None = None) -> dict:
                          f"prediction in the members; run their stage 5 on today's metadata")
     info = {"file": path.name, "experiment": ecfg.name, "model": "final", "combiner": final, "work_dir": work_dir_id(cfg),
             "created": dt.datetime.now().isoformat(timespec="seconds"), "git": git_state(),
-            "members": {m: {"model": ecfg.member_model, "oof": scores["oof"][m]["weighted"]} for m in members},
+            "members": {k: {"model": ecfg.member_model, "oof": scores["oof"][k]["weighted"]} for k in members},
             "detail": detail, "cv": {w: s["final"] for w, s in scores.items()},
-            "cv_table": {w: {m: s[m]["weighted"] for m in s} for w, s in scores.items()},
+            "cv_table": {w: {k: s[k]["weighted"] for k in s} for w, s in scores.items()},
             "images_filled_with_prior": filled, "config": to_dict(cfg)}
     path = write_checked(sub, path, paths.sample_submission_csv, info)
     return {"scores": scores, "final": final, "path": str(path), "table": format_table(scores),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +248,37 @@ def _gather_predictions(probs: np.ndarray, n: int, rt: Runtime) -> np.ndarray | 
     return out
 
 
-def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0, on_epoch=None) -> dict:
+@dataclass
+class _Run:
+    """One fold's training as set up (or resumed): what the epochs of :func:`_train` share."""
+
+    cfg: Config
+    rt: Runtime
+    out: Path
+    train_ds: SliceDataset
+    val_ds: SliceDataset
+    sampler: EpochSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    model: nn.Module
+    net: nn.Module  # the model as trained: DDP-wrapped and/or compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    optimizer_step: OptimizerStep
+    amp: Amp
+    loss_fn: nn.Module
+    groups: list[int]  # micro-batches of each micro-batch's accumulation group
+    steps_per_epoch: int
+    start_epoch: int
+    step: int
+    baseline: float  # the prior-only validation loss
+    history: list[dict]
+    writer: object = None  # TensorBoard, on rank 0
+
+
+def _set_up(cfg: Config, rt: Runtime) -> _Run:
+    """Data, model, optimiser and schedule of ``cfg.fold``; resumed from ``last.pt`` with ``resume=true``."""
     tcfg = cfg.train
     torch.manual_seed(cfg.seed)
     train_meta, val_meta, png_dir, meta = load_fold(cfg)
@@ -290,7 +321,6 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0,
     scheduler = make_schedule(optimizer, tcfg.schedule, tcfg.warmup_steps, steps_per_epoch * tcfg.epochs)
     amp = amp_settings(tcfg.amp, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=amp.scaler)
-    optimizer_step = OptimizerStep(optimizer, scaler)
     start_epoch, step = 0, 0
     if not last.exists() and not cfg.model.init_from:
         init_head_bias(model, prior(train_ds.labels))
@@ -307,107 +337,134 @@ def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0,
         if rt.distributed else model
     if tcfg.compile:
         net = torch.compile(net)
-    loss_fn = make_loss(tcfg.loss, rt.device)
-    writer = None
+    history_path = out / "history.csv"
+    history = pd.read_csv(history_path).to_dict("records") if history_path.exists() and start_epoch else []
+    run = _Run(cfg, rt, out, train_ds, val_ds, sampler, train_loader, val_loader, model, net, optimizer, scheduler,
+               scaler, OptimizerStep(optimizer, scaler), amp, make_loss(tcfg.loss, rt.device), groups,
+               steps_per_epoch, start_epoch, step, prior_baseline(train_ds.labels, val_ds.labels),
+               [h for h in history if h["epoch"] < start_epoch])
     if rt.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tb"))
-    history_path = out / "history.csv"
-    history = pd.read_csv(history_path).to_dict("records") if history_path.exists() and start_epoch else []
-    history = [h for h in history if h["epoch"] < start_epoch]
-    val_y = val_ds.labels
-    baseline = prior_baseline(train_ds.labels, val_y)
-    metrics: dict = {"epoch": start_epoch - 1}
-    stop_at = start_epoch + stop_after_epochs if stop_after_epochs else tcfg.epochs
+        run.writer = SummaryWriter(str(out / "tb"))
+    return run
 
-    for epoch in range(start_epoch, min(tcfg.epochs, stop_at)):
-        sampler.set_epoch(epoch)
-        net.train()
-        bar = tqdm(total=steps_per_epoch, desc=f"fold {cfg.fold} epoch {epoch + 1}/{tcfg.epochs}", disable=not progress)
-        # The running loss stays on the device: reading it (a GPU sync) only at log points.
-        running, seen = torch.zeros((), device=rt.device), 0
-        tick, tick_images = time.perf_counter(), 0
-        optimizer.zero_grad(set_to_none=True)
-        for i, (x, y, _) in enumerate(train_loader):
-            x = normalize(x.to(rt.device, non_blocking=True))
-            if tcfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = y.to(rt.device, non_blocking=True)
-            if tcfg.mixup or tcfg.label_smoothing:
-                x, y = mix_batch(x, y, tcfg.mixup, tcfg.label_smoothing,
-                                 np.random.default_rng([cfg.seed, epoch, i, rt.rank]))
-            update = (i + 1) % tcfg.accumulate == 0 or (i + 1) == len(train_loader)
-            # Micro-steps before the update skip DDP's gradient all-reduce; the update's backward does it.
-            sync = contextlib.nullcontext() if update or not rt.distributed else net.no_sync()
-            with sync:
-                with autocast(rt.device, amp):
-                    loss = loss_fn(net(x), y)
-                scaler.scale(loss / groups[i]).backward()
-            running += loss.detach() * len(x)
-            seen += len(x)
-            tick_images += len(x) * rt.world_size
-            if not update:
-                continue
-            if tcfg.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad)
-            applied = optimizer_step()
-            optimizer.zero_grad(set_to_none=True)
-            bar.update(1)
-            if not applied:
-                continue  # fp16 overflow: the scaler skipped this update, so the schedule does not advance
-            step += 1
-            scheduler.step_update(step)
-            if writer is not None and step % tcfg.log_every == 0:
-                elapsed = time.perf_counter() - tick
-                mean_loss = running.item() / seen
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
-                writer.add_scalar("train/loss", mean_loss, step)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-                writer.add_scalar("train/img_per_s", tick_images / elapsed, step)
-                tick, tick_images = time.perf_counter(), 0
-        bar.close()
-        train_loss = running.item() / max(seen, 1)
-        if rt.distributed:  # BatchNorm statistics differ per process after training: validate (and save) rank 0's
-            for buffer in model.buffers():
-                dist.broadcast(buffer, src=0)
-        probs = _gather_predictions(validation_probabilities(model, val_loader, rt, amp, progress), len(val_ds), rt)
-        if rt.is_main:
-            metrics = {"epoch": epoch, "step": step, "train_loss": train_loss,
-                       "prior_loss": baseline, **evaluate(val_y, probs)}
-            history.append(metrics)
-            oof = pd.DataFrame(probs, columns=list(LABELS)).assign(image_id=val_ds.ids)[["image_id", *LABELS]]
-            with atomic_path(out / f"oof_epoch{epoch:02d}.parquet") as tmp:
-                oof.to_parquet(tmp, index=False)
-            save_torch(model.state_dict(), out / "checkpoints" / f"epoch{epoch:02d}.pt")
-            with atomic_path(history_path) as tmp:
-                pd.DataFrame(history).to_csv(tmp, index=False)
-            # last.pt is the commit point: written after everything else of the epoch, so a run killed at any
-            # moment resumes from an epoch whose history row, OOF and checkpoint are all on disk.
-            save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "torch_rng": torch.get_rng_state(),
-                   "cuda_rng": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None}, last)
-            writer.add_scalar("val/loss", metrics["val_loss"], step)
-            writer.add_scalar("val/prior_loss", baseline, step)
-            writer.add_scalar("train/epoch_loss", metrics["train_loss"], step)
-            for name in LABELS:
-                writer.add_scalar(f"val_loss/{name}", metrics[f"loss_{name}"], step)
-                if not math.isnan(metrics[f"auc_{name}"]):
-                    writer.add_scalar(f"val_auc/{name}", metrics[f"auc_{name}"], step)
-            writer.flush()
-            if progress:
-                tqdm.write(f"fold {cfg.fold} epoch {epoch + 1}: train {metrics['train_loss']:.4f}  "
-                           f"val {metrics['val_loss']:.4f}  (prior {baseline:.4f})  auc(any) {metrics['auc_any']:.3f}")
-            if on_epoch is not None:
-                try:
+
+def _train_epoch(run: _Run, epoch: int, progress: bool) -> float:
+    """One epoch of optimisation; returns its mean training loss (this process's batches)."""
+    cfg, rt, tcfg = run.cfg, run.rt, run.cfg.train
+    run.sampler.set_epoch(epoch)
+    run.net.train()
+    bar = tqdm(total=run.steps_per_epoch, desc=f"fold {cfg.fold} epoch {epoch + 1}/{tcfg.epochs}", disable=not progress)
+    # The running loss stays on the device: reading it (a GPU sync) only at log points.
+    running, seen = torch.zeros((), device=rt.device), 0
+    tick, tick_images = time.perf_counter(), 0
+    run.optimizer.zero_grad(set_to_none=True)
+    for i, (x, y, _) in enumerate(run.train_loader):
+        x = normalize(x.to(rt.device, non_blocking=True))
+        if tcfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(rt.device, non_blocking=True)
+        if tcfg.mixup or tcfg.label_smoothing:
+            x, y = mix_batch(x, y, tcfg.mixup, tcfg.label_smoothing, np.random.default_rng([cfg.seed, epoch, i, rt.rank]))
+        update = (i + 1) % tcfg.accumulate == 0 or (i + 1) == len(run.train_loader)
+        # Micro-steps before the update skip DDP's gradient all-reduce; the update's backward does it.
+        sync = contextlib.nullcontext() if update or not rt.distributed else run.net.no_sync()
+        with sync:
+            with autocast(rt.device, run.amp):
+                loss = run.loss_fn(run.net(x), y)
+            run.scaler.scale(loss / run.groups[i]).backward()
+        running += loss.detach() * len(x)
+        seen += len(x)
+        tick_images += len(x) * rt.world_size
+        if not update:
+            continue
+        if tcfg.clip_grad:
+            run.scaler.unscale_(run.optimizer)
+            nn.utils.clip_grad_norm_(run.model.parameters(), tcfg.clip_grad)
+        applied = run.optimizer_step()
+        run.optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        if not applied:
+            continue  # fp16 overflow: the scaler skipped this update, so the schedule does not advance
+        run.step += 1
+        run.scheduler.step_update(run.step)
+        if run.writer is not None and run.step % tcfg.log_every == 0:
+            elapsed = time.perf_counter() - tick
+            mean_loss = running.item() / seen
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            run.writer.add_scalar("train/loss", mean_loss, run.step)
+            run.writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], run.step)
+            run.writer.add_scalar("train/img_per_s", tick_images / elapsed, run.step)
+            tick, tick_images = time.perf_counter(), 0
+    bar.close()
+    return running.item() / max(seen, 1)
+
+
+def _validate(run: _Run, epoch: int, train_loss: float, progress: bool) -> tuple[dict, np.ndarray] | None:
+    """The epoch's validation on every process, gathered; on rank 0 its metrics and the validation
+    probabilities (None elsewhere)."""
+    rt = run.rt
+    if rt.distributed:  # BatchNorm statistics differ per process after training: validate (and save) rank 0's
+        for buffer in run.model.buffers():
+            dist.broadcast(buffer, src=0)
+    probs = _gather_predictions(validation_probabilities(run.model, run.val_loader, rt, run.amp, progress),
+                                len(run.val_ds), rt)
+    if not rt.is_main:
+        return None
+    return {"epoch": epoch, "step": run.step, "train_loss": train_loss, "prior_loss": run.baseline,
+            **evaluate(run.val_ds.labels, probs)}, probs
+
+
+def _save_epoch(run: _Run, epoch: int, metrics: dict, probs: np.ndarray) -> None:
+    """Rank 0: the epoch's OOF predictions, checkpoint, history row and TensorBoard points, then ``last.pt``."""
+    out, rt = run.out, run.rt
+    run.history.append(metrics)
+    oof = pd.DataFrame(probs, columns=list(LABELS)).assign(image_id=run.val_ds.ids)[["image_id", *LABELS]]
+    with atomic_path(out / f"oof_epoch{epoch:02d}.parquet") as tmp:
+        oof.to_parquet(tmp, index=False)
+    save_torch(run.model.state_dict(), out / "checkpoints" / f"epoch{epoch:02d}.pt")
+    with atomic_path(out / "history.csv") as tmp:
+        pd.DataFrame(run.history).to_csv(tmp, index=False)
+    # last.pt is the commit point: written after everything else of the epoch, so a run killed at any
+    # moment resumes from an epoch whose history row, OOF and checkpoint are all on disk.
+    save_torch({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
+                "step": run.step, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None},
+               out / "last.pt")
+    writer = run.writer
+    writer.add_scalar("val/loss", metrics["val_loss"], run.step)
+    writer.add_scalar("val/prior_loss", run.baseline, run.step)
+    writer.add_scalar("train/epoch_loss", metrics["train_loss"], run.step)
+    for name in LABELS:
+        writer.add_scalar(f"val_loss/{name}", metrics[f"loss_{name}"], run.step)
+        if not math.isnan(metrics[f"auc_{name}"]):
+            writer.add_scalar(f"val_auc/{name}", metrics[f"auc_{name}"], run.step)
+    writer.flush()
+
+
+def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0, on_epoch=None) -> dict:
+    run = _set_up(cfg, rt)
+    metrics: dict = {"epoch": run.start_epoch - 1}
+    stop_at = run.start_epoch + stop_after_epochs if stop_after_epochs else cfg.train.epochs
+    try:
+        for epoch in range(run.start_epoch, min(cfg.train.epochs, stop_at)):
+            train_loss = _train_epoch(run, epoch, progress)
+            result = _validate(run, epoch, train_loss, progress)
+            if result is not None:
+                metrics, probs = result
+                _save_epoch(run, epoch, metrics, probs)
+                if progress:
+                    tqdm.write(f"fold {cfg.fold} epoch {epoch + 1}: train {metrics['train_loss']:.4f}  "
+                               f"val {metrics['val_loss']:.4f}  (prior {run.baseline:.4f})  auc(any) "
+                               f"{metrics['auc_any']:.3f}")
+                if on_epoch is not None:
                     on_epoch(epoch, metrics)
-                except BaseException:
-                    writer.close()
-                    raise
-        if rt.distributed:
-            dist.barrier()  # rank 0 has written the epoch's files before anyone goes on
-    if writer is not None:
-        writer.close()
-    metrics.update(run_dir=str(out), prior_loss=baseline, rank=rt.rank)
+            if rt.distributed:
+                dist.barrier()  # rank 0 has written the epoch's files before anyone goes on
+    finally:
+        if run.writer is not None:
+            run.writer.close()
+    metrics.update(run_dir=str(run.out), prior_loss=run.baseline, rank=rt.rank)
     return metrics
