@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pydicom
 import pytest
+import yaml
 
 from ichpipe import io as ichio
 from ichpipe.__main__ import main as ichpipe_main
@@ -176,10 +177,19 @@ def test_os_errors_are_one_line_naming_the_path(tmp_path, capsys):
     assert err.startswith("error: /proc/ichpipe-out: ") and err.count("\n") == 1
 
 
-def _bundle_dir(folder: Path) -> Path:
+MINIMAL_INFO = {
+    "format": 1, "experiment": "x", "created": "2026-12-06T00:00:00", "git": {}, "backbone": "test_resnet",
+    "fp16": False, "preprocess": {"windows": [[40, 80]], "size": 32, "mode": "2.5d"},
+    "input": {"image_size": 32, "crop_border": False, "tta": ["none"], "batch_size": 8}, "folds": [0],
+    "epochs": {0: [0]}, "lstm": False, "blend": {"epoch_weights": {}, "fold_weights": {}, "lstm_weight": 0.0,
+                                                  "clip": 1e-5},
+    "prior": [0.1] * 6, "thresholds": {}, "series_calibration": {}, "cv": {}, "config": {}}
+
+
+def _bundle_dir(folder: Path, info: dict | None = None) -> Path:
     """The smallest folder that load_bundle opens: bundle.yaml and its manifest."""
     folder.mkdir(parents=True)
-    (folder / "bundle.yaml").write_text("format: 1\n")
+    (folder / "bundle.yaml").write_text(yaml.safe_dump(info or MINIMAL_INFO))
     digest = hashlib.sha256((folder / "bundle.yaml").read_bytes()).hexdigest()
     (folder / "manifest.json").write_text(json.dumps({"format": 1, "files": {"bundle.yaml": digest}}))
     return folder
@@ -193,11 +203,16 @@ def test_bundle_archives_damaged_unsafe_or_good_leave_no_temporary_folder(tmp_pa
     with tarfile.open(good, "w:gz") as tar:
         tar.add(_bundle_dir(tmp_path / "bundle"), arcname="bundle")
     with load_bundle(good) as bundle:
-        assert bundle.info == {"format": 1} and bundle.root.parent.parent == temp
+        assert bundle.info.backbone == "test_resnet" and bundle.root.parent.parent == temp
     assert not list(temp.iterdir())  # was: unpacked into a mkdtemp folder never removed
     bundle = load_bundle(good)
     del bundle  # never closed: removed when collected
     assert not list(temp.iterdir())
+
+    wrong = _bundle_dir(tmp_path / "wrong", {**MINIMAL_INFO, "input": {**MINIMAL_INFO["input"], "image_size": "big"}})
+    with pytest.raises(InputError, match=rf"^{re.escape(str(wrong / 'bundle.yaml'))}: input.image_size: Input should "
+                                         r"be a valid integer.*\(1 problem\(s\)\)$"):
+        load_bundle(wrong)  # a typed bundle.yaml: checked field by field when loaded
 
     truncated = tmp_path / "truncated.tar.gz"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])

@@ -131,7 +131,7 @@ def test_the_bundle_predicts_what_the_pipeline_predicted(demo, tmp_path):
                                rtol=1e-5, atol=1e-5)
     info = load_bundle(bundle).info
     flags = slices[[f"flag_{c}" for c in LABELS]].to_numpy()
-    thresholds = np.array([info["thresholds"][c]["threshold"] for c in LABELS])
+    thresholds = np.array([info.thresholds[c].threshold for c in LABELS])
     assert (flags == (slices[list(LABELS)].to_numpy() >= thresholds)).all()
     series = pd.read_csv(tmp_path / "all" / "series.csv")
     assert series.slices.sum() == len(slices) and ((series.series_any >= 0) & (series.series_any <= 1)).all()

@@ -8,6 +8,7 @@ import numpy as np
 import pydicom
 import torch
 
+from ichpipe.bundle_format import BundlePreprocess
 from ichpipe.data import SliceDataset, build_transform, to_input
 from ichpipe.io import read_png
 from ichpipe.predict import _why_not, find_series, render_series
@@ -20,8 +21,7 @@ def test_in_memory_images_equal_stage_1_and_the_loader(processed, tmp_path):
     s = series[0]
     rows = meta.set_index("image_id").loc[s.ids]
     assert (np.diff(rows.slice_index.to_numpy()) == 1).all()  # z order = stage 1's slice order
-    info = {"preprocess": {"windows": [[40, 80], [80, 200], [40, 380]], "size": 512, "mode": "windows"}}
-    images, bad = render_series(s, info)
+    images, bad = render_series(s, BundlePreprocess(windows=[[40, 80], [80, 200], [40, 380]], size=512, mode="windows"))
     assert not bad
     for img, image_id in zip(images, s.ids, strict=True):
         assert np.array_equal(img, read_png(root / "processed" / "512" / f"{image_id}.png"))  # no PNG needed

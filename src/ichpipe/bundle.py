@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from sklearn.linear_model import LogisticRegression
 
-from ichpipe.bundle_format import FORMAT, MANIFEST, sha256
+from ichpipe.bundle_format import FORMAT, MANIFEST, BundleInfo, sha256
 from ichpipe.config import Config, to_dict
 from ichpipe.folds import check_fold_table
 from ichpipe.io import InputError, atomic_dir, atomic_path, save_torch
@@ -103,7 +102,7 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
                 thresholds[name] = {"threshold": 0.5, "recall": None}
         cv = json.loads((exp / "cv.json").read_text()) if (exp / "cv.json").exists() else {}
         pcfg, tcfg = cfg.preprocess, cfg.train
-        info = {
+        info = BundleInfo.model_validate({
             "format": FORMAT, "experiment": cfg.experiment, "created": dt.datetime.now().isoformat(timespec="seconds"),
             "git": git_state(), "backbone": cfg.model.backbone, "fp16": fp16,
             "preprocess": {"windows": pcfg.windows, "size": pcfg.size, "mode": pcfg.mode},
@@ -117,8 +116,8 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
             "cv": {where: {m: s.get("weighted") for m, s in rows.items()} for where, rows in cv.items()
                    if where in ("oof", "test")},
             "config": to_dict(cfg),
-        }
-        (tmp / "bundle.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
+        })
+        (tmp / "bundle.yaml").write_text(info.to_yaml())
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {"format": FORMAT, "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

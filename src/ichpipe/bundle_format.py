@@ -15,8 +15,10 @@ import weakref
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ichpipe.io import InputError, name_os_errors
 
@@ -34,10 +36,76 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BundlePreprocess(_Part):
+    """Stage 1's settings the images are made with."""
+
+    windows: list[list[float]]
+    size: int
+    mode: str
+
+
+class BundleInput(_Part):
+    """The network input as stage 3 made it: size, border crop, TTA views, batch."""
+
+    image_size: int
+    crop_border: bool
+    tta: list[str]
+    batch_size: int
+
+
+class BundleBlend(_Part):
+    epoch_weights: dict[int, float]
+    fold_weights: dict[int, float]
+    lstm_weight: float
+    clip: float
+
+
+class OperatingThreshold(_Part):
+    threshold: float
+    recall: float | None  # the OOF recall it was chosen for; None: the class had no positive OOF slice (0.5)
+
+
+class SeriesCalibration(_Part):
+    """Platt scaling of a series' highest slice probability: sigmoid(slope x logit(p) + intercept)."""
+
+    slope: float
+    intercept: float
+
+
+class BundleInfo(_Part):
+    """``bundle.yaml``: what the models expect and how to combine them. Written by ``make_bundle``, checked field
+    by field when a bundle is loaded."""
+
+    format: int
+    experiment: str
+    created: Any  # ISO date and time (YAML may read it as a datetime)
+    git: dict[str, Any]
+    backbone: str
+    fp16: bool
+    preprocess: BundlePreprocess
+    input: BundleInput
+    folds: list[int]
+    epochs: dict[int, list[int]]
+    lstm: bool
+    blend: BundleBlend
+    prior: list[float]
+    thresholds: dict[str, OperatingThreshold]
+    series_calibration: dict[str, SeriesCalibration]
+    cv: dict[str, dict[str, float | None]]
+    config: dict[str, Any]  # the resolved config of the experiment
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="python"), sort_keys=False)
+
+
 @dataclass
 class Bundle:
     root: Path
-    info: dict
+    info: BundleInfo
     unpacked: Path | None = None  # the temporary folder a .tar.gz was unpacked into (removed by close())
 
     def close(self) -> None:
@@ -115,7 +183,14 @@ def open_bundle_dir(path: Path) -> Bundle:
                    and p.name != MANIFEST and p.relative_to(path).as_posix() not in listed)
     if extra:
         raise InputError(f"{path / extra[0]}: not in the bundle's manifest; refusing to load it")
-    info = yaml.safe_load((path / "bundle.yaml").read_text())
-    if info.get("format") != FORMAT:
-        raise InputError(f"{path}: bundle format {info.get('format')}, this ichpipe reads format {FORMAT}")
+    raw = yaml.safe_load((path / "bundle.yaml").read_text())
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else None
+        raise InputError(f"{path}: bundle format {found}, this ichpipe reads format {FORMAT}")
+    try:
+        info = BundleInfo.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise InputError(f"{path / 'bundle.yaml'}: {where}: {first['msg']} ({exc.error_count()} problem(s))") from None
     return Bundle(path, info)

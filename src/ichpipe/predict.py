@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from ichpipe.bundle_format import Bundle, load_bundle
+from ichpipe.bundle_format import Bundle, BundlePreprocess, load_bundle
 from ichpipe.data import build_transform, input_channels, normalize, stack_neighbours, to_input
 from ichpipe.device import amp_settings, default_device
 from ichpipe.dicom import DicomError, as_dicom_error, quiet_reads, read_dataset, read_header
@@ -172,24 +172,23 @@ def find_series(path: str | os.PathLike, workdir: Path, min_slices: int = 1) -> 
     return sorted(kept, key=lambda s: (s.study, s.series)), skipped
 
 
-def render_series(s: Series, info: dict) -> tuple[np.ndarray, list[int]]:
+def render_series(s: Series, p: BundlePreprocess) -> tuple[np.ndarray, list[int]]:
     """Stage 1's images of a series, in memory: (N, H, W, 3) uint8, exactly what its PNGs hold; and the
     positions of slices that could not be read (left out)."""
-    p = info["preprocess"]
-    windows = p["windows"][:1] if p["mode"] == "2.5d" else p["windows"]
+    windows = p.windows[:1] if p.mode == "2.5d" else p.windows
     images, bad = [], []
     for i, f in enumerate(s.files):
         try:
-            _, img = render_file(f, windows, p["size"])
+            _, img = render_file(f, windows, p.size)
         except DicomError:
             bad.append(i)
             continue
         images.append(img)
-    if p["mode"] == "2.5d":  # the brain window of slices s-1, s, s+1, as stage 1 stacks them
+    if p.mode == "2.5d":  # the brain window of slices s-1, s, s+1, as stage 1 stacks them
         brain = [img[..., 0] for img in images]
         images = [np.dstack([brain[max(k - 1, 0)], brain[k], brain[min(k + 1, len(brain) - 1)]])
                   for k in range(len(brain))]
-    return (np.stack(images) if images else np.zeros((0, p["size"], p["size"], 3), np.uint8)), bad
+    return (np.stack(images) if images else np.zeros((0, p.size, p.size, 3), np.uint8)), bad
 
 
 class Predictor:
@@ -198,28 +197,28 @@ class Predictor:
     def __init__(self, bundle: Bundle, device: torch.device | None = None):
         self.bundle, self.info = bundle, bundle.info
         self.device = device or default_device()
-        inp = self.info["input"]
-        self.transform = build_transform([], inp["image_size"], train=False)
-        self.crop = 0.0 if inp["crop_border"] else None
-        self.channels = input_channels(self.info["preprocess"]["mode"])
+        inp = self.info.input
+        self.transform = build_transform([], inp.image_size, train=False)
+        self.crop = 0.0 if inp.crop_border else None
+        self.channels = input_channels(self.info.preprocess.mode)
         # as stage 3 ran: its memory layout, and embeddings rounded to the dtype it stored (bundles made before
         # embed.dtype existed stored float32)
-        config = self.info["config"]
+        config = self.info.config
         self.channels_last = bool(config["train"].get("channels_last", False))
         self.emb_dtype = np.dtype(config["embed"].get("dtype", "float32"))
         self.cnn = {}
-        for k in self.info["folds"]:
-            for e in self.info["epochs"][k]:
-                model = create_model(self.info["backbone"], pretrained=False, in_chans=self.channels,
+        for k in self.info.folds:
+            for e in self.info.epochs[k]:
+                model = create_model(self.info.backbone, pretrained=False, in_chans=self.channels,
                                      kwargs=config["model"].get("kwargs", {}))
                 state = torch.load(bundle.cnn_path(k, e), map_location="cpu", weights_only=True)
                 load_weights(model, {n: t.float() if t.is_floating_point() else t for n, t in state.items()},
-                             bundle.cnn_path(k, e), self.info["backbone"])
+                             bundle.cnn_path(k, e), self.info.backbone)
                 self.cnn[k, e] = model.to(self.device).eval()
                 if self.channels_last:
                     self.cnn[k, e] = self.cnn[k, e].to(memory_format=torch.channels_last)
         self.lstm = {key: load_models(bundle.lstm_path(*key), self.device) for key in self.cnn} \
-            if self.info["lstm"] else {}
+            if self.info.lstm else {}
 
     def inputs(self, images: np.ndarray) -> torch.Tensor:
         """The network input of one series' slices (z order): with 9 channels, each slice with its neighbours."""
@@ -231,25 +230,25 @@ class Predictor:
         """(N, 6) final probabilities of one series' slices (z order; ``z`` their positions in mm, which the
         transformer sequence model reads), blended as stage 5 blends the test set."""
         x = self.inputs(images)
-        batches = [(x[i:i + self.info["input"]["batch_size"]], None, None)
-                   for i in range(0, len(x), self.info["input"]["batch_size"])]
-        b = self.info["blend"]
-        amp = amp_settings(self.info["config"]["train"]["amp"], self.device)  # as stage 3 ran
+        batch = self.info.input.batch_size
+        batches = [(x[i:i + batch], None, None) for i in range(0, len(x), batch)]
+        b = self.info.blend
+        amp = amp_settings(self.info.config["train"]["amp"], self.device)  # as stage 3 ran
         index = pd.Index(ids, name="image_id")
 
         def frame(probs: np.ndarray) -> pd.DataFrame:
             return pd.DataFrame(probs, index=index, columns=list(LABELS))
 
         fold_cnn, fold_lstm = [], []
-        for k in self.info["folds"]:
+        for k in self.info.folds:
             cnn, lstm, weights = [], [], []
-            for e in self.info["epochs"][k]:
+            for e in self.info.epochs[k]:
                 dim = getattr(self.cnn[k, e], "head_hidden_size", None) or self.cnn[k, e].num_features
                 out = {"emb": np.zeros((len(x), dim), self.emb_dtype), "logits": np.zeros((len(x), N_LABELS), np.float32)}
-                embed_loader(self.cnn[k, e], batches, self.info["input"]["tta"], self.device, amp, False, "", out,
+                embed_loader(self.cnn[k, e], batches, self.info.input.tta, self.device, amp, False, "", out,
                              self.channels_last)
                 cnn.append(frame(sigmoid(out["logits"])))
-                weights.append(b["epoch_weights"].get(e, 1.0))
+                weights.append(b.epoch_weights.get(e, 1.0))
                 if self.lstm:
                     models, mean, std = self.lstm[k, e]
                     feats = SliceFeatures(np.asarray(ids), out["emb"], out["logits"], None,
@@ -258,15 +257,15 @@ class Predictor:
             fold_cnn.append(weighted_mean(cnn, weights))  # epochs, then folds: as stage 5 averages the test set
             if lstm:
                 fold_lstm.append(weighted_mean(lstm, weights))
-        fw = [b["fold_weights"].get(k, 1.0) for k in self.info["folds"]]
+        fw = [b.fold_weights.get(k, 1.0) for k in self.info.folds]
         final = final_blend(weighted_mean(fold_cnn, fw), weighted_mean(fold_lstm, fw) if fold_lstm else None,
-                            b["lstm_weight"])
-        return final.clip(b["clip"], 1 - b["clip"]).to_numpy()
+                            b.lstm_weight)
+        return final.clip(b.clip, 1 - b.clip).to_numpy()
 
     def grad_cam(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W) Grad-CAM of the `any` output of the first fold's last CNN, scaled to [0, 1] per image."""
-        k = self.info["folds"][0]
-        model = self.cnn[k, self.info["epochs"][k][-1]]
+        k = self.info.folds[0]
+        model = self.cnn[k, self.info.epochs[k][-1]]
         x = normalize(self.inputs(images).to(self.device))
         with torch.enable_grad():
             features = model.forward_features(x).detach().requires_grad_(True)
@@ -300,7 +299,7 @@ def _series_figure(path: Path, s: Series, images: np.ndarray, probs: np.ndarray,
     ax = fig.add_subplot(grid[1, :])
     for c, name in enumerate(LABELS):
         line, = ax.plot(s.z, probs[:, c], label=name, lw=2.2 if name == "any" else 1.2, marker=".")
-        ax.axhline(thresholds[name]["threshold"], color=line.get_color(), ls=":", lw=0.8)
+        ax.axhline(thresholds[name].threshold, color=line.get_color(), ls=":", lw=0.8)
     ax.set_xlabel("z (mm, along the slice normal)")
     ax.set_ylabel("probability")
     ax.set_ylim(0, 1)
@@ -358,7 +357,7 @@ def _predict(path, bundle: Bundle, out: Path, min_slices: int, figures: bool, pr
         with atomic_dir(out) as tmp:
             slice_rows, series_rows = [], []
             for n, s in enumerate(tqdm(series, desc="predict", unit="series", disable=not progress)):
-                images, bad = render_series(s, info)
+                images, bad = render_series(s, info.preprocess)
                 for i in bad:
                     skipped.append({"what": str(s.files[i]), "reason": "pixel data unreadable"})
                 keep = [i for i in range(len(s.files)) if i not in set(bad)]
@@ -367,8 +366,8 @@ def _predict(path, bundle: Bundle, out: Path, min_slices: int, figures: bool, pr
                     skipped.append({"what": f"series {s.series}", "reason": "no readable slice"})
                     continue
                 probs = predictor.probabilities(images, s.ids, np.asarray(s.z, np.float64))
-                thresholds = info["thresholds"]
-                flags = np.stack([probs[:, c] >= thresholds[name]["threshold"] for c, name in enumerate(LABELS)], 1)
+                thresholds = info.thresholds
+                flags = np.stack([probs[:, c] >= thresholds[name].threshold for c, name in enumerate(LABELS)], 1)
                 for i in range(len(s.ids)):
                     slice_rows.append({"SOPInstanceUID": s.ids[i], "StudyInstanceUID": s.study,
                                        "SeriesInstanceUID": s.series, "PatientID": s.patient, "slice": i, "z": s.z[i],
@@ -377,11 +376,11 @@ def _predict(path, bundle: Bundle, out: Path, min_slices: int, figures: bool, pr
                 row = {"StudyInstanceUID": s.study, "SeriesInstanceUID": s.series, "PatientID": s.patient,
                        "slices": len(s.ids), "figure": f"series_{n}.png" if figures else ""}
                 for c, name in enumerate(LABELS):
-                    cal = info["series_calibration"][name]
+                    cal = info.series_calibration[name]
                     top = float(probs[:, c].max())
                     row[f"max_{name}"] = top
-                    row[f"series_{name}"] = float(sigmoid(cal["slope"] * logit(np.clip(top, 1e-6, 1 - 1e-6))
-                                                          + cal["intercept"]))
+                    row[f"series_{name}"] = float(sigmoid(cal.slope * logit(np.clip(top, 1e-6, 1 - 1e-6))
+                                                          + cal.intercept))
                     row[f"flagged_{name}"] = int(flags[:, c].sum())
                 series_rows.append(row)
                 if figures or dicom_sc:
@@ -407,7 +406,7 @@ def predict_kaggle(data_dir: str | os.PathLike, bundle_path: str | os.PathLike, 
     with load_bundle(bundle_path) as bundle, tempfile.TemporaryDirectory(prefix="ichpipe_kaggle_") as tmp:
         result = predict(paths.test_dir, bundle, Path(tmp) / "out", figures=False, progress=progress)
         slices = pd.read_csv(Path(tmp) / "out" / "slices.csv").set_index("SOPInstanceUID")[list(LABELS)]
-        prior = bundle.info["prior"]
+        prior = bundle.info.prior
     sample_ids = pd.Index(read_long_csv(paths.sample_submission_csv).image_id.unique(), name="image_id")
     pred = slices.reindex(sample_ids)
     missing = ~sample_ids.isin(slices.index)
