@@ -51,7 +51,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-setup: $(VENV)/.installed
+# SKIP_SETUP=1 (the test suite's make calls): the running interpreter is the environment, nothing is installed. A
+# command-line variable, so that the demo's sub-makes skip it too (make's -o is not passed down to them).
+setup: $(if $(SKIP_SETUP),,$(VENV)/.installed)
 
 synthetic: setup
 	$(PY) scripts/00_make_synthetic.py $(STAGE_ARGS)

@@ -11,7 +11,7 @@ import torch
 from ichpipe.bundle_format import BundlePreprocess
 from ichpipe.data import SliceDataset, build_transform, to_input
 from ichpipe.io import read_png
-from ichpipe.predict import _why_not, find_series, render_series
+from ichpipe.studies import find_series, render_series, why_not_axial_ct
 
 
 def test_in_memory_images_equal_stage_1_and_the_loader(processed, tmp_path):
@@ -45,6 +45,6 @@ def test_series_are_found_in_z_order_and_tilt_is_axial(processed, tmp_path):
     ds = pydicom.dcmread(folder / "000.dcm")
     c, t = np.cos(np.radians(20)), np.sin(np.radians(20))
     ds.ImageOrientationPatient = [1, 0, 0, 0, c, t]  # 20 degrees of gantry tilt: still axial
-    assert _why_not(ds) is None
+    assert why_not_axial_ct(ds) is None
     ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # sagittal
-    assert _why_not(ds).startswith("not axial")
+    assert why_not_axial_ct(ds).startswith("not axial")

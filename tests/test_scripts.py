@@ -78,13 +78,13 @@ def test_synthetic_script_writes_the_layout(tmp_path):
 
 def test_make_train_stops_on_a_config_it_cannot_read(tmp_path):
     # the fold loop used to fall back to five folds when the config failed to load
-    res = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", "train", f"PY={sys.executable}",
+    res = subprocess.run(["make", "--no-print-directory", "SKIP_SETUP=1", "train", f"PY={sys.executable}",
                           f"DATA_DIR={tmp_path}", "CONFIG=configs/cnn/nope.yaml"], cwd=REPO, capture_output=True,
                          text=True)
     assert res.returncode != 0
     assert res.stderr.splitlines()[0] == f"error: {REPO}/configs/cnn/nope.yaml: config file not found"
     assert "Traceback" not in res.stderr and "fold=0" not in res.stderr
-    res = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", "train", f"PY={sys.executable}",
+    res = subprocess.run(["make", "--no-print-directory", "SKIP_SETUP=1", "train", f"PY={sys.executable}",
                           f"DATA_DIR={tmp_path}"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode != 0 and "metadata.parquet: not found; run `make preprocess` first" in res.stderr
 
@@ -95,7 +95,7 @@ def test_a_config_directory_and_a_data_dir_with_spaces_are_one_line_errors(tmp_p
         f"error: {REPO}/configs: not a file; --config takes a YAML file such as configs/cnn/cpu_small.yaml")
     spaced = tmp_path / "my data"
     spaced.mkdir()
-    res = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", "preprocess", f"PY={sys.executable}",
+    res = subprocess.run(["make", "--no-print-directory", "SKIP_SETUP=1", "preprocess", f"PY={sys.executable}",
                           f"DATA_DIR={spaced}"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode != 0  # was "error: data: overrides are key=value"
     assert res.stderr.splitlines()[0].startswith(f"error: {spaced}: no stage_2_train/*.dcm")

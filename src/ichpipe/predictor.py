@@ -1,0 +1,104 @@
+"""A model bundle's networks, loaded once, run on one series at a time exactly as the pipeline ran them (stage
+3's TTA views and storage dtype, stage 4's sequence models, stage 5's blend), with a Grad-CAM of the CNN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ichpipe.bundle_format import Bundle
+from ichpipe.data import build_transform, input_channels, normalize, stack_neighbours, to_input
+from ichpipe.device import amp_settings, default_device
+from ichpipe.inference import embed_loader
+from ichpipe.labels import ANY_INDEX, LABELS, N_LABELS
+from ichpipe.metrics import sigmoid
+from ichpipe.models import create_model, load_weights
+from ichpipe.results import final_blend, weighted_mean
+from ichpipe.sequence_models import SliceFeatures, load_models, predict_bag
+
+
+class Predictor:
+    """The bundle's models, loaded once; ``probabilities(images)`` → per-slice probabilities of one series."""
+
+    def __init__(self, bundle: Bundle, device: torch.device | None = None):
+        self.bundle, self.info = bundle, bundle.info
+        self.device = device or default_device()
+        inp = self.info.input
+        self.transform = build_transform([], inp.image_size, train=False)
+        self.crop = 0.0 if inp.crop_border else None
+        self.channels = input_channels(self.info.preprocess.mode)
+        # as stage 3 ran: its memory layout, and embeddings rounded to the dtype it stored (bundles made before
+        # embed.dtype existed stored float32)
+        config = self.info.config
+        self.channels_last = bool(config["train"].get("channels_last", False))
+        self.emb_dtype = np.dtype(config["embed"].get("dtype", "float32"))
+        self.cnn = {}
+        for k in self.info.folds:
+            for e in self.info.epochs[k]:
+                model = create_model(self.info.backbone, pretrained=False, in_chans=self.channels,
+                                     kwargs=config["model"].get("kwargs", {}))
+                state = torch.load(bundle.cnn_path(k, e), map_location="cpu", weights_only=True)
+                load_weights(model, {n: t.float() if t.is_floating_point() else t for n, t in state.items()},
+                             bundle.cnn_path(k, e), self.info.backbone)
+                self.cnn[k, e] = model.to(self.device).eval()
+                if self.channels_last:
+                    self.cnn[k, e] = self.cnn[k, e].to(memory_format=torch.channels_last)
+        self.lstm = {key: load_models(bundle.lstm_path(*key), self.device) for key in self.cnn} \
+            if self.info.lstm else {}
+
+    def inputs(self, images: np.ndarray) -> torch.Tensor:
+        """The network input of one series' slices (z order): with 9 channels, each slice with its neighbours."""
+        if self.channels == 9:
+            images = stack_neighbours(images)
+        return torch.stack([to_input(img, self.transform, 0, self.crop) for img in images])
+
+    def probabilities(self, images: np.ndarray, ids: list[str], z: np.ndarray | None = None) -> np.ndarray:
+        """(N, 6) final probabilities of one series' slices (z order; ``z`` their positions in mm, which the
+        transformer sequence model reads), blended as stage 5 blends the test set."""
+        x = self.inputs(images)
+        batch = self.info.input.batch_size
+        batches = [(x[i:i + batch], None, None) for i in range(0, len(x), batch)]
+        b = self.info.blend
+        amp = amp_settings(self.info.config["train"]["amp"], self.device)  # as stage 3 ran
+        index = pd.Index(ids, name="image_id")
+
+        def frame(probs: np.ndarray) -> pd.DataFrame:
+            return pd.DataFrame(probs, index=index, columns=list(LABELS))
+
+        fold_cnn, fold_lstm = [], []
+        for k in self.info.folds:
+            cnn, lstm, weights = [], [], []
+            for e in self.info.epochs[k]:
+                dim = getattr(self.cnn[k, e], "head_hidden_size", None) or self.cnn[k, e].num_features
+                out = {"emb": np.zeros((len(x), dim), self.emb_dtype), "logits": np.zeros((len(x), N_LABELS), np.float32)}
+                embed_loader(self.cnn[k, e], batches, self.info.input.tta, self.device, amp, False, "", out,
+                             self.channels_last)
+                cnn.append(frame(sigmoid(out["logits"])))
+                weights.append(b.epoch_weights.get(e, 1.0))
+                if self.lstm:
+                    models, mean, std = self.lstm[k, e]
+                    feats = SliceFeatures(np.asarray(ids), out["emb"], out["logits"], None,
+                                          np.zeros(len(x), dtype=object), [np.arange(len(x))], z)
+                    lstm.append(frame(predict_bag(models, feats, mean, std, self.device, amp)))
+            fold_cnn.append(weighted_mean(cnn, weights))  # epochs, then folds: as stage 5 averages the test set
+            if lstm:
+                fold_lstm.append(weighted_mean(lstm, weights))
+        fw = [b.fold_weights.get(k, 1.0) for k in self.info.folds]
+        final = final_blend(weighted_mean(fold_cnn, fw), weighted_mean(fold_lstm, fw) if fold_lstm else None,
+                            b.lstm_weight)
+        return final.clip(b.clip, 1 - b.clip).to_numpy()
+
+    def grad_cam(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W) Grad-CAM of the `any` output of the first fold's last CNN, scaled to [0, 1] per image."""
+        k = self.info.folds[0]
+        model = self.cnn[k, self.info.epochs[k][-1]]
+        x = normalize(self.inputs(images).to(self.device))
+        with torch.enable_grad():
+            features = model.forward_features(x).detach().requires_grad_(True)
+            score = model.forward_head(features)[:, ANY_INDEX].sum()
+            (grads,) = torch.autograd.grad(score, features)
+        cam = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * features).sum(1, keepdim=True))
+        cam = torch.nn.functional.interpolate(cam, size=images.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
+        top = cam.flatten(1).max(dim=1).values.clamp(min=1e-8)[:, None, None]
+        return (cam / top).detach().cpu().numpy()

@@ -1,0 +1,153 @@
+"""New CT studies as `predict` (and an evaluation) reads them: a folder or a zip of DICOM files grouped into
+series, the usable ones (CT, axial, not a localiser) in z order, what was skipped and why, and a series' images
+made exactly as stage 1 makes its PNGs."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ichpipe.bundle_format import BundlePreprocess
+from ichpipe.dicom import DicomError, as_dicom_error, quiet_reads, read_dataset, read_header
+from ichpipe.io import InputError, name_os_errors
+from ichpipe.windowing import render_file
+
+
+@dataclass
+class Series:
+    study: str
+    series: str
+    patient: str
+    files: list[Path] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    z: list[float] = field(default_factory=list)
+
+
+MAX_MEMBER_BYTES = 64 << 20
+
+
+def unzip_study(path: Path, workdir: Path, skipped: list[dict]) -> None:
+    """Every member of the zip ``path`` into ``workdir``, one by one, streamed: never outside ``workdir``, never
+    more than :data:`MAX_MEMBER_BYTES` of one member (the rest of such a member is not read; it goes to
+    ``skipped``)."""
+    with zipfile.ZipFile(path) as z:
+        for member in z.infolist():
+            target = (workdir / member.filename).resolve()
+            if member.is_dir() or not target.is_relative_to(workdir.resolve()):
+                continue
+            what = f"{path}:{member.filename}"
+            if member.file_size > MAX_MEMBER_BYTES:
+                skipped.append({"what": what, "reason": f"{member.file_size / 2**20:.0f} MiB unpacked, more than "
+                                                        f"{MAX_MEMBER_BYTES >> 20} MiB: not a CT slice"})
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            written = 0
+            try:
+                with z.open(member) as src, open(target, "wb") as dst, name_os_errors(target):
+                    while block := src.read(1 << 20):
+                        written += len(block)
+                        if written > MAX_MEMBER_BYTES:
+                            break
+                        dst.write(block)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+                # a damaged or encrypted member: that member's failure, not the study's
+                target.unlink(missing_ok=True)
+                skipped.append({"what": what, "reason": f"cannot be unpacked ({type(exc).__name__}: "
+                                                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''})"})
+                continue
+            if written > MAX_MEMBER_BYTES:
+                target.unlink(missing_ok=True)
+                skipped.append({"what": what, "reason": f"more than {MAX_MEMBER_BYTES >> 20} MiB unpacked (its header "
+                                                        f"says {member.file_size} bytes): not a CT slice"})
+
+
+def study_files(path: Path, workdir: Path, skipped: list[dict]) -> list[Path]:
+    if path.is_file() and zipfile.is_zipfile(path):
+        unzip_study(path, workdir, skipped)
+        path = workdir
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise InputError(f"{path}: not found (give a folder or a zip of DICOM files)")
+    return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def why_not_axial_ct(ds) -> str | None:
+    """Why a file's series is not a head CT axial series the models can read (None: it is)."""
+    modality = str(ds.get("Modality", "CT") or "CT")
+    if modality != "CT":
+        return f"modality {modality}, not CT"
+    image_type = [str(t).upper() for t in (ds.get("ImageType") or [])]
+    if "LOCALIZER" in image_type or "SCOUT" in image_type:
+        return "a localiser/scout image, not an axial slice"
+    iop = ds.get("ImageOrientationPatient")
+    if iop is not None and len(iop) == 6:
+        normal = np.cross(np.array([float(x) for x in iop[:3]]), np.array([float(x) for x in iop[3:]]))
+        if abs(normal[2]) < 0.7:  # axial up to ~45 degrees of gantry tilt
+            return "not axial (ImageOrientationPatient " + "\\".join(f"{float(x):g}" for x in iop) + ")"
+    return None
+
+
+def find_series(path: str | os.PathLike, workdir: Path, min_slices: int = 1) -> tuple[list[Series], list[dict]]:
+    """The usable series under ``path`` in z order, and what was skipped (file or series, reason)."""
+    skipped: list[dict] = []
+    found: dict[tuple[str, str], Series] = {}
+    rejected: dict[tuple[str, str], str] = {}
+    for f in study_files(Path(path), workdir, skipped):
+        try:
+            with quiet_reads(), as_dicom_error():
+                ds = read_dataset(f)
+                row = read_header(f, ds)
+                reason = why_not_axial_ct(ds)
+        except DicomError as exc:
+            skipped.append({"what": str(f), "reason": str(exc)})
+            continue
+        key = (row["StudyInstanceUID"], row["SeriesInstanceUID"])
+        if reason:
+            rejected.setdefault(key, reason)
+            continue
+        s = found.setdefault(key, Series(row["StudyInstanceUID"], row["SeriesInstanceUID"], row["PatientID"]))
+        if row["image_id"] in s.ids:  # the same slice twice (e.g. once compressed, once not): read it once
+            skipped.append({"what": str(f), "reason": f"duplicate of SOPInstanceUID {row['image_id']} "
+                                                      f"({s.files[s.ids.index(row['image_id'])].name})"})
+            continue
+        s.files.append(f)
+        s.ids.append(row["image_id"])
+        s.z.append(row["z"])
+    for (study, series), reason in rejected.items():
+        found.pop((study, series), None)
+        skipped.append({"what": f"series {series} (study {study})", "reason": reason})
+    kept = []
+    for s in found.values():
+        if len(s.files) < min_slices:
+            skipped.append({"what": f"series {s.series} (study {s.study})",
+                            "reason": f"{len(s.files)} slice(s), fewer than min_slices={min_slices}"})
+            continue
+        order = np.argsort(np.asarray(s.z), kind="stable")
+        s.files, s.ids, s.z = [s.files[i] for i in order], [s.ids[i] for i in order], [s.z[i] for i in order]
+        kept.append(s)
+    return sorted(kept, key=lambda s: (s.study, s.series)), skipped
+
+
+def render_series(s: Series, p: BundlePreprocess) -> tuple[np.ndarray, list[int]]:
+    """Stage 1's images of a series, in memory: (N, H, W, 3) uint8, exactly what its PNGs hold; and the
+    positions of slices that could not be read (left out)."""
+    windows = p.windows[:1] if p.mode == "2.5d" else p.windows
+    images, bad = [], []
+    for i, f in enumerate(s.files):
+        try:
+            _, img = render_file(f, windows, p.size)
+        except DicomError:
+            bad.append(i)
+            continue
+        images.append(img)
+    if p.mode == "2.5d":  # the brain window of slices s-1, s, s+1, as stage 1 stacks them
+        brain = [img[..., 0] for img in images]
+        images = [np.dstack([brain[max(k - 1, 0)], brain[k], brain[min(k + 1, len(brain) - 1)]])
+                  for k in range(len(brain))]
+    return (np.stack(images) if images else np.zeros((0, p.size, p.size, 3), np.uint8)), bad
