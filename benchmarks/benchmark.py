@@ -45,7 +45,7 @@ from ichpipe.config import Config, load_config  # noqa: E402
 from ichpipe.io import InputError, write_text_atomic  # noqa: E402
 from ichpipe.labels import ABBREVIATIONS, LABELS, SUBTYPES  # noqa: E402
 from ichpipe.metrics import auc_or_nan  # noqa: E402
-from ichpipe.paths import data_paths, read_metadata, run_dir  # noqa: E402
+from ichpipe.paths import data_paths, experiment_dir, read_metadata, run_dir  # noqa: E402
 
 
 class Noise(BaseModel):
@@ -149,7 +149,7 @@ class Bench:
             self.log(f"{cfg.experiment} fold {k}: sequence model {last['cnn']:.4f} -> {last['lstm']:.4f}")
         with contextlib.redirect_stdout(io.StringIO()):
             run_blend(cfg)
-        return json.loads((run_dir(cfg, 0).parent / "cv.json").read_text())
+        return json.loads((experiment_dir(cfg) / "cv.json").read_text())
 
     def ensemble(self, members: list[str], name: str) -> dict:
         from ichpipe.ensemble import run_ensemble

@@ -11,7 +11,7 @@ import sys
 
 from ichpipe.bundle import make_bundle
 from ichpipe.cli import stage_main
-from ichpipe.paths import run_dir
+from ichpipe.paths import experiment_dir
 
 
 def add_arguments(parser):
@@ -21,7 +21,7 @@ def add_arguments(parser):
 
 
 def run(cfg, args):
-    out = make_bundle(cfg, args.out or run_dir(cfg, 0).parent / "bundle", fp16=args.fp16, archive=args.archive)
+    out = make_bundle(cfg, args.out or experiment_dir(cfg) / "bundle", fp16=args.fp16, archive=args.archive)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     print(f"bundle of {cfg.experiment}: {out} ({size:.1f} MB)" + (f", archive {out}.tar.gz" if args.archive else ""))
 

@@ -56,3 +56,13 @@ def test_more_folds_than_patients_is_an_error():
     with pytest.raises(InputError, match=r"preprocess.n_folds=4: the training set has 3 patients"):
         assign_folds(meta, 4, seed=0)
     assert sorted(assign_folds(meta, 3, seed=0).unique()) == [0, 1, 2]
+
+
+def test_neighbour_positions_stay_in_their_series_with_the_ends_repeated():
+    from ichpipe.paths import neighbour_positions
+
+    assert neighbour_positions(4, -1).tolist() == [0, 0, 1, 2]
+    assert neighbour_positions(4, 2).tolist() == [2, 3, 3, 3]
+    first, last = np.array([0, 0, 0, 3, 3]), np.array([2, 2, 2, 4, 4])  # two series: positions 0-2 and 3-4
+    assert neighbour_positions(5, -1, first, last).tolist() == [0, 0, 1, 3, 3]
+    assert neighbour_positions(5, 1, first, last).tolist() == [1, 2, 2, 4, 4]

@@ -48,3 +48,18 @@ def test_series_are_found_in_z_order_and_tilt_is_axial(processed, tmp_path):
     assert why_not_axial_ct(ds) is None
     ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # sagittal
     assert why_not_axial_ct(ds).startswith("not axial")
+
+
+def test_the_series_calibration_applies_what_the_bundle_fitted():
+    """predict's series probability is the bundle's Platt fit (one place: SeriesCalibration.apply)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from ichpipe.bundle_format import SeriesCalibration
+    from ichpipe.metrics import logit
+
+    rng = np.random.default_rng(0)
+    top = rng.uniform(0.01, 0.99, 200)
+    y = (rng.uniform(size=200) < top ** 2).astype(int)
+    fit = LogisticRegression(C=1e4).fit(logit(top)[:, None], y)
+    cal = SeriesCalibration(slope=float(fit.coef_[0, 0]), intercept=float(fit.intercept_[0]))
+    np.testing.assert_allclose([cal.apply(p) for p in top], fit.predict_proba(logit(top)[:, None])[:, 1], rtol=1e-9)

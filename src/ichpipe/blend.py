@@ -34,7 +34,7 @@ from ichpipe.io import InputError, long_to_wide, read_long_csv, write_text_atomi
 from ichpipe.labels import LABELS
 from ichpipe.metrics import prior as prior_of
 from ichpipe.metrics import sigmoid
-from ichpipe.paths import data_paths, epoch_number, finished_dirs, read_metadata, run_dir, work_dir_id
+from ichpipe.paths import data_paths, epoch_number, experiment_dir, finished_dirs, read_metadata, run_dir, work_dir_id
 from ichpipe.results import final_blend, format_table, git_state, score, weighted_mean, write_prediction_tables
 from ichpipe.submission import (
     fill_missing,
@@ -105,7 +105,7 @@ def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
     labelled = meta[meta.fold.notna()].set_index("image_id")
     has_lstm = [bool(finished_dirs(run_dir(cfg, k) / "lstm")) for k in folds]
     if not any(has_lstm) and bcfg.lstm_weight > 0:  # the final blend's name must not hide a CNN-only blend
-        raise InputError(f"{run_dir(cfg, 0).parent}: no LSTM output in any fold, but blend.lstm_weight="
+        raise InputError(f"{experiment_dir(cfg)}: no LSTM output in any fold, but blend.lstm_weight="
                          f"{bcfg.lstm_weight}; run `make lstm`, or add blend.lstm_weight=0 for a CNN-only blend")
     if any(has_lstm) and not all(has_lstm):
         missing = [k for k, h in zip(folds, has_lstm, strict=True) if not h]
@@ -185,7 +185,7 @@ def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
     if paths.test_labels_csv.exists():  # the synthetic set's answer key
         truth_test = long_to_wide(read_long_csv(paths.test_labels_csv), paths.test_labels_csv)
         scores["test"] = score(preds.test, truth_test, complete=False)
-    exp_dir = run_dir(cfg, 0).parent
+    exp_dir = experiment_dir(cfg)
     write_text_atomic(exp_dir / "cv.md", f"# CV: {cfg.experiment}\n\n" + format_table(scores))
     write_text_atomic(exp_dir / "cv.json", json.dumps({**scores, "used": used}, indent=2) + "\n")
     write_prediction_tables(exp_dir, preds.oof, preds.test)

@@ -29,15 +29,24 @@ import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from ichpipe.bundle_format import FORMAT, MANIFEST, BundleInfo, sha256
+from ichpipe.bundle_format import FORMAT, MANIFEST, Bundle, BundleInfo, sha256
 from ichpipe.config import Config, to_dict
 from ichpipe.folds import check_fold_table
 from ichpipe.io import InputError, atomic_dir, atomic_path, save_torch
 from ichpipe.labels import LABELS
 from ichpipe.metrics import logit, threshold_for_recall
 from ichpipe.metrics import prior as prior_of
-from ichpipe.paths import SERIES_KEYS, data_paths, epoch_number, finished_dirs, read_metadata, run_dir
-from ichpipe.results import git_state
+from ichpipe.paths import (
+    SERIES_KEYS,
+    checkpoint_path,
+    data_paths,
+    epoch_number,
+    experiment_dir,
+    finished_dirs,
+    read_metadata,
+    run_dir,
+)
+from ichpipe.results import PREDICTION_FILES, git_state
 
 
 def _series_calibration(oof: pd.DataFrame, meta: pd.DataFrame) -> dict:
@@ -62,8 +71,8 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
     out = Path(out)
     paths = data_paths(cfg)
     meta = read_metadata(paths)
-    exp = run_dir(cfg, 0).parent
-    preds_path = exp / "oof_predictions.parquet"
+    exp = experiment_dir(cfg)
+    preds_path = exp / PREDICTION_FILES["oof"]
     if not preds_path.exists():
         raise InputError(f"{preds_path}: not found; run `make submission` first (the bundle carries its CV scores)")
     folds = sorted(int(k) for k in meta.fold.dropna().unique())
@@ -80,15 +89,15 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
                 raise InputError(f"{run}/embeddings: no finished embeddings; run `make embed fold={k}` first")
             epochs[k] = [epoch_number(d) for d in done]
             for e in epochs[k]:
-                state = torch.load(run / "checkpoints" / f"epoch{e:02d}.pt", map_location="cpu", weights_only=True)
+                state = torch.load(checkpoint_path(run, e), map_location="cpu", weights_only=True)
                 if fp16:
                     state = {n: t.half() if t.is_floating_point() else t for n, t in state.items()}
-                save_torch(state, tmp / "cnn" / f"fold{k}_epoch{e:02d}.pt")
+                save_torch(state, Bundle(tmp, None).cnn_path(k, e))
                 if use_lstm:
                     models = run / "lstm" / f"epoch{e:02d}" / "models.pt"
                     if not models.exists():
                         raise InputError(f"{models}: not found; run `make lstm fold={k}` (stage 4 saves its models)")
-                    shutil.copyfile(models, tmp / "lstm" / f"fold{k}_epoch{e:02d}.pt")
+                    shutil.copyfile(models, Bundle(tmp, None).lstm_path(k, e))
         oof = pd.read_parquet(preds_path)
         final = oof[oof.model == "blend"].set_index("image_id")[list(LABELS)]
         truth = meta.set_index("image_id").loc[final.index, list(LABELS)].to_numpy()

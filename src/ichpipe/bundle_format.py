@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import shutil
 import tarfile
@@ -74,6 +75,11 @@ class SeriesCalibration(_Part):
 
     slope: float
     intercept: float
+
+    def apply(self, p: float) -> float:
+        """The series-level probability of a series whose highest slice probability is ``p``."""
+        q = min(max(p, 1e-6), 1 - 1e-6)
+        return 1.0 / (1.0 + math.exp(-(self.slope * math.log(q / (1 - q)) + self.intercept)))
 
 
 class BundleInfo(_Part):

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ichpipe.io import InputError, non_binary_labels
 from ichpipe.labels import LABELS
-from ichpipe.paths import z_order
+from ichpipe.paths import neighbour_positions, z_order
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -106,17 +106,17 @@ def neighbour_ids(meta: pd.DataFrame) -> np.ndarray:
     first and last slices repeat themselves), for the 9-channel input."""
     order, first, last = z_order(meta)
     ids = meta.image_id.to_numpy()[order]
-    pos = np.arange(len(order))
+    n = len(order)
     out = np.empty((len(meta), 2), dtype=object)
-    out[order] = np.stack([ids[np.maximum(pos - 1, first)], ids[np.minimum(pos + 1, last)]], axis=1)
+    out[order] = np.stack([ids[neighbour_positions(n, -1, first, last)], ids[neighbour_positions(n, 1, first, last)]],
+                          axis=1)
     return out
 
 
 def stack_neighbours(images: np.ndarray) -> np.ndarray:
     """(N, H, W, 3) images of one series in z order → (N, H, W, 9): slices s-1, s, s+1 (ends repeated)."""
     n = len(images)
-    return np.concatenate([images[np.maximum(np.arange(n) - 1, 0)], images,
-                           images[np.minimum(np.arange(n) + 1, n - 1)]], axis=3)
+    return np.concatenate([images[neighbour_positions(n, -1)], images, images[neighbour_positions(n, 1)]], axis=3)
 
 
 def crop_border(img: np.ndarray, rng: np.random.Generator, max_margin: float) -> np.ndarray:

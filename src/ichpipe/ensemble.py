@@ -51,7 +51,7 @@ from ichpipe.io import InputError, long_to_wide, read_long_csv, write_text_atomi
 from ichpipe.labels import LABELS
 from ichpipe.metrics import EPS, log_loss_1d, logit, sigmoid
 from ichpipe.metrics import prior as prior_of
-from ichpipe.paths import data_paths, read_metadata, work_dir_id, z_order
+from ichpipe.paths import data_paths, neighbour_positions, read_metadata, work_dir_id, z_order
 from ichpipe.results import PREDICTION_FILES, format_table, git_state, score, write_prediction_tables
 from ichpipe.submission import fill_missing, sample_image_ids, submissions_dir, sweep_leftovers, write_checked
 
@@ -120,11 +120,10 @@ def neighbour_features(probs: np.ndarray, rows: pd.DataFrame, offsets: list[int]
     sorted_rows, first, last = z_order(rows)
     starts = np.unique(first)
     ends = np.r_[starts[1:], len(sorted_rows)]
-    pos = np.arange(len(sorted_rows))
     blocks = [lg[:, sorted_rows]]
     for d in offsets:
         for s in (-d, d):
-            blocks.append(lg[:, sorted_rows[np.clip(pos + s, first, last)]])
+            blocks.append(lg[:, sorted_rows[neighbour_positions(len(sorted_rows), s, first, last)]])
     for reduce in (np.maximum, np.add):
         agg = reduce.reduceat(lg[:, sorted_rows], starts, axis=1)
         if reduce is np.add:

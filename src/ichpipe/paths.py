@@ -85,6 +85,14 @@ def z_order(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return order, np.repeat(starts, ends - starts), np.repeat(ends - 1, ends - starts)
 
 
+def neighbour_positions(n: int, offset: int, first: np.ndarray | int = 0, last: np.ndarray | int | None = None
+                        ) -> np.ndarray:
+    """For positions 0..n-1 of slices in z order, the position ``offset`` slices away within the same series, the
+    series' ends repeated (``first``/``last``: each position's series' first and last position, as :func:`z_order`
+    gives them; by default one series). The one rule of every neighbour (2.5D PNGs, 9 channels, the stacker)."""
+    return np.clip(np.arange(n) + offset, first, n - 1 if last is None else last)
+
+
 def data_paths(cfg: Any) -> DataPaths:
     """The paths of a Config: ``data.root`` to read the competition's files, ``data.work_dir`` to write."""
     return DataPaths(cfg.data.root, cfg.data.work_dir or None)
@@ -114,9 +122,20 @@ def finished_dirs(folder: str | os.PathLike) -> list[Path]:
     return sorted(p.parent for p in Path(folder).glob("epoch*/done"))
 
 
+def experiment_dir(cfg: Any) -> Path:
+    """``<work dir>/runs/<experiment>``: the folds' run folders, stage 5's CV table and prediction tables, the
+    report and the bundle (``cfg``: a Config)."""
+    return data_paths(cfg).runs / cfg.experiment
+
+
+def checkpoint_path(run: Path, epoch: int) -> Path:
+    """Stage 2's weights of ``epoch`` in a fold's run folder."""
+    return run / "checkpoints" / f"epoch{epoch:02d}.pt"
+
+
 def run_dir(cfg: Any, fold: int | None = None) -> Path:
     """``<work dir>/runs/<experiment>/fold<k>``: where stages 2-4 of one fold write (``cfg``: a Config)."""
-    return data_paths(cfg).runs / cfg.experiment / f"fold{cfg.fold if fold is None else fold}"
+    return experiment_dir(cfg) / f"fold{cfg.fold if fold is None else fold}"
 
 
 def output_name(cfg: Any) -> str:

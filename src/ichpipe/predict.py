@@ -42,7 +42,6 @@ from ichpipe.bundle_format import Bundle, load_bundle
 from ichpipe.dicom import read_dataset
 from ichpipe.io import InputError, atomic_dir
 from ichpipe.labels import ANY_INDEX, LABELS
-from ichpipe.metrics import logit, sigmoid
 from ichpipe.predictor import Predictor
 from ichpipe.studies import Series, find_series, render_series
 from ichpipe.submission import write_checked
@@ -153,8 +152,7 @@ def _predict(path, bundle: Bundle, out: Path, min_slices: int, figures: bool, pr
                     cal = info.series_calibration[name]
                     top = float(probs[:, c].max())
                     row[f"max_{name}"] = top
-                    row[f"series_{name}"] = float(sigmoid(cal.slope * logit(np.clip(top, 1e-6, 1 - 1e-6))
-                                                          + cal.intercept))
+                    row[f"series_{name}"] = cal.apply(top)
                     row[f"flagged_{name}"] = int(flags[:, c].sum())
                 series_rows.append(row)
                 if figures or dicom_sc:

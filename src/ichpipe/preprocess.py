@@ -44,7 +44,7 @@ from ichpipe.folds import assign_folds, fold_table_id, runs_on_fold_table
 from ichpipe.io import InputError, atomic_path, read_labels, read_png, sweep_temp_files
 from ichpipe.labels import LABELS
 from ichpipe.parallel import n_workers, run_pool
-from ichpipe.paths import DataPaths, data_paths, output_name
+from ichpipe.paths import DataPaths, data_paths, neighbour_positions, output_name
 from ichpipe.windowing import render_file
 
 SPLITS = ("train", "test")
@@ -304,11 +304,12 @@ def _stack_job(job) -> tuple[int, int, int]:
     written = 0
     for ids in series_ids:
         slices = [read_png(Path(brain_dir) / f"{i}.png") for i in ids]
+        before, after = neighbour_positions(len(ids), -1), neighbour_positions(len(ids), 1)
         for s, image_id in enumerate(ids):
             out = Path(out_dir) / f"{image_id}.png"
             if png_ok(out):
                 continue
-            rgb = np.dstack([slices[max(s - 1, 0)], slices[s], slices[min(s + 1, len(ids) - 1)]])
+            rgb = np.dstack([slices[before[s]], slices[s], slices[after[s]]])
             write_bytes_atomic(out, encode_png(rgb, *png))
             written += 1
     return sum(len(i) for i in series_ids), 0, 0

@@ -32,7 +32,8 @@ from ichpipe.io import InputError, atomic_path, read_png, write_text_atomic
 from ichpipe.labels import ABBREVIATIONS, ANY_INDEX, LABELS, SUBTYPES
 from ichpipe.metrics import OperatingPoint, auc_or_nan, per_class_log_loss, threshold_for_recall, weighted_log_loss
 from ichpipe.metrics import prior as prior_of
-from ichpipe.paths import data_paths, finished_dirs, output_name, read_metadata, run_dir
+from ichpipe.paths import data_paths, experiment_dir, finished_dirs, output_name, read_metadata, run_dir
+from ichpipe.results import PREDICTION_FILES
 
 COLUMNS = (*SUBTYPES, "control")
 RED_TO_GREEN = LinearSegmentedColormap.from_list("baseline_to_perfect", ["#d7191c", "#fdae61", "#a6d96a", "#00e000"])
@@ -274,8 +275,8 @@ def _md_table(frame: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
 def run_report(cfg: Config) -> dict:
     """Write every figure and ``report.md`` into ``runs/<experiment>/report/``; returns the numbers."""
     rcfg = cfg.report
-    exp = run_dir(cfg, 0).parent
-    preds_path = exp / "oof_predictions.parquet"
+    exp = experiment_dir(cfg)
+    preds_path = exp / PREDICTION_FILES["oof"]
     if not preds_path.exists():
         raise InputError(f"{preds_path}: not found; run `make submission` first")
     preds = pd.read_parquet(preds_path)

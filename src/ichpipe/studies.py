@@ -15,6 +15,7 @@ import numpy as np
 from ichpipe.bundle_format import BundlePreprocess
 from ichpipe.dicom import DicomError, as_dicom_error, quiet_reads, read_dataset, read_header
 from ichpipe.io import InputError, name_os_errors
+from ichpipe.paths import neighbour_positions
 from ichpipe.windowing import render_file
 
 
@@ -148,6 +149,6 @@ def render_series(s: Series, p: BundlePreprocess) -> tuple[np.ndarray, list[int]
         images.append(img)
     if p.mode == "2.5d":  # the brain window of slices s-1, s, s+1, as stage 1 stacks them
         brain = [img[..., 0] for img in images]
-        images = [np.dstack([brain[max(k - 1, 0)], brain[k], brain[min(k + 1, len(brain) - 1)]])
-                  for k in range(len(brain))]
+        before, after = neighbour_positions(len(brain), -1), neighbour_positions(len(brain), 1)
+        images = [np.dstack([brain[before[k]], brain[k], brain[after[k]]]) for k in range(len(brain))]
     return (np.stack(images) if images else np.zeros((0, p.size, p.size, 3), np.uint8)), bad

@@ -42,7 +42,7 @@ from ichpipe.losses import make_loss
 from ichpipe.metrics import auc_or_nan, logit, per_class_log_loss, prior, weighted_log_loss
 from ichpipe.models import create_model, load_weights
 from ichpipe.optim import accumulation_groups, make_optimizer, make_schedule
-from ichpipe.paths import data_paths, output_name, read_metadata, run_dir
+from ichpipe.paths import checkpoint_path, data_paths, output_name, read_metadata, run_dir
 
 
 class EpochSampler(Sampler[int]):
@@ -423,7 +423,7 @@ def _save_epoch(run: _Run, epoch: int, metrics: dict, probs: np.ndarray) -> None
     oof = pd.DataFrame(probs, columns=list(LABELS)).assign(image_id=run.val_ds.ids)[["image_id", *LABELS]]
     with atomic_path(out / f"oof_epoch{epoch:02d}.parquet") as tmp:
         oof.to_parquet(tmp, index=False)
-    save_torch(run.model.state_dict(), out / "checkpoints" / f"epoch{epoch:02d}.pt")
+    save_torch(run.model.state_dict(), checkpoint_path(out, epoch))
     with atomic_path(out / "history.csv") as tmp:
         pd.DataFrame(run.history).to_csv(tmp, index=False)
     # last.pt is the commit point: written after everything else of the epoch, so a run killed at any

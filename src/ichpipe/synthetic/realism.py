@@ -138,11 +138,10 @@ MEASURES = ("brain_20_50", "bone_300", "hyperdense_non_blood", "noise_correlatio
 def set_summary(table) -> dict[str, float]:
     """The set's figures against ``TARGETS``: the 55-90 HU rule's AUC for ``any`` on the train slices,
     and the median of each measure over the series' mid slices (columns written by the generator)."""
-    from sklearn.metrics import roc_auc_score
+    from ichpipe.metrics import auc_or_nan  # here: the generator's workers need no scikit-learn
 
     train = table[table.split == "train"]
-    out = {"shortcut_auc_any": float(roc_auc_score(train["any"], train["shortcut_score"]))
-           if train["any"].nunique() == 2 else float("nan")}
+    out = {"shortcut_auc_any": auc_or_nan(train["any"].to_numpy(), train["shortcut_score"].to_numpy())}
     for name in MEASURES:
         out[name] = float(table[name].median()) if name in table else float("nan")
     return out
