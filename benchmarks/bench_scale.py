@@ -23,7 +23,6 @@ Also prints stage 3's disk at the real size for the config (every fold and embed
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import resource
@@ -130,7 +129,7 @@ def part_lstm(cfg, epochs: int) -> dict:
     from ichpipe.sequence_models import MODEL_KEYS, PREDICT_BATCH, SequenceModel, predict_rows
 
     schedule = cfg.lstm  # the configured epochs and bagging, for the projection
-    lcfg = dataclasses.replace(cfg.lstm, epochs=epochs, bag_last=1)  # this run: a few epochs only
+    lcfg = cfg.lstm.model_copy(update={"epochs": epochs, "bag_last": 1})  # this run: a few epochs only
     folder = run_dir(cfg, 0) / "embeddings" / f"epoch{CHECKPOINTS[-1]:02d}"
     start = time.perf_counter()
     meta = read_metadata(data_paths(cfg))

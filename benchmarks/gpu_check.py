@@ -234,7 +234,8 @@ def stages(root: Path, extra: list[str]) -> tuple[str, dict]:
     embed_fold(cfg, progress=False)
     rows.append({"stage": "3: embed (held-out, test and training slices, 3 views)", "seconds": time.perf_counter() - t})
     for train_on in ("oof", "train"):
-        cfg = load_config(RECIPE, [*base, f"lstm.train_on={train_on}", "lstm.inner_folds=2"])
+        # the second replaces the first's sequence models (the same checkpoint, other settings): told to
+        cfg = load_config(RECIPE, [*base, f"lstm.train_on={train_on}", "lstm.inner_folds=2", "replace=true"])
         t = time.perf_counter()
         result = train_sequence_fold(cfg, progress=False)["epoch02"]
         rows.append({"stage": f"4: {cfg.lstm.kind} {cfg.lstm.layers} x {cfg.lstm.hidden}, train_on={train_on}, "

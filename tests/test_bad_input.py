@@ -127,7 +127,7 @@ def test_non_finite_or_implausible_header_values_make_the_file_bad_in_stage_1_an
     ("preprocess.name=../32", "preprocess.name: must be a plain folder name"),
     ("train.lr=-1", "train.lr: must be above 0.0, got -1.0"),
     ("train.lr=0", "train.lr: must be above 0.0, got 0.0"),
-    ("train.weight_decay=-1", "train.weight_decay: must not be negative, got -1.0"),
+    ("train.weight_decay=-1", "train.weight_decay: must be at least 0.0, got -1.0"),
     ("lstm.lr=-1e-3", "lstm.lr: must be above 0.0"),
     ("train.lr=.nan", "train.lr: must be a finite number, got nan"),
     ("blend.lstm_weight=.inf", "blend.lstm_weight: must be a finite number, got inf"),

@@ -80,8 +80,8 @@ def test_tta_views_are_kept_and_averaged(trained):
 
 def test_bad_view_and_missing_checkpoints_are_clear_errors(processed):
     root, _, _ = processed
-    with pytest.raises(InputError, match="embed.tta: unknown view 'vflip'"):
-        embed_fold(_train_cfg(root, "embed", "embed.tta=[vflip]"), progress=False)
+    with pytest.raises(ConfigError, match=r"^embed.tta\[0\]: one of none, hflip, transpose, got 'vflip'$"):
+        _train_cfg(root, "embed", "embed.tta=[vflip]")  # refused when the config is read, before any stage
     with pytest.raises(InputError, match="no epoch checkpoints; run `make train fold=0` first"):
         embed_fold(_train_cfg(root, "never_trained"), progress=False)
 

@@ -159,7 +159,8 @@ def test_resume_after_kill_gives_the_uninterrupted_result(processed, tmp_path):
     root, _, meta = processed
     reference = _digests(root / "processed" / "512")
     data = _linked_root(root, tmp_path)
-    cmd = [sys.executable, str(REPO / "scripts" / "01_preprocess.py"), *TINY_OVERRIDES, f"data.root={data}",
+    cmd = [sys.executable, str(REPO / "scripts" / "01_preprocess.py"), "--config", str(REPO / "configs" / "default.yaml"),
+           *TINY_OVERRIDES, f"data.root={data}",
            "data.workers=1", "preprocess.chunk_size=8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     out = data / "processed" / "512"

@@ -1,25 +1,34 @@
-"""Typed configuration: YAML files in ``configs/`` loaded into dataclasses, dotted CLI overrides.
+"""Typed configuration: YAML files in ``configs/`` validated into pydantic models, with dotted CLI overrides.
 
 A YAML file may name a ``base:`` file (relative to itself) whose values it overrides. Command-line
 overrides are ``key=value`` pairs with dotted keys (``fold=0``, ``preprocess.size=256``); values are
-parsed as YAML and checked against the field's type. Unknown keys and wrong types are errors that
-name the key. :func:`save_config` writes the resolved config beside a stage's output.
+parsed as YAML. The layers (defaults, the YAML chain, the overrides) are merged as mappings, key by key, and
+the result is validated once by the models below: every setting's type, its choices (``Literal``), its
+bounds (``Field``) and the checks that involve two settings live in the model, and an unknown key is an
+error. The first problem is one line naming the key (and the file, for a YAML file's own mistakes).
+:func:`save_config` writes the resolved config beside a stage's output.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
-import types
 import typing
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 
 from ichpipe.io import atomic_path, read_yaml_mapping
 
@@ -34,310 +43,296 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
 
 
-@dataclass
-class DataConfig:
-    root: str = "data"  # DATA_DIR: the competition files exactly as Kaggle unzips them (only read)
-    work_dir: str = ""  # where every output goes (processed/, runs/, eda/); empty = the data root
-    workers: int = 0  # worker processes for parallel stages; 0 = every core
+def _number(value: Any) -> Any:
+    """A float setting: ints and numeric strings (YAML 1.1 reads 3e-4, without a dot, as a string) are numbers; a
+    boolean is not; the number must be finite."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if isinstance(value, (int, float)) and not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+    return value
 
 
-@dataclass
-class SyntheticConfig:
+def _text(value: Any) -> Any:
+    """A string setting: a number given for it (``experiment=2024``) is its text."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_name(value: str, key: str = "") -> str:
+    """``value`` if it is a plain folder name (letters, digits, ``_ . -``, not starting with a dot); else an
+    error (a ConfigError naming ``key`` when given): a name from the command line must not lead outside its
+    folder."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        message = (f"must be a plain folder name (letters, digits, '_', '.', '-'; not starting with '.'), "
+                   f"got {value!r}")
+        raise ConfigError(f"{key}: {message}") if key else ValueError(message)
+    return value
+
+
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Float = Annotated[float, BeforeValidator(_number)]
+Str = Annotated[str, BeforeValidator(_text)]
+Name = Annotated[Str, AfterValidator(check_name)]  # a folder or file name under the data root
+OptionalName = Annotated[Str, AfterValidator(lambda v: check_name(v) if v else v)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    root: Str = "data"  # DATA_DIR: the competition files exactly as Kaggle unzips them (only read)
+    work_dir: Str = ""  # where every output goes (processed/, runs/, eda/); empty = the data root
+    workers: Annotated[Int, Field(ge=0)] = 0  # worker processes for parallel stages; 0 = every core
+
+
+class SyntheticConfig(_Section):
     """The synthetic RSNA-format dataset (``scripts/00_make_synthetic.py``)."""
 
-    seed: int = 2019
-    n_patients: int = 60
-    test_fraction: float = 0.2  # share of patients in stage_2_test/ (disjoint from train)
-    second_study_rate: float = 0.3  # patients with two studies
-    slices_min: int = 20
-    slices_max: int = 40
-    size: int = 512
-    control_rate: float = 0.45  # patients with no bleed in any study
-    bleed_rates: dict[str, float] = field(default_factory=lambda: {
+    seed: Int = 2019
+    n_patients: Annotated[Int, Field(ge=1)] = 60
+    test_fraction: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.2  # share of patients in stage_2_test/ (disjoint from train)
+    second_study_rate: Float = 0.3  # patients with two studies
+    slices_min: Int = 20
+    slices_max: Int = 40
+    size: Int = 512
+    control_rate: Float = 0.45  # patients with no bleed in any study
+    bleed_rates: dict[Str, Float] = Field(default_factory=lambda: {
         # chance that a non-control study holds a bleed of this subtype
         "epidural": 0.08, "intraparenchymal": 0.5, "intraventricular": 0.45,
         "subarachnoid": 0.3, "subdural": 0.2,
     })
-    faint_rate: float = 0.25  # bleeds that are not acute: hyperacute, subacute (isodense), chronic or mixed (subdurals)
-    min_label_area_mm2: float = 6.0  # a slice is labelled when a bleed covers at least this much
+    faint_rate: Float = 0.25  # bleeds that are not acute: hyperacute, subacute (isodense), chronic or mixed (subdurals)
+    min_label_area_mm2: Float = 6.0  # a slice is labelled when a bleed covers at least this much
     # The real data's quirks, as rates per study (series) or counts.
-    rate_12bit_quirk: float = 0.1  # unsigned 12-bit, PixelRepresentation 0, intercept > -100
-    rate_multivalue_window: float = 0.2  # WindowCenter/Width stored as two values
-    rate_non512: float = 0.05  # series of another matrix size
-    rate_fov_padding: float = 0.3  # pixels outside the scan circle at -2000 HU (padding)
-    rate_gantry_tilt: float = 0.15  # series with a tilted gantry (ImageOrientationPatient not axial)
-    rate_motion: float = 0.05  # series with a few slices blurred by patient motion
-    n_truncated: int = 1  # train files whose pixel data is shorter than declared
-    n_duplicate_images: int = 2  # images whose six label rows appear twice in stage_2_train.csv
+    rate_12bit_quirk: Float = 0.1  # unsigned 12-bit, PixelRepresentation 0, intercept > -100
+    rate_multivalue_window: Float = 0.2  # WindowCenter/Width stored as two values
+    rate_non512: Float = 0.05  # series of another matrix size
+    rate_fov_padding: Float = 0.3  # pixels outside the scan circle at -2000 HU (padding)
+    rate_gantry_tilt: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.15  # series with a tilted gantry (ImageOrientationPatient not axial)
+    rate_motion: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.05  # series with a few slices blurred by patient motion
+    n_truncated: Int = 1  # train files whose pixel data is shorter than declared
+    n_duplicate_images: Int = 2  # images whose six label rows appear twice in stage_2_train.csv
 
 
-@dataclass
-class PreprocessConfig:
+class PreprocessConfig(_Section):
     """DICOM → 3-window PNGs and the metadata table (``scripts/01_preprocess.py``)."""
 
-    size: int = 512  # PNG side; 256 for half-resolution training
+    size: Annotated[Int, Field(ge=1)] = 512  # PNG side; 256 for half-resolution training
     # (center, width) per RGB channel: brain, subdural, and soft tissue 40/380 (the 2nd place) or bone 600/2800 (the 1st)
-    windows: list[list[float]] = field(default_factory=lambda: [[40, 80], [80, 200], [40, 380]])
+    windows: list[list[Float]] = Field(default_factory=lambda: [[40, 80], [80, 200], [40, 380]])
     # "windows": one window per channel; "2.5d": brain window of slices s-1, s, s+1; "2.5d_windows": 9 channels,
     # the 3 windows of slices s-1, s, s+1 (stage 1 writes the "windows" PNGs; the loader stacks neighbours)
-    mode: str = "windows"
-    name: str = ""  # output folder under processed/; empty = "<size>" (windows, 2.5d_windows) or "<size>_2.5d"
+    mode: Literal["windows", "2.5d", "2.5d_windows"] = "windows"
+    name: OptionalName = ""  # output folder under processed/; empty = "<size>" (windows, 2.5d_windows) or "<size>_2.5d"
     # PNG encoder: the wall of this stage. Chosen by `make bench-preprocess` (BENCHMARKS.md): no
     # row filter at zlib level 1 is ~2.5x faster than libpng's adaptive filters and smaller too.
-    png_level: int = 1
-    png_filter: str = "none"  # none | sub | up | paeth | adaptive
-    png_strategy: str = "filtered"  # filtered | default | rle
-    n_folds: int = 5
-    fold_seed: int = 42
-    replace_folds: bool = False  # rewrite the fold table although finished runs were trained on the current one
-    max_bad_fraction: float = 0.01  # fail when more files than this are unreadable
-    chunk_size: int = 128  # files per task; a finished chunk is never redone on resume
+    png_level: Annotated[Int, Field(ge=0, le=9)] = 1
+    png_filter: Literal["none", "sub", "up", "paeth", "adaptive"] = "none"  # none | sub | up | paeth | adaptive
+    png_strategy: Literal["filtered", "default", "rle"] = "filtered"  # filtered | default | rle
+    n_folds: Annotated[Int, Field(ge=2)] = 5
+    fold_seed: Int = 42
+    replace_folds: Bool = False  # rewrite the fold table although finished runs were trained on the current one
+    max_bad_fraction: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.01  # fail when more files than this are unreadable
+    chunk_size: Annotated[Int, Field(ge=1)] = 128  # files per task; a finished chunk is never redone on resume
+
+    @model_validator(mode="after")
+    def _windows(self) -> PreprocessConfig:
+        if self.mode != "2.5d" and len(self.windows) != 3:
+            raise ValueError(f"preprocess.windows: need three [center, width] pairs (R, G, B), got {self.windows}")
+        for w in self.windows:
+            if len(w) != 2 or w[1] <= 0:
+                raise ValueError(f"preprocess.windows: each window is [center, width > 0], got {w}")
+        return self
 
 
-@dataclass
-class ModelConfig:
-    backbone: str = "resnet18"  # any timm model name
-    pretrained: bool = True  # ImageNet weights through timm (needs the network or timm's cache)
-    weights: str = ""  # a local ImageNet weights file for the backbone, instead of downloading
-    init_from: str = ""  # an ichpipe checkpoint to start from (half-res -> full-size fine-tuning)
-    drop_rate: float = 0.0
+class ModelConfig(_Section):
+    backbone: Str = "resnet18"  # any timm model name
+    pretrained: Bool = True  # ImageNet weights through timm (needs the network or timm's cache)
+    weights: Str = ""  # a local ImageNet weights file for the backbone, instead of downloading
+    init_from: Str = ""  # an ichpipe checkpoint to start from (half-res -> full-size fine-tuning)
+    drop_rate: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.0
     # more arguments of timm.create_model, e.g. a reduced width {channels: [16, 32, 64, 128], stem_width: 16} for a
     # resnet, saved with the run and the bundle (every stage builds the same network)
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[Str, Any] = Field(default_factory=dict)
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """The CNN stage (``scripts/02_train_cnn.py``); one run per fold."""
 
-    image_size: int = 256  # network input; PNGs are resized on the fly when they differ
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 3e-4
-    optimizer: str = "adamw"  # adamw | adam (torch.optim; adam's weight_decay is an L2 term, as torch has it)
-    weight_decay: float = 1e-2
-    schedule: str = "cosine"  # cosine: linear warm-up, then cosine to 0 | constant: linear warm-up, then lr
-    warmup_steps: int = 50
-    accumulate: int = 1  # micro-batches per optimizer step
-    clip_grad: float = 1.0  # max gradient norm; 0 = off
-    loss: str = "weighted_bce"  # weighted_bce (the metric: any x2) | mse (on probabilities)
-    mixup: float = 0.0  # Beta(α, α) of mixup, one λ per batch (0.4 as the 2nd place tried on EfficientNet); 0 = off
-    label_smoothing: float = 0.0  # training targets y(1-ε) + ε/2; 0 = off
-    amp: str = "auto"  # auto (fp16 + GradScaler on CUDA, off on CPU) | bf16 | fp16 | off
-    channels_last: bool = True
-    compile: bool = False  # torch.compile the model
-    cudnn_benchmark: bool = True  # on CUDA: let cuDNN time its kernels for the fixed input size once, then use the fastest
-    loader_workers: int = 2  # DataLoader processes per GPU
-    augment: list[dict[str, Any]] = field(default_factory=list)  # empty = ichpipe.data.DEFAULT_AUGMENT
+    image_size: Annotated[Int, Field(ge=1)] = 256  # network input; PNGs are resized on the fly when they differ
+    epochs: Annotated[Int, Field(ge=1)] = 3
+    batch_size: Annotated[Int, Field(ge=1)] = 32
+    lr: Annotated[Float, Field(gt=0.0)] = 3e-4
+    optimizer: Literal["adamw", "adam"] = "adamw"  # adamw | adam (torch.optim; adam's weight_decay is an L2 term, as torch has it)
+    weight_decay: Annotated[Float, Field(ge=0.0)] = 1e-2
+    schedule: Literal["cosine", "constant"] = "cosine"  # cosine: linear warm-up, then cosine to 0 | constant: linear warm-up, then lr
+    warmup_steps: Annotated[Int, Field(ge=0)] = 50
+    accumulate: Annotated[Int, Field(ge=1)] = 1  # micro-batches per optimizer step
+    clip_grad: Annotated[Float, Field(ge=0.0)] = 1.0  # max gradient norm; 0 = off
+    loss: Literal["weighted_bce", "mse"] = "weighted_bce"  # weighted_bce (the metric: any x2) | mse (on probabilities)
+    mixup: Annotated[Float, Field(ge=0.0)] = 0.0  # Beta(α, α) of mixup, one λ per batch (0.4 as the 2nd place tried on EfficientNet); 0 = off
+    label_smoothing: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.0  # training targets y(1-ε) + ε/2; 0 = off
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto (fp16 + GradScaler on CUDA, off on CPU) | bf16 | fp16 | off
+    channels_last: Bool = True
+    compile: Bool = False  # torch.compile the model
+    cudnn_benchmark: Bool = True  # on CUDA: let cuDNN time its kernels for the fixed input size once, then use the fastest
+    loader_workers: Annotated[Int, Field(ge=0)] = 2  # DataLoader processes per GPU
+    augment: list[dict[Str, Any]] = Field(default_factory=list)  # empty = ichpipe.data.DEFAULT_AUGMENT
     # crop the black border around the head and pad the box to a square before resizing (the 2nd place's
     # autocrop); the same crop in training, stage 3 and predict
-    crop_border: bool = False
-    crop_margin: float = 0.1  # with crop_border: random margin per side in training, up to this x box size; 0 = tight
-    log_every: int = 20  # steps between TensorBoard points
+    crop_border: Bool = False
+    crop_margin: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.1  # with crop_border: random margin per side in training, up to this x box size; 0 = tight
+    log_every: Annotated[Int, Field(ge=1)] = 20  # steps between TensorBoard points
 
 
-@dataclass
-class EmbedConfig:
+class EmbedConfig(_Section):
     """Per-slice embeddings and logits from each bagged checkpoint (``scripts/03_embed.py``)."""
 
-    tta: list[str] = field(default_factory=lambda: ["none", "hflip", "transpose"])  # views, averaged
-    keep_views: bool = False  # also save every view separately
-    epochs: list[int] = field(default_factory=list)  # checkpoints to embed; empty = every epoch
-    batch_size: int = 64
-    train: bool = False  # also the fold's training patients (train_*.npy), for lstm.train_on=train or train_and_oof
+    tta: list[Literal["none", "hflip", "transpose"]] = Field(default_factory=lambda: ["none", "hflip", "transpose"])  # views, averaged
+    keep_views: Bool = False  # also save every view separately
+    epochs: list[Int] = Field(default_factory=list)  # checkpoints to embed; empty = every epoch
+    batch_size: Annotated[Int, Field(ge=1)] = 64
+    train: Bool = False  # also the fold's training patients (train_*.npy), for lstm.train_on=train or train_and_oof
     # the embeddings' dtype on disk (logits stay float32): float16 halves stage 3's disk (5 folds x 5 epochs at
     # 2048-d: ~28 GB instead of ~55) and what stage 4 reads; stage 4 computes in float32 either way
-    dtype: str = "float16"
+    dtype: Literal["float16", "float32"] = "float16"
 
 
-@dataclass
-class LstmConfig:
+class LstmConfig(_Section):
     """The sequence model over each series' slices (``scripts/lstm_train.py``); one run per fold."""
 
     # lstm | gru | gru_attention | transformer | lstm_2nd_place (src/ichpipe/sequence.py): the 2nd place's
     # own network, two BiLSTMs whose outputs, their ReLU-linear maps and the embedding are summed before the head
-    kind: str = "lstm"
-    heads: int = 4  # attention heads (gru_attention, transformer); must divide 2 x hidden
-    inner_folds: int = 4  # patient groups inside the fold: each inner model predicts one (leakage-free OOF)
+    kind: Literal["lstm", "gru", "gru_attention", "transformer", "lstm_2nd_place"] = "lstm"
+    heads: Int = 4  # attention heads (gru_attention, transformer); must divide 2 x hidden
+    inner_folds: Annotated[Int, Field(ge=2)] = 4  # patient groups inside the fold: each inner model predicts one (leakage-free OOF)
     # oof: train on the fold's held-out patients only (nested CV: lstm.inner_folds models + a refit).
     # train: on the CNN's own training patients only, one model per checkpoint that predicts the held-out
     # patients and the test set (the 2nd place's recipe; needs embed.train=true). train_and_oof: both, nested.
     # Every OOF prediction comes from a model that never saw the patient, over a CNN that never saw it
-    train_on: str = "oof"
-    reduce_dim: int = 64  # Linear+ReLU from the CNN embedding to this size first; 0 = use it as is
-    standardize: bool = True  # embeddings standardised by the training rows' mean/std (false: raw, as the 2nd place)
-    hidden: int = 64  # units per direction (recurrent kinds); the transformer's width is 2 x hidden
-    layers: int = 2  # recurrent or encoder layers
-    dropout: float = 0.2
-    epochs: int = 12  # as the 2nd place
-    bag_last: int = 4  # predictions averaged over the last this many epochs
-    batch_size: int = 8  # series per batch
-    optimizer: str = "adamw"  # adamw | adam
-    lr: float = 2e-3
-    lr_gamma: float = 1.0  # the lr is multiplied by this after every epoch (StepLR; the 2nd place: 0.95); 1 = constant
-    weight_decay: float = 1e-2
+    train_on: Literal["oof", "train", "train_and_oof"] = "oof"
+    reduce_dim: Annotated[Int, Field(ge=0)] = 64  # Linear+ReLU from the CNN embedding to this size first; 0 = use it as is
+    standardize: Bool = True  # embeddings standardised by the training rows' mean/std (false: raw, as the 2nd place)
+    hidden: Annotated[Int, Field(ge=1)] = 64  # units per direction (recurrent kinds); the transformer's width is 2 x hidden
+    layers: Annotated[Int, Field(ge=1)] = 2  # recurrent or encoder layers
+    dropout: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.2
+    epochs: Annotated[Int, Field(ge=1)] = 12  # as the 2nd place
+    bag_last: Annotated[Int, Field(ge=1)] = 4  # predictions averaged over the last this many epochs
+    batch_size: Annotated[Int, Field(ge=1)] = 8  # series per batch
+    optimizer: Literal["adamw", "adam"] = "adamw"  # adamw | adam
+    lr: Annotated[Float, Field(gt=0.0)] = 2e-3
+    lr_gamma: Annotated[Float, Field(ge=0.0, le=1.0)] = 1.0  # the lr is multiplied by this after every epoch (StepLR; the 2nd place: 0.95); 1 = constant
+    weight_decay: Annotated[Float, Field(ge=0.0)] = 1e-2
 
 
-@dataclass
-class BlendConfig:
+class BlendConfig(_Section):
     """Folds x bags x TTA averaged into a submission (``scripts/05_blend.py``)."""
 
-    epoch_weights: dict[int, float] = field(default_factory=dict)  # CNN epoch -> weight; missing = 1
-    fold_weights: dict[int, float] = field(default_factory=dict)  # fold -> weight for the test set; missing = 1
-    lstm_weight: float = 1.0  # final = lstm_weight x LSTM + (1 - lstm_weight) x CNN bagged
-    clip: float = 1e-5  # probabilities clipped to [clip, 1 - clip], as the top teams did
-    out_dir: str = "submissions"  # relative to the repository root unless absolute
-    competition: str = "rsna-intracranial-hemorrhage-detection"  # for `make submit`
+    epoch_weights: dict[int, Float] = Field(default_factory=dict)  # CNN epoch -> weight; missing = 1
+    fold_weights: dict[int, Float] = Field(default_factory=dict)  # fold -> weight for the test set; missing = 1
+    lstm_weight: Annotated[Float, Field(ge=0.0, le=1.0)] = 1.0  # final = lstm_weight x LSTM + (1 - lstm_weight) x CNN bagged
+    clip: Annotated[Float, Field(ge=0.0, le=0.5)] = 1e-5  # probabilities clipped to [clip, 1 - clip], as the top teams did
+    out_dir: Str = "submissions"  # relative to the repository root unless absolute
+    competition: Str = "rsna-intracranial-hemorrhage-detection"  # for `make submit`
 
 
-@dataclass
-class StackerConfig:
+class StackerConfig(_Section):
     """The ensemble's second-level model per class (scikit-learn), on the members' neighbour features."""
 
-    model: str = "logistic"  # logistic (L2 logistic regression on standardised features) | hgb (gradient boosting)
-    neighbours: list[int] = field(default_factory=lambda: [1, 2])  # features of the slices at z ± these
-    c: float = 0.01  # logistic: inverse L2 strength (demo, 5-fold-CV: 0.01 → 0.1078, 0.1 → 0.1176)
+    model: Literal["logistic", "hgb"] = "logistic"  # logistic (L2 logistic regression on standardised features) | hgb (gradient boosting)
+    neighbours: list[Int] = Field(default_factory=lambda: [1, 2])  # features of the slices at z ± these
+    c: Float = 0.01  # logistic: inverse L2 strength (demo, 5-fold-CV: 0.01 → 0.1078, 0.1 → 0.1176)
     # hgb (HistGradientBoostingClassifier): small trees; the demo's ~1,400 training slices per fold
     # over-fit deeper ones (15 leaves, 150 iterations: 0.138 vs 0.113 with these)
-    max_iter: int = 60
-    learning_rate: float = 0.05
-    max_leaf_nodes: int = 4
-    min_samples_leaf: int = 80
-    l2_regularization: float = 5.0
+    max_iter: Int = 60
+    learning_rate: Float = 0.05
+    max_leaf_nodes: Int = 4
+    min_samples_leaf: Int = 80
+    l2_regularization: Float = 5.0
 
 
-@dataclass
-class EnsembleConfig:
+class EnsembleConfig(_Section):
     """Experiments combined into one submission (``scripts/10_ensemble.py``, ``make ensemble``)."""
 
-    name: str = "ensemble"  # its folder under runs/ and its submissions' name
-    members: list[str] = field(default_factory=list)  # experiment names; EXPERIMENTS="a b" on make
-    member_model: str = "blend"  # which of each member's stage-5 models: blend | cnn_bagged | lstm | ...
-    combiners: list[str] = field(default_factory=lambda: ["mean", "weights", "stacker"])
-    weight_space: str = "auto"  # per-class weights on probabilities (prob), logits (logit) or by CV (auto)
-    final: str = "auto"  # the submitted combiner or member; auto = the lowest OOF loss of all of them
-    stacker: StackerConfig = field(default_factory=StackerConfig)
+    name: Name = "ensemble"  # its folder under runs/ and its submissions' name
+    members: list[Name] = Field(default_factory=list)  # experiment names; EXPERIMENTS="a b" on make
+    member_model: Str = "blend"  # which of each member's stage-5 models: blend | cnn_bagged | lstm | ...
+    combiners: list[Literal["mean", "weights", "stacker"]] = Field(default_factory=lambda: ["mean", "weights", "stacker"])
+    weight_space: Literal["auto", "prob", "logit"] = "auto"  # per-class weights on probabilities (prob), logits (logit) or by CV (auto)
+    final: Str = "auto"  # the submitted combiner or member; auto = the lowest OOF loss of all of them
+    stacker: StackerConfig = Field(default_factory=StackerConfig)
 
 
-@dataclass
-class ReportConfig:
+class ReportConfig(_Section):
     """The experiment report (``scripts/07_report.py``): figures and report.md from the OOF predictions."""
 
-    model: str = "blend"  # whose OOF predictions: prior | cnn_single | cnn_bagged | lstm | blend
-    examples_per_class: int = 4  # rows of Figure 1
-    default_recall: float = 0.95  # target recall of each class's operating point
-    target_recall: dict[str, float] = field(default_factory=lambda: {"any": 0.95})  # per class, over the default
-    calibration_bins: int = 10
+    model: Literal["prior", "cnn_single", "cnn_bagged", "lstm", "blend"] = "blend"  # whose OOF predictions: prior | cnn_single | cnn_bagged | lstm | blend
+    examples_per_class: Annotated[Int, Field(ge=1)] = 4  # rows of Figure 1
+    default_recall: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.95  # target recall of each class's operating point
+    target_recall: dict[Str, Float] = Field(default_factory=lambda: {"any": 0.95})  # per class, over the default
+    calibration_bins: Annotated[Int, Field(ge=2)] = 10
 
 
-@dataclass
-class Config:
-    experiment: str = "demo"
-    fold: int = 0
-    seed: int = 42
-    resume: bool = False  # continue the fold's run from its last checkpoint
+class Config(_Section):
+    experiment: Name = "demo"
+    fold: Annotated[Int, Field(ge=0)] = 0
+    seed: Int = 42
+    resume: Bool = False  # continue the fold's run from its last checkpoint
     # redo a finished result (embeddings, sequence models) that was made with other settings; without it such a
     # result is kept and the stage stops, naming the settings that differ
-    replace: bool = False
-    data: DataConfig = field(default_factory=DataConfig)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
-    lstm: LstmConfig = field(default_factory=LstmConfig)
-    blend: BlendConfig = field(default_factory=BlendConfig)
-    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
+    replace: Bool = False
+    data: DataConfig = Field(default_factory=DataConfig)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    lstm: LstmConfig = Field(default_factory=LstmConfig)
+    blend: BlendConfig = Field(default_factory=BlendConfig)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @model_validator(mode="after")
+    def _across_settings(self) -> Config:
+        """The checks that involve two settings (one line each, naming both)."""
+        if self.lstm.bag_last > self.lstm.epochs:
+            raise ValueError(f"lstm.bag_last={self.lstm.bag_last}: must not exceed lstm.epochs={self.lstm.epochs}")
+        for key in ("epoch_weights", "fold_weights"):
+            for k, w in getattr(self.blend, key).items():
+                if k < 0 or w < 0:
+                    raise ValueError(f"blend.{key}.{k}: epochs, folds and weights are not negative, got {k}: {w}")
+        e = self.ensemble
+        if not e.combiners:
+            raise ValueError("ensemble.combiners: name at least one of mean, weights, stacker")
+        if e.final not in ("auto", *e.combiners, *e.members):
+            raise ValueError(f"ensemble.final={e.final!r}: auto, one of ensemble.combiners {e.combiners} or a "
+                             f"member {list(e.members)}")
+        return self
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+CHOICES = {}  # "section.key": its allowed values, from the models' Literal types (filled below)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{key}: must not be null")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        if not args:
-            return value
-        # Keys too: a dotted override (blend.epoch_weights.2=0.5) arrives with the string key "2".
-        return {_coerce_key(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    if tp is Any:
-        return value
-    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+def _walk_choices(model: type[BaseModel], prefix: str = "") -> None:
+    for name, info in model.model_fields.items():
+        tp = info.annotation
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            _walk_choices(tp, f"{prefix}{name}.")
+        elif typing.get_origin(tp) is Literal:
+            CHOICES[f"{prefix}{name}"] = typing.get_args(tp)
 
 
-def _coerce_key(k: Any, tp: Any, key: str) -> Any:
-    """A mapping key as the field's key type: ``"2"`` → 2 for ``dict[int, ...]``."""
-    if tp is int and isinstance(k, str):
-        try:
-            return int(k)
-        except ValueError:
-            raise ConfigError(f"{key}: keys are integers, got {k!r}") from None
-    if tp is str and not isinstance(k, str):
-        return str(k)
-    return _coerce(k, tp, f"{key} key {k!r}")
-
-
-def _apply(obj: Any, values: dict, prefix: str = "") -> None:
-    """Set ``values`` (a nested mapping) onto the dataclass ``obj`` in place, checking keys and types."""
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for key, value in values.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"{full}: unknown key (known: {', '.join(sorted(names))})")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{full}: expected a section (mapping), got {value!r}")
-            _apply(current, value, f"{full}.")
-        elif typing.get_origin(hints[key]) is dict and isinstance(value, dict) and isinstance(current, dict):
-            # Mappings merge key by key, so an override can change one entry.
-            setattr(obj, key, {**current, **_coerce(value, hints[key], full)})
-        else:
-            setattr(obj, key, _coerce(value, hints[key], full))
+_walk_choices(Config)
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
@@ -381,83 +376,142 @@ def nest(flat: dict) -> dict:
     return out
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults ← YAML chain of ``path`` (default ``configs/default.yaml``) ← overrides."""
-    cfg = Config()
+def _merge(base: dict, layer: dict) -> dict:
+    """``layer`` over ``base``, mappings merged key by key (so an override can change one entry of a section or of
+    a mapping setting); anything else replaced."""
+    out = dict(base)
+    for key, value in layer.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+# The mistakes one layer can make on its own (the rest, such as bounds or settings that must agree, are judged
+# on the merged result): reported with the file that made them.
+_LAYER_ERRORS = {"extra_forbidden", "int_type", "int_parsing", "int_from_float", "float_type", "float_parsing",
+                 "bool_type", "bool_parsing", "string_type", "list_type", "dict_type", "model_type",
+                 "model_attributes_type"}
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> Config:
+    """Defaults ← YAML chain of ``path`` (default ``configs/default.yaml``) ← ``overrides`` (``key=value`` text)
+    ← ``values`` (dotted keys with typed values, e.g. a search trial's), validated into a Config."""
     path = Path(path) if path else DEFAULT_CONFIG
+    merged = Config().model_dump(mode="python")
     for layer in _read_yaml(path):
-        try:
-            _apply(cfg, layer)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-    _apply(cfg, parse_overrides(overrides or []))
-    validate(cfg)
-    return cfg
+        merged = _merge(merged, layer)
+        _validate(merged, prefix=f"{path}: ", only=_LAYER_ERRORS)
+    merged = _merge(merged, parse_overrides(overrides or []))
+    merged = _merge(merged, nest(values or {}))
+    return _validate(merged)
 
 
-# Settings with a fixed set of values, and settings that must be at least (or above) a bound.
-CHOICES = {
-    "preprocess.mode": ("windows", "2.5d", "2.5d_windows"),
-    "preprocess.png_filter": ("none", "sub", "up", "paeth", "adaptive"),
-    "preprocess.png_strategy": ("filtered", "default", "rle"),
-    "train.amp": ("auto", "bf16", "fp16", "off"),
-    "train.optimizer": ("adamw", "adam"),
-    "train.schedule": ("cosine", "constant"),
-    "embed.dtype": ("float16", "float32"),
-    "lstm.kind": ("lstm", "gru", "gru_attention", "transformer", "lstm_2nd_place"),
-    "lstm.optimizer": ("adamw", "adam"),
-    "train.loss": ("weighted_bce", "mse"),
-    "report.model": ("prior", "cnn_single", "cnn_bagged", "lstm", "blend"),
-    "lstm.train_on": ("oof", "train", "train_and_oof"),
-}
-AT_LEAST = {
-    "fold": 0, "data.workers": 0, "preprocess.size": 1, "preprocess.n_folds": 2, "preprocess.chunk_size": 1,
-    "synthetic.n_patients": 1, "train.image_size": 1, "train.epochs": 1,
-    "train.batch_size": 1, "train.accumulate": 1, "train.warmup_steps": 0, "train.loader_workers": 0,
-    "train.log_every": 1, "embed.batch_size": 1, "lstm.inner_folds": 2, "lstm.hidden": 1, "lstm.layers": 1,
-    "lstm.epochs": 1, "lstm.bag_last": 1, "lstm.batch_size": 1, "lstm.reduce_dim": 0,
-    "report.examples_per_class": 1, "report.calibration_bins": 2,
-}
-ABOVE = {  # strictly above
-    "train.lr": 0.0, "lstm.lr": 0.0,
-}
-NOT_NEGATIVE = ("train.weight_decay", "lstm.weight_decay", "train.clip_grad", "train.mixup")
-RANGES = {  # closed intervals
-    "preprocess.max_bad_fraction": (0.0, 1.0), "preprocess.png_level": (0, 9), "lstm.dropout": (0.0, 1.0),
-    "blend.lstm_weight": (0.0, 1.0), "blend.clip": (0.0, 0.5), "synthetic.test_fraction": (0.0, 1.0),
-    "lstm.lr_gamma": (0.0, 1.0), "train.crop_margin": (0.0, 1.0), "train.label_smoothing": (0.0, 1.0),
-    "model.drop_rate": (0.0, 1.0), "report.default_recall": (0.0, 1.0),
-    "synthetic.rate_gantry_tilt": (0.0, 1.0), "synthetic.rate_motion": (0.0, 1.0),
-}
+def _validate(data: dict, prefix: str = "", only: set[str] | None = None) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        errors = [e for e in exc.errors() if only is None or e["type"] in only]
+        if not errors:
+            return None  # type: ignore[return-value] - a layer whose only problems a later layer may fix
+        raise ConfigError(prefix + _describe(errors[0])) from None
 
 
-# Settings that become a folder or file name under the data root: a plain name, never a path ("../x", "a/b", "").
-NAMES = ("experiment", "ensemble.name")
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+               "list": "a list", "dict": "a mapping", "model": "a section (mapping)", "model_attributes": "a section (mapping)"}
 
 
-def check_name(value: str, key: str) -> str:
-    """``value`` if it is a plain folder name (letters, digits, ``_ . -``, not starting with a dot); else a
-    one-line ConfigError naming ``key``: a name from the command line must not lead outside its folder."""
-    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
-        raise ConfigError(f"{key}: must be a plain folder name (letters, digits, '_', '.', '-'; not starting with "
-                          f"'.'), got {value!r}")
-    return value
+def _describe(error: dict) -> str:
+    """One line for one of pydantic's errors, in this project's words: ``key: what is wrong, got value``."""
+    loc = list(error["loc"])
+    is_key = bool(loc) and loc[-1] == "[key]"
+    if is_key:
+        loc = loc[:-1]
+    key = _dotted(loc)
+    kind, value = error["type"], error.get("input")
+    ctx = error.get("ctx", {})
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        known = ", ".join(sorted(parent.model_fields)) if parent is not None else ""
+        return f"{key}: unknown key (known: {known})"
+    if is_key:
+        return f"{key.rpartition('.')[0]}: keys are integers, got {loc[-1]!r}"
+    family = kind.split("_")[0] if not kind.startswith("model_attributes") else "model_attributes"
+    if kind.endswith(("_type", "_parsing")) or kind == "int_from_float":
+        return f"{key}: expected {_TYPE_WORDS.get(family, family)}, got {value!r}"
+    if kind == "literal_error":
+        allowed = CHOICES.get(re.sub(r"\[\d+\]$", "", key)) or _literal_args(loc)
+        return f"{key}: one of {', '.join(map(str, allowed))}, got {value!r}"
+    info = _field([p for p in loc if isinstance(p, str)])
+    if info is not None and _bare(info.annotation) is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # as the setting holds it: -1 given for a float is -1.0
+    bounds = _bounds(loc)
+    if kind in ("greater_than_equal", "less_than_equal") and "ge" in bounds and "le" in bounds:
+        return f"{key}: must be between {bounds['ge']} and {bounds['le']}, got {value}"
+    if kind == "greater_than_equal":
+        return f"{key}: must be at least {ctx['ge']}, got {value}"
+    if kind == "greater_than":
+        return f"{key}: must be above {ctx['gt']}, got {value}"
+    if kind == "less_than_equal":
+        return f"{key}: must be at most {ctx['le']}, got {value}"
+    message = str(ctx.get("error", error["msg"])).removeprefix("Value error, ")
+    names_itself = not key or message.startswith((f"{key}.", f"{key}:", f"{key}="))  # a check across settings
+    return message if names_itself else f"{key}: {message}"
 
 
-def _floats(obj: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
-    """Every float setting of a config (dotted key, value), in mappings and lists too."""
-    if dataclasses.is_dataclass(obj):
-        for f in dataclasses.fields(obj):
-            yield from _floats(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _floats(v, f"{prefix}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _floats(v, f"{prefix}[{i}]")
-    elif isinstance(obj, float):
-        yield prefix, obj
+def _model_at(loc: list) -> type[BaseModel] | None:
+    """The model class a (field-name) location leads to; None past a non-model."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        info = model.model_fields.get(part) if isinstance(part, str) else None
+        if info is None or not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
+            return None
+        model = info.annotation
+    return model
+
+
+def _field(loc: list):
+    parent = _model_at([p for p in loc[:-1] if isinstance(p, str)])
+    return parent.model_fields.get(loc[-1]) if parent is not None and loc and isinstance(loc[-1], str) else None
+
+
+def _bare(tp: Any) -> Any:
+    """The type inside ``Annotated[...]`` (pydantic keeps the constraints beside it)."""
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _dotted(loc: list) -> str:
+    """A pydantic location as this project writes a key: ``train.lr``, ``embed.tta[1]``, ``blend.epoch_weights.2``."""
+    key, tp = "", Config
+    for part in loc:
+        if isinstance(tp, type) and issubclass(tp, BaseModel) and isinstance(part, str) and part in tp.model_fields:
+            key, tp = (f"{key}.{part}" if key else part), _bare(tp.model_fields[part].annotation)
+        elif typing.get_origin(tp) is list:
+            key, tp = f"{key}[{part}]", _bare(typing.get_args(tp)[0])
+        elif typing.get_origin(tp) is dict:
+            key, tp = f"{key}.{part}", _bare(typing.get_args(tp)[1])
+        else:
+            key, tp = (f"{key}.{part}" if key else str(part)), None
+    return key
+
+
+def _bounds(loc: list) -> dict:
+    info = _field([p for p in loc if isinstance(p, str)])
+    out = {}
+    for m in getattr(info, "metadata", []):
+        for name in ("ge", "le", "gt"):
+            if getattr(m, name, None) is not None:
+                out[name] = getattr(m, name)
+    return out
+
+
+def _literal_args(loc: list) -> tuple:
+    info = _field([p for p in loc if isinstance(p, str)])
+    tp = getattr(info, "annotation", None)
+    while typing.get_origin(tp) is list:
+        tp = typing.get_args(tp)[0]
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
 
 
 def get_value(cfg: Config, key: str) -> Any:
@@ -468,43 +522,9 @@ def get_value(cfg: Config, key: str) -> Any:
     return value
 
 
-def validate(cfg: Config) -> None:
-    """Values the types allow but no stage can use; a one-line error naming the key, before any work (no run
-    folder is made for a config that fails here)."""
-    for key, value in _floats(cfg):
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: must be a finite number, got {value}")
-    for key in NAMES:
-        check_name(get_value(cfg, key), key)
-    for i, member in enumerate(cfg.ensemble.members):
-        check_name(member, f"ensemble.members[{i}]")
-    if cfg.preprocess.name:
-        check_name(cfg.preprocess.name, "preprocess.name")
-    for key, allowed in CHOICES.items():
-        if get_value(cfg, key) not in allowed:
-            raise ConfigError(f"{key}: one of {', '.join(allowed)}, got {get_value(cfg, key)!r}")
-    for key, low in AT_LEAST.items():
-        if get_value(cfg, key) < low:
-            raise ConfigError(f"{key}: must be at least {low}, got {get_value(cfg, key)}")
-    for key, low in ABOVE.items():
-        if not get_value(cfg, key) > low:
-            raise ConfigError(f"{key}: must be above {low}, got {get_value(cfg, key)}")
-    for key in NOT_NEGATIVE:
-        if get_value(cfg, key) < 0:
-            raise ConfigError(f"{key}: must not be negative, got {get_value(cfg, key)}")
-    for key, (low, high) in RANGES.items():
-        if not low <= get_value(cfg, key) <= high:
-            raise ConfigError(f"{key}: must be between {low} and {high}, got {get_value(cfg, key)}")
-    if cfg.lstm.bag_last > cfg.lstm.epochs:
-        raise ConfigError(f"lstm.bag_last={cfg.lstm.bag_last}: must not exceed lstm.epochs={cfg.lstm.epochs}")
-    for key in ("blend.epoch_weights", "blend.fold_weights"):
-        for k, w in get_value(cfg, key).items():
-            if k < 0 or w < 0:
-                raise ConfigError(f"{key}.{k}: epochs, folds and weights are not negative, got {k}: {w}")
-
-
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain Python values (sections as mappings), as save_config writes it."""
+    return cfg.model_dump(mode="python")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -28,7 +28,7 @@ from ichpipe.config import Config, describe_changes, may_replace, save_config
 from ichpipe.data import SliceDataset, build_transform, input_channels, make_loader
 from ichpipe.device import amp_settings, init_runtime
 from ichpipe.folds import check_fold_table
-from ichpipe.inference import VIEWS, embed_loader
+from ichpipe.inference import embed_loader
 from ichpipe.io import InputError, atomic_path, sweep_temp_files, write_text_atomic
 from ichpipe.labels import N_LABELS
 from ichpipe.models import create_model, load_weights
@@ -42,9 +42,6 @@ EMBED_KEYS = ("seed", "model.backbone", "model.kwargs", "embed.tta", "embed.keep
 
 def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
     """Embed the OOF and test slices with every selected checkpoint of ``cfg.fold``; returns the folders."""
-    for view in cfg.embed.tta:
-        if view not in VIEWS:
-            raise InputError(f"embed.tta: unknown view {view!r}; choose from {', '.join(VIEWS)}")
     out = run_dir(cfg)
     ckpts = sorted((out / "checkpoints").glob("epoch*.pt"))
     if not ckpts:

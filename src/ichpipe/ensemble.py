@@ -55,8 +55,6 @@ from ichpipe.paths import data_paths, neighbour_positions, read_metadata, work_d
 from ichpipe.results import PREDICTION_FILES, format_table, git_state, score, write_prediction_tables
 from ichpipe.submission import fill_missing, sample_image_ids, submissions_dir, sweep_leftovers, write_checked
 
-COMBINERS = ("mean", "weights", "stacker")
-
 
 def load_member(runs, member: str, model: str, where: str) -> pd.DataFrame:
     """One member's probabilities of ``model`` on ``where`` (oof | test): image_id index, six columns."""
@@ -181,28 +179,20 @@ class _Members:
 
 def run_ensemble(cfg: Config, today: dt.date | None = None) -> dict:
     """Combine the members of ``cfg.ensemble``; CV table, predictions and a validated submission."""
-    members = _check_settings(cfg)
+    members = _members(cfg)
     loaded = _load_members(cfg, members)
     oof, test, detail = _combine_members(cfg, loaded)
     return _write_results(cfg, loaded, oof, test, detail, today)
 
 
-def _check_settings(cfg: Config) -> list[str]:
-    """The members (each once), after the ensemble's settings are checked."""
+def _members(cfg: Config) -> list[str]:
+    """The members, each once: at least two."""
     ecfg = cfg.ensemble
     members = list(dict.fromkeys(ecfg.members))
     if len(members) < 2:
         raise InputError(f"ensemble.members: {members or 'none'}; name at least two experiments "
                          f"(make ensemble EXPERIMENTS=\"demo demo_mobilenet\")")
-    unknown = [c for c in ecfg.combiners if c not in COMBINERS]
-    if unknown or not ecfg.combiners:
-        raise InputError(f"ensemble.combiners: {unknown or 'none'}; choose from {', '.join(COMBINERS)}")
-    if ecfg.final not in ("auto", *ecfg.combiners, *members):
-        raise InputError(f"ensemble.final={ecfg.final!r}: auto, one of ensemble.combiners {ecfg.combiners} "
-                         f"or a member {members}")
-    if ecfg.weight_space not in ("auto", "prob", "logit"):
-        raise InputError(f"ensemble.weight_space={ecfg.weight_space!r}: auto, prob or logit")
-    return members
+    return members  # the combiners, the final choice and the weight space are checked with the config
 
 
 def _load_members(cfg: Config, members: list[str]) -> _Members:

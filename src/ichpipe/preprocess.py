@@ -61,14 +61,6 @@ def png_settings(cfg: PreprocessConfig) -> tuple[int, str, str]:
     return cfg.png_level, cfg.png_filter, cfg.png_strategy
 
 
-def check_settings(cfg: PreprocessConfig) -> None:
-    if cfg.mode != "2.5d" and len(cfg.windows) != 3:
-        raise PreprocessError(f"preprocess.windows: need three [center, width] pairs (R, G, B), got {cfg.windows}")
-    for w in cfg.windows:
-        if len(w) != 2 or w[1] <= 0:
-            raise PreprocessError(f"preprocess.windows: each window is [center, width > 0], got {w}")
-
-
 PNG_FILTERS = {"none": cv2.IMWRITE_PNG_FILTER_NONE, "sub": cv2.IMWRITE_PNG_FILTER_SUB,
                "up": cv2.IMWRITE_PNG_FILTER_UP, "paeth": cv2.IMWRITE_PNG_FILTER_PAETH,
                "adaptive": cv2.IMWRITE_PNG_ALL_FILTERS}
@@ -160,7 +152,6 @@ def _check_previous_run(out_dir: Path, cfg: PreprocessConfig) -> None:
 def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool = True) -> dict:
     """Run (or resume) the stage; returns a summary. See the module docstring for the outputs."""
     pcfg = cfg.preprocess
-    check_settings(pcfg)
     paths = data_paths(cfg)
     files = list_inputs(paths)  # inputs and labels first: a wrong DATA_DIR creates nothing
     labels = _read_labels_first(paths, files)

@@ -103,11 +103,6 @@ def suggest(trial, key: str, dist: dict) -> Any:
     return trial.suggest_float(key, float(dist["low"]), float(dist["high"]), log=bool(dist.get("log", False)))
 
 
-def _overrides(values: dict) -> list[str]:
-    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for k, v in values.items()]
-
-
 def _pruner(spec: dict):
     import optuna
 
@@ -134,7 +129,7 @@ def run_search(config_path: str | Path | None, space_path: str | Path, overrides
     for key in spec["space"]:  # every key is a config key: checked before any training
         try:
             start[key] = get_value(base, key)
-            load_config(config_path, [*overrides, *_overrides({key: start[key]})])
+            load_config(config_path, overrides, values={key: start[key]})
         except (AttributeError, ConfigError) as exc:
             raise InputError(f"{space_path}: space.{key}: not a config key ({exc})") from None
     out = data_paths(base).runs / spec["name"]
@@ -151,8 +146,7 @@ def run_search(config_path: str | Path | None, space_path: str | Path, overrides
     def objective(trial) -> float:
         values = {k: suggest(trial, k, d) for k, d in spec["space"].items()}
         name = f"{spec['name']}_t{trial.number:03d}"
-        cfg = load_config(config_path, [*overrides, *_overrides(values), f"experiment={name}",
-                                        f"fold={spec['fold']}"])
+        cfg = load_config(config_path, overrides, values={**values, "experiment": name, "fold": spec["fold"]})
         trial.set_user_attr("experiment", name)
 
         def report(epoch: int, metrics: dict) -> None:
@@ -206,7 +200,7 @@ def write_outputs(study, spec: dict, config_path, overrides: list[str], out: Pat
         lines.append(f"| {t.number} | {t.state.name.lower()} | {value} | {cells} |")
     write_text_atomic(out / "trials.md", "\n".join(lines) + "\n")
 
-    load_config(config_path, [*overrides, *_overrides(best.params)])  # the best values make a valid config
+    load_config(config_path, overrides, values=best.params)  # the best values make a valid config
     nested = nest(best.params)
     header = (f"# Best of search {spec['name']} (trial {best.number}, fold {spec['fold']} val loss {best.value:.4f}).\n"
               f"# Train it: make train CONFIG={out / 'best.yaml'}\n")
