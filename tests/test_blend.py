@@ -368,6 +368,8 @@ def test_a_rerun_that_changes_nothing_keeps_the_submission_of_its_first_day(tmp_
     again = run_blend(cfg, today=dt.date(2026, 11, 24))["written"]  # after midnight: the same predictions
     assert sorted(p.name for p in subs.iterdir()) == names
     assert {m: (w["path"], w["new"]) for m, w in again.items()} == {m: (w["path"], False) for m, w in first.items()}
+    same_day = run_blend(cfg, today=dt.date(2026, 11, 23))["written"]  # was reported "written" (the same name)
+    assert {m: (w["path"], w["new"]) for m, w in same_day.items()} == {m: (w["path"], False) for m, w in first.items()}
     info = yaml.safe_load(info_path(first["blend"]["path"]).read_text())
     assert info["sha256"] == hashlib.sha256(gzip.decompress(Path(first["blend"]["path"]).read_bytes())).hexdigest()
     cfg.blend.lstm_weight = 0.3  # the blend changes, the CNN's predictions do not

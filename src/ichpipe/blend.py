@@ -209,6 +209,6 @@ def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
             "cv_table": {w: {m: s[m]["weighted"] for m in s} for w, s in scores.items()},
             "images_filled_with_prior": filled, "used": used,
             "configs": {"blend": to_dict(cfg), **_run_configs(cfg, used["folds"])}}
-        kept = write_checked(test, path, paths.sample_submission_csv, info)
-        written[model] = {"path": str(kept), "cv": cv, "filled": filled, "new": kept == path}
+        kept, new = write_checked(test, path, paths.sample_submission_csv, info)
+        written[model] = {"path": str(kept), "cv": cv, "filled": filled, "new": new}
     return {"scores": scores, "written": written, "table": format_table(scores), "cv_dir": str(exp_dir)}

@@ -299,6 +299,6 @@ def _write_results(cfg: Config, m: _Members, oof: dict[str, np.ndarray], test: d
             "detail": detail, "cv": {w: s["final"] for w, s in scores.items()},
             "cv_table": {w: {k: s[k]["weighted"] for k in s} for w, s in scores.items()},
             "images_filled_with_prior": filled, "config": to_dict(cfg)}
-    path = write_checked(sub, path, paths.sample_submission_csv, info)
+    path, _ = write_checked(sub, path, paths.sample_submission_csv, info)
     return {"scores": scores, "final": final, "path": str(path), "table": format_table(scores),
             "cv_dir": str(out), "detail": detail, "members": members}

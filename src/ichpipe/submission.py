@@ -188,28 +188,28 @@ def submissions_dir(cfg: Config) -> Path:
     return out if out.is_absolute() else REPO_ROOT / out
 
 
-def write_checked(pred: pd.DataFrame, path: Path, sample: Path, info: dict) -> Path:
+def write_checked(pred: pd.DataFrame, path: Path, sample: Path, info: dict) -> tuple[Path, bool]:
     """Write ``pred`` as a submission and ``info`` as the YAML beside it, together or not at all.
 
     Both go to temporary names; the submission must pass validation; then the YAML is renamed into
     place and the submission after it. A failure before (a NaN, a full disk) leaves neither; `make
     submit` only takes a submission whose YAML is there. The YAML records the sha256 of the CSV's
     text: when a complete submission of the same experiment and model with the same text is already
-    in the folder (a rerun that changed nothing, on another day), that one is kept and returned and
-    nothing is written.
+    in the folder (a rerun that changed nothing, the same day or another), that one is kept and returned and
+    nothing is written. Returns (the submission, whether it was written now).
     """
     text = submission_csv(pred)
     digest = hashlib.sha256(text.encode()).hexdigest()
     same = _same_submission(path.parent, info, digest)
     if same is not None:
-        return same
+        return same, False
     with atomic_path(path) as tmp, atomic_path(info_path(path)) as tmp_info:
         write_submission(text, tmp)
         problems = check_submission(tmp, sample)
         if problems:
             raise SubmissionError(path, problems)
         tmp_info.write_text(yaml.safe_dump({**info, "sha256": digest}, sort_keys=False))
-    return path
+    return path, True
 
 
 def completed_submissions(out_dir: Path):
