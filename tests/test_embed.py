@@ -161,3 +161,14 @@ def test_embeddings_beyond_float16_are_refused_not_stored_as_inf():
     wide = {"emb": np.zeros((2, 96), np.float32), "logits": np.zeros((2, len(LABELS)), np.float32)}
     embed_loader(model, [(x, None, None)], ["none"], torch.device("cpu"), NO_AMP, False, "", wide)
     assert np.abs(wide["emb"]).max() > 65504 and np.isfinite(wide["emb"]).all()
+
+
+def test_the_views_the_config_accepts_are_the_views_stage_3_has():
+    """embed.tta is checked when the config is read (a Literal); inference.VIEWS implements them: one list."""
+    import typing
+
+    from ichpipe.config import EmbedConfig
+    from ichpipe.inference import VIEWS
+
+    (literal,) = typing.get_args(EmbedConfig.model_fields["tta"].annotation)
+    assert set(typing.get_args(literal)) == set(VIEWS)

@@ -78,6 +78,7 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
     folds = sorted(int(k) for k in meta.fold.dropna().unique())
     use_lstm = cfg.blend.lstm_weight > 0
     with atomic_dir(out) as tmp:
+        staged = Bundle(tmp, None)  # the bundle's own file names
         (tmp / "cnn").mkdir()
         (tmp / "lstm").mkdir()
         epochs: dict[int, list[int]] = {}
@@ -92,12 +93,12 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
                 state = torch.load(checkpoint_path(run, e), map_location="cpu", weights_only=True)
                 if fp16:
                     state = {n: t.half() if t.is_floating_point() else t for n, t in state.items()}
-                save_torch(state, Bundle(tmp, None).cnn_path(k, e))
+                save_torch(state, staged.cnn_path(k, e))
                 if use_lstm:
                     models = run / "lstm" / f"epoch{e:02d}" / "models.pt"
                     if not models.exists():
                         raise InputError(f"{models}: not found; run `make lstm fold={k}` (stage 4 saves its models)")
-                    shutil.copyfile(models, Bundle(tmp, None).lstm_path(k, e))
+                    shutil.copyfile(models, staged.lstm_path(k, e))
         oof = pd.read_parquet(preds_path)
         final = oof[oof.model == "blend"].set_index("image_id")[list(LABELS)]
         truth = meta.set_index("image_id").loc[final.index, list(LABELS)].to_numpy()

@@ -112,14 +112,13 @@ class BundleInfo(_Part):
 class Bundle:
     root: Path
     info: BundleInfo
-    unpacked: Path | None = None  # the temporary folder a .tar.gz was unpacked into (removed by close())
+    # removes the temporary folder a .tar.gz was unpacked into: once, at close(), collection or interpreter exit
+    cleanup: weakref.finalize | None = None
 
     def close(self) -> None:
-        """Remove the folder a ``.tar.gz`` bundle was unpacked into (also done when the object is collected or the
-        interpreter exits)."""
-        if self.unpacked is not None:
-            shutil.rmtree(self.unpacked, ignore_errors=True)
-            self.unpacked = None
+        """Remove the folder a ``.tar.gz`` bundle was unpacked into (a bundle folder has none)."""
+        if self.cleanup is not None:
+            self.cleanup()
 
     def __enter__(self) -> Bundle:
         return self
@@ -162,8 +161,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
-    bundle.unpacked = target
-    weakref.finalize(bundle, shutil.rmtree, target, True)  # also when close() is never called
+    bundle.cleanup = weakref.finalize(bundle, shutil.rmtree, target, True)
     return bundle
 
 

@@ -211,7 +211,7 @@ class EmbedConfig(_Section):
 class LstmConfig(_Section):
     """The sequence model over each series' slices (``scripts/lstm_train.py``); one run per fold."""
 
-    # lstm | gru | gru_attention | transformer | lstm_2nd_place (src/ichpipe/sequence.py): the 2nd place's
+    # lstm | gru | gru_attention | transformer | lstm_2nd_place (src/ichpipe/sequence_models.py): the 2nd place's
     # own network, two BiLSTMs whose outputs, their ReLU-linear maps and the embedding are summed before the head
     kind: Literal["lstm", "gru", "gru_attention", "transformer", "lstm_2nd_place"] = "lstm"
     heads: Int = 4  # attention heads (gru_attention, transformer); must divide 2 x hidden
@@ -320,21 +320,6 @@ class Config(_Section):
         return self
 
 
-CHOICES = {}  # "section.key": its allowed values, from the models' Literal types (filled below)
-
-
-def _walk_choices(model: type[BaseModel], prefix: str = "") -> None:
-    for name, info in model.model_fields.items():
-        tp = info.annotation
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            _walk_choices(tp, f"{prefix}{name}.")
-        elif typing.get_origin(tp) is Literal:
-            CHOICES[f"{prefix}{name}"] = typing.get_args(tp)
-
-
-_walk_choices(Config)
-
-
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
     """The chain of mappings from the deepest ``base:`` to ``path`` itself."""
     path = path.resolve()
@@ -400,20 +385,24 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     merged = Config().model_dump(mode="python")
     for layer in _read_yaml(path):
         merged = _merge(merged, layer)
-        _validate(merged, prefix=f"{path}: ", only=_LAYER_ERRORS)
+        _check_layer(merged, path)
     merged = _merge(merged, parse_overrides(overrides or []))
     merged = _merge(merged, nest(values or {}))
-    return _validate(merged)
-
-
-def _validate(data: dict, prefix: str = "", only: set[str] | None = None) -> Config:
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(merged)
     except ValidationError as exc:
-        errors = [e for e in exc.errors() if only is None or e["type"] in only]
-        if not errors:
-            return None  # type: ignore[return-value] - a layer whose only problems a later layer may fix
-        raise ConfigError(prefix + _describe(errors[0])) from None
+        raise ConfigError(_describe(exc.errors()[0])) from None
+
+
+def _check_layer(merged: dict, path: Path) -> None:
+    """A YAML layer's own mistakes (:data:`_LAYER_ERRORS`), named with its file; problems a later layer may still
+    fix wait for the merged result."""
+    try:
+        Config.model_validate(merged)
+    except ValidationError as exc:
+        own = [e for e in exc.errors() if e["type"] in _LAYER_ERRORS]
+        if own:
+            raise ConfigError(f"{path}: {_describe(own[0])}") from None
 
 
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
@@ -439,8 +428,7 @@ def _describe(error: dict) -> str:
     if kind.endswith(("_type", "_parsing")) or kind == "int_from_float":
         return f"{key}: expected {_TYPE_WORDS.get(family, family)}, got {value!r}"
     if kind == "literal_error":
-        allowed = CHOICES.get(re.sub(r"\[\d+\]$", "", key)) or _literal_args(loc)
-        return f"{key}: one of {', '.join(map(str, allowed))}, got {value!r}"
+        return f"{key}: one of {', '.join(map(str, _literal_args(loc)))}, got {value!r}"
     info = _field([p for p in loc if isinstance(p, str)])
     if info is not None and _bare(info.annotation) is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)  # as the setting holds it: -1 given for a float is -1.0

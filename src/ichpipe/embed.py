@@ -34,7 +34,8 @@ from ichpipe.labels import N_LABELS
 from ichpipe.models import create_model, load_weights
 from ichpipe.paths import data_paths, epoch_number, output_name, read_metadata, run_dir
 
-# The settings an embeddings folder depends on: when one differs from the folder's, it is redone.
+# The settings an embeddings folder depends on: a finished folder made with other values is kept and the stage
+# stops (config.may_replace), unless replace=true redoes it.
 EMBED_KEYS = ("seed", "model.backbone", "model.kwargs", "embed.tta", "embed.keep_views", "embed.train", "embed.dtype", "train.image_size",
               "train.crop_border",
               "train.amp", "preprocess.size", "preprocess.windows", "preprocess.mode", "preprocess.name")

@@ -40,15 +40,22 @@ def read_yaml_mapping(path: Path, error: type[Exception] | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def name_os_errors(path: Path) -> Iterator[None]:
-    """An OSError without a file name (a write onto a full disk names none) gets ``path``: the one-line error
-    of the entry points then says which output could not be written."""
+def name_os_errors(path: Path, always: bool = False) -> Iterator[None]:
+    """An OSError without a file name (a write onto a full disk names none), or any with ``always`` (one that
+    names a temporary name), is raised again naming ``path``: the one-line error of the entry points then says
+    which output could not be written."""
     try:
         yield
     except OSError as exc:
-        if exc.filename is None and exc.errno is not None:
+        if (always or exc.filename is None) and exc.errno is not None:
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
+
+
+def _temp_prefix(path: Path) -> str:
+    """The start of a temporary name beside ``path``: hidden, and holding the writer's process id (see
+    :func:`_writer_alive`)."""
+    return f".{path.name}.{os.getpid()}."
 
 
 @contextlib.contextmanager
@@ -61,11 +68,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
-                                   suffix=".tmp" + "".join(path.suffixes))
-    except OSError as exc:  # named by the output asked for, not by the temporary name
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    with name_os_errors(path, always=True):  # named by the output asked for, not by the temporary name
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp" + "".join(path.suffixes))
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
@@ -91,10 +95,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # a killed run's staging folder
         if stale.is_dir() and not _writer_alive(stale.name):
             shutil.rmtree(stale, ignore_errors=True)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
-    except OSError as exc:  # named by the output asked for, not by the temporary name
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    with name_os_errors(path, always=True):  # named by the output asked for, not by the temporary name
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
     try:
         with name_os_errors(path):
@@ -116,15 +118,12 @@ def _writer_alive(name: str) -> bool:
     m = _PID.match(name)
     if not m:
         return False
-    pid = int(m.group(1))
-    if pid == os.getpid():
-        return True
     try:
-        os.kill(pid, 0)
+        os.kill(int(m.group(1)), 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's live process
-        return True
+        pass
     return True
 
 

@@ -46,10 +46,6 @@ from ichpipe.predictor import Predictor
 from ichpipe.studies import Series, find_series, render_series
 from ichpipe.submission import write_checked
 
-# A member of a zip larger than this, unpacked, is no CT slice (512 x 512 x 2 bytes is 0.5 MiB; a 2048-px
-# multi-frame 8 MiB): it is left out, with a reason, after reading at most this much of it (a zip bomb's
-# members claim small sizes, so the limit is enforced on the bytes actually written).
-
 
 def _series_figure(path: Path, s: Series, images: np.ndarray, probs: np.ndarray, flags: np.ndarray,
                    predictor: Predictor, thresholds: dict) -> None:

@@ -58,7 +58,7 @@ from ichpipe.sequence_models import (
     to_device,
 )
 
-LSTM_KEYS = ("seed", "lstm.")  # an LSTM folder with other values of these is redone
+LSTM_KEYS = ("seed", "lstm.")  # a finished LSTM folder made with other values: kept, the stage stops (replace=true redoes it)
 REFIT = 999  # seed offset of the refit on all the fold's patients (inner folds use their index)
 
 
@@ -242,7 +242,8 @@ def fit_nested(cfg: Config, oof_feats: SliceFeatures, test: SliceFeatures, extra
 
 
 def _stale(target: Path, folder: Path, cfg: Config) -> str | None:
-    """Why a finished LSTM folder must be redone (other settings, newer embeddings, no saved models), or None."""
+    """Why a finished LSTM folder must be redone (other settings, allowed by replace=true; newer embeddings; no saved
+    models), or None."""
     if not (target / "done").exists():
         return None
     changed = may_replace(target, cfg, LSTM_KEYS, "sequence models")

@@ -3,6 +3,7 @@ model kinds, the per-slice features they read, loading a saved bag, its mean pre
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,12 +12,12 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from ichpipe.config import CHOICES
+from ichpipe.config import LstmConfig
 from ichpipe.device import NO_AMP, Amp, autocast
 from ichpipe.io import InputError
 from ichpipe.labels import N_LABELS
 
-KINDS = CHOICES["lstm.kind"]
+KINDS = typing.get_args(LstmConfig.model_fields["kind"].annotation)  # the choices of lstm.kind
 
 
 def z_encoding(z: torch.Tensor, dim: int) -> torch.Tensor:

@@ -29,6 +29,9 @@ class Series:
     z: list[float] = field(default_factory=list)
 
 
+# A member of a zip larger than this, unpacked, is no CT slice (512 x 512 x 2 bytes is 0.5 MiB; a 2048-px
+# multi-frame 8 MiB): it is left out, with a reason, after reading at most this much of it (a zip bomb's
+# members claim small sizes, so the limit is enforced on the bytes actually written).
 MAX_MEMBER_BYTES = 64 << 20
 
 
