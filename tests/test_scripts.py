@@ -184,8 +184,8 @@ def test_make_bench_preprocess_has_its_own_count():
     """`make bench-preprocess` runs its 300 files, whatever make judge's N says (its `N ?= 6` once shadowed it, and
     the target was then lost)."""
     for extra in ([], ["N=6"]):
-        res = subprocess.run(["make", "-n", "bench-preprocess", *extra], capture_output=True, text=True, cwd=REPO)
+        res = subprocess.run(["make", "--no-print-directory", "-n", "bench-preprocess", *extra], capture_output=True, text=True, cwd=REPO)
         assert res.returncode == 0 and res.stdout.strip().splitlines()[-1].endswith(
             "benchmarks/bench_preprocess.py --n 300"), res.stdout + res.stderr
-    res = subprocess.run(["make", "-n", "bench-preprocess", "BENCH_N=20"], capture_output=True, text=True, cwd=REPO)
+    res = subprocess.run(["make", "--no-print-directory", "-n", "bench-preprocess", "BENCH_N=20"], capture_output=True, text=True, cwd=REPO)
     assert res.stdout.strip().endswith("--n 20")
