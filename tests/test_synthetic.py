@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import cv2
@@ -15,8 +16,11 @@ from ichpipe.config import load_config
 from ichpipe.dicom import read_header, slice_position
 from ichpipe.labels import LABELS, SUBTYPES
 from ichpipe.paths import DataPaths
+from ichpipe.synthetic import geometry as G
 from ichpipe.synthetic import phantom as P
 from ichpipe.synthetic import realism
+from ichpipe.synthetic.anatomy import sample_patient
+from ichpipe.synthetic.bleeds import sample_bleed
 from ichpipe.synthetic.dataset import (
     encode_pixels,
     generate_dataset,
@@ -96,19 +100,19 @@ def test_labels_are_contiguous_along_z_and_any_is_the_union(tiny_data):
 def rendered():
     """Slices of one patient with a bleed of every subtype, at several heights."""
     rng = np.random.default_rng(11)
-    patient = P.sample_patient(rng)
-    bleeds = [P.sample_bleed(rng, s, patient, faint=False) for s in SUBTYPES]
+    patient = sample_patient(rng)
+    bleeds = [sample_bleed(rng, s, patient, faint=False) for s in SUBTYPES]
     c = patient.semi_axes[2]
     out = []
     for z in np.linspace(-0.6 * c, 0.8 * c, 15):
-        geo = P.SliceGeometry(512, 0.47, (256.0, 250.0), 0.1, float(z))
+        geo = G.SliceGeometry(512, 0.47, (256.0, 250.0), 0.1, float(z))
         out.append(P.render_slice(patient, bleeds, geo, rng, noise_hu=4.0, fov_padding=True))
     return out
 
 
 @pytest.mark.parametrize("tissue, low, high", [
-    (P.AIR, -1100, -900), (P.SCALP, 10, 70), (P.FAT, -110, -60), (P.BONE, 500, 1800), (P.CSF, -5, 20),
-    (P.BRAIN, 15, 45), (P.BLOOD, 50, 92), (P.PADDING, -2000, -2000),
+    (G.AIR, -1100, -900), (G.SCALP, 10, 70), (G.FAT, -110, -60), (G.BONE, 500, 1800), (G.CSF, -5, 20),
+    (G.BRAIN, 15, 45), (G.BLOOD, 50, 92), (G.PADDING, -2000, -2000),
 ])
 def test_hounsfield_ranges_per_tissue(rendered, tissue, low, high):
     """Away from its edges (blur, partial volume), each tissue has its density on real CT."""
@@ -133,8 +137,8 @@ def test_every_subtype_appears_where_it_belongs(rendered):
     assert seen == set(SUBTYPES)
     for _, tissue, masks in rendered:
         for mask in masks.values():
-            assert (tissue[mask] == P.BLOOD).all()
-            assert (tissue[mask] != P.BONE).all()
+            assert (tissue[mask] == G.BLOOD).all()
+            assert (tissue[mask] != G.BONE).all()
 
 
 @pytest.mark.parametrize("storage", ["int16", "uint12", "quirk12"])
@@ -237,7 +241,7 @@ def synthetic_mid_slices():
     rows = []
     for spec in plan_dataset(cfg)[:16]:
         i = spec.n_slices // 2 + spec.n_slices // 8
-        geo = P.SliceGeometry(spec.size, spec.pixel_mm, spec.center_px, spec.angle, spec.z_start + i * spec.spacing,
+        geo = G.SliceGeometry(spec.size, spec.pixel_mm, spec.center_px, spec.angle, spec.z_start + i * spec.spacing,
                               tilt=spec.tilt, thickness=spec.thickness)
         hu, _, masks = P.render_slice(spec.patient, spec.bleeds, geo, np.random.default_rng(spec.seed), spec.noise_hu)
         blood = np.logical_or.reduce(list(masks.values())) if masks else None
@@ -274,7 +278,7 @@ def test_the_55_90_hu_rule_is_no_bleed_detector(tiny_data):
 def _dense_blob_radius_mm(hu: np.ndarray, tissue: np.ndarray, pixel_mm: float) -> float:
     """Radius of the thickest intracranial soft-tissue region at 50-90 HU (1 mm smoothing): clot-like bulk."""
     smooth = cv2.GaussianBlur(hu, (0, 0), 1.0 / pixel_mm)
-    soft = np.isin(tissue, [P.CSF, P.BRAIN, P.DURA, P.OEDEMA, P.BLOOD])
+    soft = np.isin(tissue, [G.CSF, G.BRAIN, G.DURA, G.OEDEMA, G.BLOOD])
     dense = ((smooth > 50) & (smooth < 90) & soft).astype(np.uint8)
     return float(cv2.distanceTransform(dense, cv2.DIST_L2, 5).max()) * pixel_mm
 
@@ -285,16 +289,16 @@ def test_no_normal_structure_is_a_dense_blob():
     called them intraparenchymal blood on 12 of 136 control slices.)"""
     pixel_mm = 0.9
     for seed in range(4):
-        patient = P.sample_patient(np.random.default_rng(seed))
+        patient = sample_patient(np.random.default_rng(seed))
         for t in np.linspace(-0.7, 0.85, 16):
-            geo = P.SliceGeometry(256, pixel_mm, (128.0, 128.0), 0.0, float(t) * patient.semi_axes[2])
+            geo = G.SliceGeometry(256, pixel_mm, (128.0, 128.0), 0.0, float(t) * patient.semi_axes[2])
             hu, tissue, _ = P.render_slice(patient, [], geo, np.random.default_rng(1), noise_hu=5.0)
             assert _dense_blob_radius_mm(hu, tissue, pixel_mm) < 4.0, (seed, t)
     rng = np.random.default_rng(5)  # the measure does see a clot
-    patient = P.sample_patient(rng)
-    clot = P.sample_bleed(rng, "intraparenchymal", patient, faint=False)
-    clot.params["radii"] = (10.0, 10.0, 10.0)  # a 4 ml haematoma
-    geo = P.SliceGeometry(256, pixel_mm, (128.0, 128.0), 0.0, clot.params["center"][2])
+    patient = sample_patient(rng)
+    clot = sample_bleed(rng, "intraparenchymal", patient, faint=False)
+    clot.radii = (10.0, 10.0, 10.0)  # a 4 ml haematoma
+    geo = G.SliceGeometry(256, pixel_mm, (128.0, 128.0), 0.0, clot.center[2])
     hu, tissue, masks = P.render_slice(patient, [clot], geo, np.random.default_rng(1), noise_hu=5.0)
     assert masks["intraparenchymal"].any() and _dense_blob_radius_mm(hu, tissue, pixel_mm) > 4.0
 
@@ -317,16 +321,61 @@ def test_tilted_series_come_out_in_z_order(tiny_data):
 def test_a_large_bleed_pushes_the_midline():
     """Mass effect: a large subdural on the +u side moves the ventricles and falx towards -u."""
     rng = np.random.default_rng(3)
-    patient = P.sample_patient(rng)
-    bleed = P.sample_bleed(rng, "subdural", patient, faint=False)
-    bleed.params.update(phi=0.0, zc=0.25 * patient.semi_axes[2], half_height=40.0, thickness=14.0, half_angle=1.1)
+    patient = sample_patient(rng)
+    bleed = sample_bleed(rng, "subdural", patient, faint=False)
+    bleed = dataclasses.replace(bleed, phi=0.0, zc=0.25 * patient.semi_axes[2], half_height=40.0, thickness=14.0,
+                                half_angle=1.1)
     bleed.volume_ml, bleed.side = 60.0, 1
-    geo = P.SliceGeometry(512, 0.47, (256.0, 256.0), 0.0, 0.24 * patient.semi_axes[2])
+    geo = G.SliceGeometry(512, 0.47, (256.0, 256.0), 0.0, 0.24 * patient.semi_axes[2])
 
     def ventricle_centre(bleeds):
         _, tissue, _ = P.render_slice(patient, bleeds, geo, np.random.default_rng(0), noise_hu=4.0)
-        rows, cols = np.nonzero(tissue[150:360, 176:336] == P.CSF)
+        rows, cols = np.nonzero(tissue[150:360, 176:336] == G.CSF)
         return cols.mean() + 176
 
     moved_mm = (ventricle_centre([bleed]) - ventricle_centre([])) * 0.47
     assert moved_mm < -3.0
+
+
+def test_a_new_bleed_pattern_is_one_class():
+    """A pattern owns its sampling, painting and mass effect: a class of its own renders through the unchanged
+    renderer, its blood is labelled under its subtype, and a large one shifts the midline."""
+    from ichpipe.synthetic.anatomy import MassEffect, Patient, PlaneContext
+    from ichpipe.synthetic.bleeds import Bleed
+
+    @dataclasses.dataclass(kw_only=True)
+    class Sphere(Bleed):
+        subtype = "intraparenchymal"
+        center: tuple[float, float, float]
+        radius: float
+
+        @classmethod
+        def sample(cls, rng, patient: Patient, **common):
+            return cls(center=(20.0, 0.0, 0.2 * patient.semi_axes[2]), radius=15.0, **common)
+
+        def lateral_u(self):
+            return self.center[0]
+
+        @property
+        def z_centre(self):
+            return self.center[2]
+
+        def paint(self, pl, pat, ctx: PlaneContext):
+            d = np.sqrt((pl.u - self.center[0]) ** 2 + (pl.v - self.center[1]) ** 2 + (pl.w - self.center[2]) ** 2)
+            mask = ctx.brain & (d < self.radius)
+            pl.paint(mask, self.blood(ctx), G.BLOOD)
+            return mask
+
+    rng = np.random.default_rng(0)
+    patient = sample_patient(rng)
+    sphere = Sphere.sample(rng, patient, hu=70.0)
+    sphere.volume_ml, sphere.side = 4 / 3 * np.pi * 15 ** 3 / 1000, 1
+    mass = MassEffect()
+    sphere.add_mass_effect(mass)
+    assert mass.pushes == [(pytest.approx(0.22 * (sphere.volume_ml - 8)), sphere.center[2])]
+    assert mass.squeeze[1] == pytest.approx(1 - sphere.volume_ml / 80) and mass.squeeze[-1] == 1.0
+    geo = G.SliceGeometry(256, 0.9, (128.0, 128.0), 0.0, sphere.center[2])
+    hu, tissue, masks = P.render_slice(patient, [sphere], geo, np.random.default_rng(1), noise_hu=0.0)
+    area_mm2 = masks["intraparenchymal"].sum() * 0.9 ** 2
+    assert 0.8 * np.pi * 15 ** 2 < area_mm2 < 1.05 * np.pi * 15 ** 2  # the sphere's equator, inside the brain
+    assert np.median(hu[masks["intraparenchymal"]]) == pytest.approx(70.0, abs=3.0)

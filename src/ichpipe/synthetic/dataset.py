@@ -32,14 +32,10 @@ from ichpipe.io import atomic_path, wide_to_long
 from ichpipe.labels import LABELS, SUBTYPES
 from ichpipe.parallel import n_workers, run_pool
 from ichpipe.paths import DataPaths
-from ichpipe.synthetic.phantom import (
-    Bleed,
-    Patient,
-    SliceGeometry,
-    render_slice,
-    sample_bleed,
-    sample_patient,
-)
+from ichpipe.synthetic.anatomy import Patient, sample_patient
+from ichpipe.synthetic.bleeds import Bleed, sample_bleed
+from ichpipe.synthetic.geometry import SliceGeometry
+from ichpipe.synthetic.phantom import render_slice
 from ichpipe.synthetic.realism import shortcut_score, slice_measures
 
 EXAMPLE_STUDY = "synthetic_example_study.zip"  # one test study's DICOMs, to try `python -m ichpipe predict` on
