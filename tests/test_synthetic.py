@@ -379,3 +379,30 @@ def test_a_new_bleed_pattern_is_one_class():
     area_mm2 = masks["intraparenchymal"].sum() * 0.9 ** 2
     assert 0.8 * np.pi * 15 ** 2 < area_mm2 < 1.05 * np.pi * 15 ** 2  # the sphere's equator, inside the brain
     assert np.median(hu[masks["intraparenchymal"]]) == pytest.approx(70.0, abs=3.0)
+
+
+def test_the_answer_key_has_the_bleed_masks(tiny_data, tiny_cfg):
+    """A mask per slice with blood, none without; its subtypes are the slice's labels, each at least the labelling
+    area; the DICOM and its mask share the pixel grid; a set without them is incomplete."""
+    from ichpipe.io import read_mask
+    from ichpipe.synthetic.dataset import missing_files
+
+    root, table = tiny_data
+    paths = DataPaths(root)
+    written = {p.stem for p in paths.masks_dir.glob("*.png")}
+    assert written == set(table.image_id[table["any"] == 1]) and len(written) > 10
+    for _, row in table[table["any"] == 1].iterrows():
+        masks = read_mask(paths.masks_dir / f"{row.image_id}.png")
+        pixel_mm = float(pydicom.dcmread(root / f"stage_2_{row.split}" / f"{row.image_id}.dcm",
+                                         stop_before_pixels=True).PixelSpacing[0])
+        for sub in SUBTYPES:
+            assert masks[sub].shape == (row["size"], row["size"])
+            assert masks[sub].any() == bool(row[sub]), (row.image_id, sub)
+            if row[sub]:
+                assert masks[sub].sum() * pixel_mm ** 2 >= tiny_cfg.synthetic.min_label_area_mm2
+    some = paths.masks_dir / f"{sorted(written)[0]}.png"
+    data = some.read_bytes()
+    some.unlink()
+    assert missing_files(root) == [str(some)]
+    some.write_bytes(data)
+    assert missing_files(root) == []

@@ -16,7 +16,7 @@ import timm
 import torch
 
 from ichpipe.config import load_config
-from ichpipe.data import SliceDataset, build_transform, crop_border, normalize, to_input
+from ichpipe.data import SliceDataset, build_transform, crop_border, head_box, normalize, to_input, uncrop
 from ichpipe.device import default_device
 from ichpipe.io import InputError
 from ichpipe.labels import LABELS
@@ -205,6 +205,25 @@ def test_crop_border_keeps_the_head_drops_black_and_pads_to_a_centred_square():
     tall[5:45, 20:30, 4] = 7  # 9 channels: any channel that is not black is head
     out = crop_border(tall, np.random.default_rng(0), 0.0)
     assert out.shape == (40, 40, 9) and (out[:, 15:25, 4] == 7).all() and out[:, :15].max() == 0
+
+
+def test_a_map_over_the_crop_goes_back_onto_the_image():
+    """uncrop undoes crop_border's geometry: a heatmap drawn over the network's (cropped, squared, resized) input
+    lands on the same pixels of the full image (the Grad-CAM of a cropping bundle once sat stretched over all of it)."""
+    img = np.zeros((100, 120, 3), np.uint8)
+    img[20:60, 30:90] = 200
+    img[30:34, 70:74] = 255  # a bright spot inside the head
+    rng = np.random.default_rng(0)
+    box = head_box(img, rng, 0.0)
+    assert box == (20, 60, 30, 90)
+    square = crop_border(img, rng, 0.0)[..., 0].astype(np.float32)
+    np.testing.assert_array_equal(uncrop(square, box, img.shape[:2]), img[..., 0])  # same size: exact
+    small = cv2.resize(square, (32, 32), interpolation=cv2.INTER_AREA)  # as the network sees it
+    back = uncrop((small == small.max()).astype(np.float32), box, img.shape[:2])
+    rows, cols = np.nonzero(back > 0.5)
+    assert 28 <= rows.mean() <= 36 and 68 <= cols.mean() <= 76  # the spot's place, not stretched elsewhere
+    assert back[:20].max() == 0 and back[:, :30].max() == 0  # nothing outside the head's box
+    np.testing.assert_allclose(uncrop(small, None, (64, 64)).shape, (64, 64))
 
 
 def test_the_2nd_place_config_crops_like_their_autocrop(processed):

@@ -126,6 +126,11 @@ class Bundle:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def digest(self) -> str:
+        """The bundle's sha256: of its manifest, which lists the sha256 of every file in it."""
+        return sha256(self.root / MANIFEST)
+
     def cnn_path(self, fold: int, epoch: int) -> Path:
         return self.root / "cnn" / f"fold{fold}_epoch{epoch:02d}.pt"
 

@@ -38,3 +38,8 @@ ABBREVIATIONS: dict[str, str] = {
     "epidural": "EDH", "intraparenchymal": "IPH", "intraventricular": "IVH",
     "subarachnoid": "SAH", "subdural": "SDH", "any": "any",
 }
+
+
+# CQ500's reads.csv finding columns (R1:ICH ... R3:SAH) and the competition's classes they are (ICH is `any`)
+CQ500_FINDINGS = {"ICH": "any", "IPH": "intraparenchymal", "IVH": "intraventricular", "SDH": "subdural",
+                  "EDH": "epidural", "SAH": "subarachnoid"}

@@ -52,6 +52,12 @@ class DataPaths:
         """The synthetic test set's answer key; absent for the real data."""
         return self.root / "synthetic_test_labels.csv"
 
+    @property
+    def masks_dir(self) -> Path:
+        """The synthetic answer key's bleed masks: ``<image_id>.png`` per slice with blood, bit k of a pixel set
+        where subtype k (``SUBTYPES`` order) is (read with ``io.read_mask``)."""
+        return self.root / "synthetic_masks"
+
     # --- derived -------------------------------------------------------------------------------
     @property
     def processed(self) -> Path:

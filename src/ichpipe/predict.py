@@ -14,12 +14,15 @@ sequence model, stage 5's blend), in memory. Writes, into DIR (all at once: noth
                    series-level probability and the number of flagged slices
     skipped.csv    file or series, reason: what was left out and why
     series_<n>.png per series: the flagged slices (or the most suspicious ones) with a Grad-CAM heatmap
-                   of the CNN, and the six probabilities along z
+                   of the CNNs, and the six probabilities along z
     series_<n>.dcm with ``--dicom-sc``: that figure as a DICOM Secondary Capture in the series' study
                    (highdicom), which a PACS viewer opens beside the CT
+    sr_<n>.dcm     with ``--dicom-sr``: the series' findings as a DICOM Structured Report (Comprehensive 3D SR,
+                   TID 1500; ichpipe.structured_report) in the series' study, which viewers and PACS read
 
 The study is read by ichpipe.studies and run by ichpipe.predictor (both in the core, for any stage that runs a
-bundle); this module writes the outputs: the tables, the figures, the DICOM Secondary Captures, a submission.
+bundle); this module writes the outputs: the tables, the figures, the DICOM Secondary Captures and Structured
+Reports, a submission.
 
 This is a research tool, not a medical device: its output must not be used for diagnosis.
 """
@@ -33,7 +36,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
@@ -41,44 +43,11 @@ from tqdm import tqdm
 from ichpipe.bundle_format import Bundle, load_bundle
 from ichpipe.dicom import read_dataset
 from ichpipe.io import InputError, atomic_dir
-from ichpipe.labels import ANY_INDEX, LABELS
-from ichpipe.predictor import Predictor
-from ichpipe.studies import Series, find_series, render_series
+from ichpipe.labels import LABELS
+from ichpipe.predictor import Predictor, run_series
+from ichpipe.series_figure import series_figure
+from ichpipe.studies import find_series
 from ichpipe.submission import write_checked
-
-
-def _series_figure(path: Path, s: Series, images: np.ndarray, probs: np.ndarray, flags: np.ndarray,
-                   predictor: Predictor, thresholds: dict) -> None:
-    from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend is left as it is
-
-    chosen = np.flatnonzero(flags[:, ANY_INDEX])
-    title = "flagged slices (any)"
-    if not len(chosen):
-        chosen, title = np.argsort(-probs[:, ANY_INDEX])[:3], "no slice flagged; the three highest (any)"
-    chosen = chosen[np.argsort(-probs[chosen, ANY_INDEX])][:6]
-    chosen = np.sort(chosen)
-    cams = predictor.grad_cam(images[chosen])
-    fig = Figure(figsize=(3 * max(len(chosen), 3), 7.5))
-    grid = fig.add_gridspec(2, max(len(chosen), 3), height_ratios=[1.1, 1])
-    for j, i in enumerate(chosen):
-        ax = fig.add_subplot(grid[0, j])
-        ax.imshow(images[i][..., 0], cmap="gray")  # the first window (brain, or slice s-1 in 2.5D)
-        ax.imshow(cams[j], cmap="jet", alpha=0.35)
-        ax.set_title(f"slice {i + 1}/{len(images)}, z={s.z[i]:.1f}\nany {probs[i, ANY_INDEX]:.2f}", fontsize=9)
-        ax.axis("off")
-    ax = fig.add_subplot(grid[1, :])
-    for c, name in enumerate(LABELS):
-        line, = ax.plot(s.z, probs[:, c], label=name, lw=2.2 if name == "any" else 1.2, marker=".")
-        ax.axhline(thresholds[name].threshold, color=line.get_color(), ls=":", lw=0.8)
-    ax.set_xlabel("z (mm, along the slice normal)")
-    ax.set_ylabel("probability")
-    ax.set_ylim(0, 1)
-    ax.legend(loc="upper left", fontsize=8, ncol=3)
-    fig.suptitle(f"{title} with Grad-CAM of the CNN; probabilities along the series (dotted: thresholds)\n"
-                 f"study ...{s.study[-16:]}, series ...{s.series[-16:]} ({len(images)} slices) - research tool, "
-                 "not for diagnosis", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
 
 
 def write_secondary_capture(figure: Path, ref: Path, out: Path, series_number: int) -> None:
@@ -100,10 +69,11 @@ def write_secondary_capture(figure: Path, ref: Path, out: Path, series_number: i
 
 def predict(path: str | os.PathLike, bundle_path: str | os.PathLike | Bundle, out: str | os.PathLike,
             min_slices: int = 1, figures: bool = True, progress: bool = True, device: torch.device | None = None,
-            dicom_sc: bool = False) -> dict:
+            dicom_sc: bool = False, dicom_sr: bool = False) -> dict:
     """Predict every usable series under ``path`` with the bundle; write the outputs into ``out`` at once.
 
     ``dicom_sc``: also each series' figure as a DICOM Secondary Capture (``series_<n>.dcm``) in its study.
+    ``dicom_sr``: also each series' findings as a DICOM Structured Report (``sr_<n>.dcm``) in its study.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -111,12 +81,11 @@ def predict(path: str | os.PathLike, bundle_path: str | os.PathLike | Bundle, ou
         raise InputError(f"{out}: exists and is not a folder; give --out a folder (it is replaced as a whole)")
     with contextlib.ExitStack() as stack:
         bundle = bundle_path if isinstance(bundle_path, Bundle) else stack.enter_context(load_bundle(bundle_path))
-        return _predict(path, bundle, out, min_slices, figures, progress, device, dicom_sc, start)
+        return _predict(path, bundle, out, min_slices, figures, progress, device, dicom_sc, dicom_sr, start)
 
 
 def _predict(path, bundle: Bundle, out: Path, min_slices: int, figures: bool, progress: bool,
-             device: torch.device | None, dicom_sc: bool, start: float) -> dict:
-    info = bundle.info
+             device: torch.device | None, dicom_sc: bool, dicom_sr: bool, start: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="ichpipe_predict_") as work:
         series, skipped = find_series(path, Path(work), min_slices)
         if not series:
@@ -126,35 +95,22 @@ def _predict(path, bundle: Bundle, out: Path, min_slices: int, figures: bool, pr
         with atomic_dir(out) as tmp:
             slice_rows, series_rows = [], []
             for n, s in enumerate(tqdm(series, desc="predict", unit="series", disable=not progress)):
-                images, bad = render_series(s, info.preprocess)
-                for i in bad:
-                    skipped.append({"what": str(s.files[i]), "reason": "pixel data unreadable"})
-                keep = [i for i in range(len(s.files)) if i not in set(bad)]
-                s.files, s.ids, s.z = [s.files[i] for i in keep], [s.ids[i] for i in keep], [s.z[i] for i in keep]
-                if not len(images):
-                    skipped.append({"what": f"series {s.series}", "reason": "no readable slice"})
+                result = run_series(predictor, s, skipped)
+                if result is None:
                     continue
-                probs = predictor.probabilities(images, s.ids, np.asarray(s.z, np.float64))
-                thresholds = info.thresholds
-                flags = np.stack([probs[:, c] >= thresholds[name].threshold for c, name in enumerate(LABELS)], 1)
-                for i in range(len(s.ids)):
-                    slice_rows.append({"SOPInstanceUID": s.ids[i], "StudyInstanceUID": s.study,
-                                       "SeriesInstanceUID": s.series, "PatientID": s.patient, "slice": i, "z": s.z[i],
-                                       **{name: float(probs[i, c]) for c, name in enumerate(LABELS)},
-                                       **{f"flag_{name}": int(flags[i, c]) for c, name in enumerate(LABELS)}})
-                row = {"StudyInstanceUID": s.study, "SeriesInstanceUID": s.series, "PatientID": s.patient,
-                       "slices": len(s.ids), "figure": f"series_{n}.png" if figures else ""}
-                for c, name in enumerate(LABELS):
-                    cal = info.series_calibration[name]
-                    top = float(probs[:, c].max())
-                    row[f"max_{name}"] = top
-                    row[f"series_{name}"] = cal.apply(top)
-                    row[f"flagged_{name}"] = int(flags[:, c].sum())
-                series_rows.append(row)
+                result.row["figure"] = f"series_{n}.png" if figures else ""
+                slice_rows += result.slices
+                series_rows.append(result.row)
                 if figures or dicom_sc:
-                    _series_figure(tmp / f"series_{n}.png", s, images, probs, flags, predictor, thresholds)
+                    series_figure(tmp / f"series_{n}.png", s, result, predictor)
                 if dicom_sc:
                     write_secondary_capture(tmp / f"series_{n}.png", s.files[0], tmp / f"series_{n}.dcm", 900 + n)
+                if dicom_sr:
+                    from ichpipe.structured_report import structured_report  # highdicom: only when asked for
+
+                    sources = [read_dataset(f) for f in s.files]
+                    report = structured_report(sources, pd.DataFrame(result.slices), result.row, bundle, 800 + n)
+                    report.save_as(tmp / f"sr_{n}.dcm")
             pd.DataFrame(slice_rows).to_csv(tmp / "slices.csv", index=False)
             pd.DataFrame(series_rows).to_csv(tmp / "series.csv", index=False)
             pd.DataFrame(skipped, columns=["what", "reason"]).to_csv(tmp / "skipped.csv", index=False)

@@ -1,14 +1,17 @@
 """A model bundle's networks, loaded once, run on one series at a time exactly as the pipeline ran them (stage
-3's TTA views and storage dtype, stage 4's sequence models, stage 5's blend), with a Grad-CAM of the CNN."""
+3's TTA views and storage dtype, stage 4's sequence models, stage 5's blend), with a Grad-CAM of the CNNs; and
+one series' results as ``predict`` (and ``evaluate``) report them: per-slice rows, the series' row."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ichpipe.bundle_format import Bundle
-from ichpipe.data import build_transform, input_channels, normalize, stack_neighbours, to_input
+from ichpipe.data import build_transform, head_box, input_channels, normalize, stack_neighbours, to_input, uncrop
 from ichpipe.device import amp_settings, default_device
 from ichpipe.inference import embed_loader
 from ichpipe.labels import ANY_INDEX, LABELS, N_LABELS
@@ -16,6 +19,7 @@ from ichpipe.metrics import sigmoid
 from ichpipe.models import create_model, load_weights
 from ichpipe.results import final_blend, weighted_mean
 from ichpipe.sequence_models import SliceFeatures, load_models, predict_bag
+from ichpipe.studies import Series, render_series
 
 
 class Predictor:
@@ -89,16 +93,67 @@ class Predictor:
                             b.lstm_weight)
         return final.clip(b.clip, 1 - b.clip).to_numpy()
 
-    def grad_cam(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W) Grad-CAM of the `any` output of the first fold's last CNN, scaled to [0, 1] per image."""
-        k = self.info.folds[0]
-        model = self.cnn[k, self.info.epochs[k][-1]]
+    def grad_cam(self, images: np.ndarray, label: int = ANY_INDEX) -> np.ndarray:
+        """(N, H, W) Grad-CAM of output ``label`` (default `any`) over the pixels of ``images`` (through the head
+        crop, when the bundle crops): the mean of every CNN of the bundle's maps, each scaled to a peak of 1, and
+        the mean scaled to [0, 1] per image."""
         x = normalize(self.inputs(images).to(self.device))
-        with torch.enable_grad():
-            features = model.forward_features(x).detach().requires_grad_(True)
-            score = model.forward_head(features)[:, ANY_INDEX].sum()
-            (grads,) = torch.autograd.grad(score, features)
-        cam = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * features).sum(1, keepdim=True))
-        cam = torch.nn.functional.interpolate(cam, size=images.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
-        top = cam.flatten(1).max(dim=1).values.clamp(min=1e-8)[:, None, None]
-        return (cam / top).detach().cpu().numpy()
+        cams = np.mean([_grad_cam(model, x, label) for model in self.cnn.values()], axis=0)
+        stacked = stack_neighbours(images) if self.channels == 9 else images
+        rng = np.random.default_rng(0)
+        out = np.stack([uncrop(cam, head_box(img, rng, 0.0) if self.crop is not None else None, images.shape[1:3])
+                        for cam, img in zip(cams, stacked, strict=True)])
+        return out / np.maximum(out.reshape(len(out), -1).max(axis=1), 1e-8)[:, None, None]
+
+
+def _grad_cam(model: torch.nn.Module, x: torch.Tensor, label: int) -> np.ndarray:
+    """(N, h, w) Grad-CAM of one CNN's output ``label`` at its input's size, scaled to a peak of 1 per image."""
+    with torch.enable_grad():
+        features = model.forward_features(x).detach().requires_grad_(True)
+        score = model.forward_head(features)[:, label].sum()
+        (grads,) = torch.autograd.grad(score, features)
+    cam = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * features).sum(1, keepdim=True))
+    cam = torch.nn.functional.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0]
+    top = cam.flatten(1).max(dim=1).values.clamp(min=1e-8)[:, None, None]
+    return (cam / top).detach().float().cpu().numpy()
+
+
+@dataclass
+class SeriesResult:
+    """One series through the bundle: its images (z order, unreadable slices dropped), (N, 6) probabilities, the
+    0/1 flags at the bundle's thresholds, its rows of ``slices.csv`` and its row of ``series.csv``."""
+
+    images: np.ndarray
+    probs: np.ndarray
+    flags: np.ndarray
+    slices: list[dict]
+    row: dict
+
+
+def run_series(predictor: Predictor, s: Series, skipped: list[dict]) -> SeriesResult | None:
+    """``s`` through the bundle (its unreadable slices dropped from ``s`` and added to ``skipped``; None when none is
+    readable)."""
+    info = predictor.info
+    images, bad = render_series(s, info.preprocess)
+    for i in bad:
+        skipped.append({"what": str(s.files[i]), "reason": "pixel data unreadable"})
+    keep = [i for i in range(len(s.files)) if i not in set(bad)]
+    s.files, s.ids, s.z = [s.files[i] for i in keep], [s.ids[i] for i in keep], [s.z[i] for i in keep]
+    if not len(images):
+        skipped.append({"what": f"series {s.series}", "reason": "no readable slice"})
+        return None
+    probs = predictor.probabilities(images, s.ids, np.asarray(s.z, np.float64))
+    thresholds = info.thresholds
+    flags = np.stack([probs[:, c] >= thresholds[name].threshold for c, name in enumerate(LABELS)], 1)
+    slices = [{"SOPInstanceUID": s.ids[i], "StudyInstanceUID": s.study, "SeriesInstanceUID": s.series,
+               "PatientID": s.patient, "slice": i, "z": s.z[i],
+               **{name: float(probs[i, c]) for c, name in enumerate(LABELS)},
+               **{f"flag_{name}": int(flags[i, c]) for c, name in enumerate(LABELS)}} for i in range(len(s.ids))]
+    row = {"StudyInstanceUID": s.study, "SeriesInstanceUID": s.series, "PatientID": s.patient,
+           "slices": len(s.ids), "figure": ""}
+    for c, name in enumerate(LABELS):
+        top = float(probs[:, c].max())
+        row[f"max_{name}"] = top
+        row[f"series_{name}"] = info.series_calibration[name].apply(top)
+        row[f"flagged_{name}"] = int(flags[:, c].sum())
+    return SeriesResult(images, probs, flags, slices, row)

@@ -28,7 +28,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from ichpipe.config import SyntheticConfig
 from ichpipe.dicom import slice_position
-from ichpipe.io import atomic_path, wide_to_long
+from ichpipe.io import atomic_path, wide_to_long, write_mask
 from ichpipe.labels import LABELS, SUBTYPES
 from ichpipe.parallel import n_workers, run_pool
 from ichpipe.paths import DataPaths
@@ -210,8 +210,9 @@ def _make_dicom(pixels: np.ndarray, spec: SeriesSpec, ids: dict[str, str], z_pat
     return ds
 
 
-def _write_series(spec: SeriesSpec, train_dir: str, test_dir: str, min_area_mm2: float) -> list[dict]:
-    """Render and write every slice of one series; return one metadata row per file."""
+def _write_series(spec: SeriesSpec, train_dir: str, test_dir: str, min_area_mm2: float, masks_dir: str) -> list[dict]:
+    """Render and write every slice of one series (and the masks of its slices with blood); return one metadata
+    row per file."""
     rng = np.random.default_rng(spec.seed)
     out_dir = Path(train_dir if spec.split == "train" else test_dir)
     seed = spec.dataset_seed
@@ -233,6 +234,8 @@ def _write_series(spec: SeriesSpec, train_dir: str, test_dir: str, min_area_mm2:
             measures.update(slice_measures(hu, spec.pixel_mm, blood))
         labels["any"] = int(any(labels.values()))
         image_id = synthetic_id("image", spec.key * 256 + i, seed)
+        if labels["any"]:
+            write_mask(Path(masks_dir) / f"{image_id}.png", masks, labels)
         ds = make_dicom(encode_pixels(hu, spec.storage), spec, {**ids, "image": image_id}, table_z + z)
         path = out_dir / f"{image_id}.dcm"
         with atomic_path(path) as tmp:
@@ -261,10 +264,12 @@ def generate_dataset(cfg: SyntheticConfig, root: str | os.PathLike, workers: int
     paths = DataPaths(root)
     paths.train_dir.mkdir(parents=True, exist_ok=True)
     paths.test_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (*paths.train_dir.glob("*.dcm"), *paths.test_dir.glob("*.dcm")):
+    paths.masks_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (*paths.train_dir.glob("*.dcm"), *paths.test_dir.glob("*.dcm"), *paths.masks_dir.glob("*.png")):
         stale.unlink()  # a smaller dataset over a larger one must not leave extra files
     specs = plan_dataset(cfg)
-    jobs = [(sp, str(paths.train_dir), str(paths.test_dir), cfg.min_label_area_mm2) for sp in specs]
+    jobs = [(sp, str(paths.train_dir), str(paths.test_dir), cfg.min_label_area_mm2, str(paths.masks_dir))
+            for sp in specs]
     n_files = sum(sp.n_slices for sp in specs)
     results = run_pool(_write_series_star, jobs, n_workers(workers), total=n_files, size=len, desc="synthetic",
                        unit="dcm", progress=progress, ordered=True)
@@ -318,16 +323,18 @@ def _write_csvs(table: pd.DataFrame, paths: DataPaths, cfg: SyntheticConfig) -> 
 
 
 def missing_files(root: str | os.PathLike) -> list[str]:
-    """What a finished synthetic set lacks: its CSVs, and every DICOM its per-file table lists (empty = complete)."""
+    """What a finished synthetic set lacks: its CSVs, every DICOM its per-file table lists and the bleed mask of every
+    slice with blood (empty = complete)."""
     paths = DataPaths(root)
     table_path = paths.root / "synthetic_slices.csv"
     csvs = [paths.train_csv, paths.test_labels_csv, paths.sample_submission_csv, table_path]
     missing = [str(p) for p in csvs if not p.exists()]
     if missing:
         return missing
-    table = pd.read_csv(table_path, usecols=["image_id", "split"])
+    table = pd.read_csv(table_path, usecols=["image_id", "split", "any"])
     if (table.split == "test").any() and not (paths.root / EXAMPLE_STUDY).exists():
         return [str(paths.root / EXAMPLE_STUDY)]
     folder = np.where(table.split == "train", str(paths.train_dir), str(paths.test_dir))
     files = [Path(d) / f"{i}.dcm" for d, i in zip(folder, table.image_id, strict=True)]
+    files += [paths.masks_dir / f"{i}.png" for i in table.image_id[table["any"] == 1]]  # sets before 2026-12-06 lack them
     return [str(f) for f in files if not f.is_file() or f.stat().st_size == 0]
