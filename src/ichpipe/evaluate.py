@@ -130,10 +130,10 @@ def evaluate(studies: str | os.PathLike, bundle_path: str | os.PathLike, labels:
         pointing = pd.DataFrame([p for d in done if d for p in d["pointing"]])
         table = _study_table(rows, slices, ref)
         metrics = _metrics(table, slices, ref, bundle.info.thresholds, n_boot)
+        metrics["misses"] = _worst_misses(out, table, series, keys, predictor, Path(masks) if masks is not None else None)
         _write(out, table, slices, rows, metrics, pointing, masks is not None)
-        misses = _worst_misses(out, table, series, keys, predictor, Path(masks) if masks is not None else None)
     metrics["seconds"] = time.perf_counter() - start
-    return {**metrics, "misses": misses, "skipped": skipped, "out": str(out)}
+    return {**metrics, "skipped": skipped, "out": str(out)}
 
 
 def _key_of(s: Series, root: Path, ref: Reference) -> str | None:
@@ -293,9 +293,8 @@ def _figures(out: Path, table: pd.DataFrame) -> None:
     roc.legend(fontsize=8)
     cal.legend(fontsize=8)
     fig.tight_layout()
-    for name in ("roc.png",):
-        with atomic_path(out / name) as tmp:
-            fig.savefig(tmp, dpi=90, format="png")
+    with atomic_path(out / "roc.png") as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
 
 
 def report_text(metrics: dict) -> str:
@@ -324,7 +323,12 @@ def report_text(metrics: dict) -> str:
                   "|---|---|---|---|---|"]
         lines += [f"| {r['subtype']} | {r['slices']} | {r['peak_inside']:.0%} | {r['mass_inside']:.0%} | "
                   f"{r['blood_share']:.1%} |" for r in metrics["pointing_game"]]
-    lines += ["", "Figures: roc.png (ROC and calibration); misses/ (the worst misses on `any`)."]
+    lines += ["", "The worst misses on `any` (figures: the flagged or most suspicious slices with the Grad-CAM):", "",
+              "| study | kind | score (any) | reference | figure |", "|---|---|---|---|---|"]
+    lines += [f"| {m['study']} | {m['kind']} | {m['score_any']:.3f} | "
+              f"{', '.join(c for c, v in m['reference'].items() if v) or 'no bleed'} | {m['figure']} |"
+              for m in metrics["misses"]]
+    lines += ["", "Figures: roc.png (ROC per class and calibration); misses/."]
     return "\n".join(lines) + "\n"
 
 
