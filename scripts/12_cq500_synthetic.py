@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The synthetic test set as CQ500 (a folder per study, reads.csv with three simulated readers who each err on a
-subtype with probability 0.1): what `make evaluate` reads. Written to DATA_DIR/cq500_synthetic.
+finding with probability 0.1): what `make evaluate` reads. Written to DATA_DIR/cq500_synthetic.
 
     python scripts/12_cq500_synthetic.py [--config configs/cnn/cpu_small.yaml] [data.root=data]
 """
@@ -18,7 +18,7 @@ def run(cfg, args):
     out = Path(cfg.data.root) / "cq500_synthetic"
     r = write_cq500_copy(cfg.data.root, out, disagree=DISAGREE, seed=cfg.synthetic.seed)
     print(f"{r['studies']} test studies ({r['slices']} slices) as CQ500 under {out}, with reads.csv (three readers, "
-          f"each wrong on a subtype with probability {DISAGREE})")
+          f"each wrong on a finding with probability {DISAGREE})")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ CQ500 (qure.ai, 491 head CTs) comes as one folder per study, ``CQ500CT<n> CQ500C
 CT<nnnnnn>.dcm``, and ``reads.csv``: one row per study (``name`` = ``CQ500-CT-<n>``, ``Category``) with three
 radiologists' calls per finding (``R1:ICH``, ``R1:IPH``, ``R1:IVH``, ``R1:SDH``, ``R1:EDH``, ``R1:SAH``, ...,
 ``R3:SAH``). The copy links (or copies) the synthetic test DICOMs into that layout and simulates the three readers:
-each reads every subtype of a study correctly (the answer key: a study shows a subtype when any of its slices
-does) or errs on it, independently, with probability ``disagree``, and calls ICH when they call any subtype.
+each calls ICH on a study correctly (the answer key: a study shows a class when any of its slices does) or wrongly
+with probability ``disagree``; a reader who calls ICH calls each subtype correctly or wrongly, again with
+probability ``disagree``; one who does not calls none.
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ def write_cq500_copy(root: str | os.PathLike, out: str | os.PathLike, disagree: 
                 target.mkdir(parents=True)
                 for i, image_id in enumerate(series.image_id):
                     _link(root / "stage_2_test" / f"{image_id}.dcm", target / f"CT{i:06d}.dcm")
-            truth = {code: int(rows[label].max()) for code, label in CQ500_FINDINGS.items() if code != "ICH"}
+            truth = {code: int(rows[label].max()) for code, label in CQ500_FINDINGS.items()}
             read = {"name": f"CQ500-CT-{n}", "Category": "B1"}
             for reader in READERS:
-                calls = {code: int(value ^ (rng.random() < disagree)) for code, value in truth.items()}
-                read[f"{reader}:ICH"] = max(calls.values())  # a reader calls ICH when they call a subtype
-                read.update({f"{reader}:{code}": v for code, v in calls.items()})
+                ich = int(truth["ICH"] ^ (rng.random() < disagree))
+                for code, value in truth.items():  # a reader who sees no bleed calls no subtype
+                    read[f"{reader}:{code}"] = ich if code == "ICH" else ich * int(value ^ (rng.random() < disagree))
             reads.append(read)
         pd.DataFrame(reads).to_csv(tmp / "reads.csv", index=False)
     return {"studies": len(reads), "slices": len(test), "out": str(out)}
