@@ -290,8 +290,9 @@ def _figures(out: Path, table: pd.DataFrame) -> None:
     cal.plot([0, 1], [0, 1], color="grey", ls=":")
     cal.set(xlabel="calibrated study probability (quantile bins)", ylabel="share of studies positive",
             title="calibration")
-    roc.legend(fontsize=8)
-    cal.legend(fontsize=8)
+    if len(cal.lines) > 1:  # beside the diagonal, a class with both positive and negative studies
+        roc.legend(fontsize=8)
+        cal.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(out / "roc.png") as tmp:
         fig.savefig(tmp, dpi=90, format="png")
