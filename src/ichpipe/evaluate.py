@@ -50,7 +50,7 @@ from tqdm import tqdm
 from ichpipe.bundle_format import load_bundle
 from ichpipe.io import InputError, atomic_path, read_labels, read_mask, write_text_atomic
 from ichpipe.labels import CQ500_FINDINGS, LABELS, SUBTYPES
-from ichpipe.metrics import auc_or_nan, threshold_for_recall, weighted_log_loss
+from ichpipe.metrics import auc_or_nan, confusion, threshold_for_recall, weighted_log_loss
 from ichpipe.predictor import Predictor, run_series
 from ichpipe.series_figure import series_figure
 from ichpipe.studies import Series, find_series
@@ -164,19 +164,18 @@ def _pointing_game(predictor: Predictor, result, masks: Path) -> list[dict]:
     blood, and the heatmap's share inside it (the map brought to the mask's pixel grid)."""
     out = []
     ids = [row["SOPInstanceUID"] for row in result.slices]
-    for c, sub in enumerate(LABELS):
-        if sub not in SUBTYPES:
-            continue
-        hits = [i for i, sop in enumerate(ids) if result.flags[i, c] and (masks / f"{sop}.png").exists()]
-        truth = {i: read_mask(masks / f"{ids[i]}.png")[sub] for i in hits}
-        hits = [i for i in hits if truth[i].any()]
+    flagged = np.flatnonzero(result.flags.any(axis=1))
+    truth = {i: read_mask(masks / f"{ids[i]}.png") for i in flagged if (masks / f"{ids[i]}.png").exists()}
+    for sub in SUBTYPES:
+        c = LABELS.index(sub)
+        hits = [i for i in truth if result.flags[i, c] and truth[i][sub].any()]
         if not hits:
             continue
         cams = predictor.grad_cam(result.images[hits], label=c)
         for i, cam in zip(hits, cams, strict=True):
-            hit, mass = point(cam, truth[i])
+            hit, mass = point(cam, truth[i][sub])
             out.append({"SOPInstanceUID": ids[i], "subtype": sub, "hit": hit, "mass_inside": mass,
-                        "blood_share": float(truth[i].mean())})
+                        "blood_share": float(truth[i][sub].mean())})
     return out
 
 
@@ -241,8 +240,8 @@ def _metrics(table: pd.DataFrame, slices: pd.DataFrame, ref: Reference, threshol
 
 
 def _sens_spec(y: np.ndarray, pred: np.ndarray) -> dict:
-    y = y.astype(bool)
-    tp, fn, tn, fp = int((pred & y).sum()), int((~pred & y).sum()), int((~pred & ~y).sum()), int((pred & ~y).sum())
+    """Sensitivity and specificity (NaN where the set has no positive, or no negative, study) and the counts."""
+    tp, fp, tn, fn = confusion(y, pred)
     return {"sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
             "specificity": tn / (tn + fp) if tn + fp else float("nan"), "tp": tp, "fn": fn, "tn": tn, "fp": fp}
 

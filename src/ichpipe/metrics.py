@@ -148,10 +148,14 @@ def threshold_for_recall(y: np.ndarray, p: np.ndarray, target: float) -> Operati
         raise ValueError("no positive examples: recall is undefined")
     k = max(1, math.ceil(target * len(positives) - 1e-9))
     t = float(positives[k - 1])
-    pred = p >= t
-    tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
-    fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
+    tp, fp, tn, fn = confusion(y, p >= t)
     return OperatingPoint(t, tp / (tp + fn), tp / max(tp + fp, 1), tn / max(tn + fp, 1), tp, fp, tn, fn)
+
+
+def confusion(y: np.ndarray, pred: np.ndarray) -> tuple[int, int, int, int]:
+    """(tp, fp, tn, fn) of 0/1 (or boolean) predictions ``pred`` against labels ``y``."""
+    y, pred = np.asarray(y) > 0.5, np.asarray(pred, bool)
+    return int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & ~y).sum()), int((~pred & y).sum())
 
 
 if __name__ == "__main__":

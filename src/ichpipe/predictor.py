@@ -51,11 +51,13 @@ class Predictor:
         self.lstm = {key: load_models(bundle.lstm_path(*key), self.device) for key in self.cnn} \
             if self.info.lstm else {}
 
+    def stacked(self, images: np.ndarray) -> np.ndarray:
+        """One series' slices (z order) as the network's channels: with 9 channels, each slice with its neighbours."""
+        return stack_neighbours(images) if self.channels == 9 else images
+
     def inputs(self, images: np.ndarray) -> torch.Tensor:
-        """The network input of one series' slices (z order): with 9 channels, each slice with its neighbours."""
-        if self.channels == 9:
-            images = stack_neighbours(images)
-        return torch.stack([to_input(img, self.transform, 0, self.crop) for img in images])
+        """The network input of one series' slices (z order)."""
+        return torch.stack([to_input(img, self.transform, 0, self.crop) for img in self.stacked(images)])
 
     def probabilities(self, images: np.ndarray, ids: list[str], z: np.ndarray | None = None) -> np.ndarray:
         """(N, 6) final probabilities of one series' slices (z order; ``z`` their positions in mm, which the
@@ -99,7 +101,7 @@ class Predictor:
         the mean scaled to [0, 1] per image."""
         x = normalize(self.inputs(images).to(self.device))
         cams = np.mean([_grad_cam(model, x, label) for model in self.cnn.values()], axis=0)
-        stacked = stack_neighbours(images) if self.channels == 9 else images
+        stacked = self.stacked(images)
         rng = np.random.default_rng(0)
         out = np.stack([uncrop(cam, head_box(img, rng, 0.0) if self.crop is not None else None, images.shape[1:3])
                         for cam, img in zip(cams, stacked, strict=True)])
