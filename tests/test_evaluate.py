@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from ichpipe.evaluate import bootstrap_auc, point, read_reference, study_key
+from ichpipe.evaluate import bootstrap_auc, read_reference, study_key
 from ichpipe.io import InputError
 from ichpipe.labels import CQ500_FINDINGS, LABELS
 from ichpipe.synthetic.cq500 import write_cq500_copy
@@ -44,19 +44,6 @@ def test_the_bootstrap_ci_holds_the_auc_and_narrows_with_more_studies():
         widths.append(hi - lo)
     assert widths[1] < widths[0] / 2  # ~1/sqrt(n)
     assert np.isnan(bootstrap_auc(np.zeros(5), np.arange(5.0), 10)[0])  # one class: no AUC
-
-
-def test_the_pointing_game_measure():
-    mask = np.zeros((100, 100), bool)
-    mask[60:80, 10:30] = True
-    heat = np.zeros((50, 50), np.float32)
-    heat[35, 10] = 1.0  # (70, 20) at the mask's size: inside
-    hit, mass = point(heat, mask)
-    assert hit and mass > 0.9
-    heat = np.zeros((50, 50), np.float32)
-    heat[5, 45] = 1.0
-    assert point(heat, mask) == (False, 0.0)
-    assert point(np.ones((50, 50), np.float32), mask)[1] == pytest.approx(mask.mean(), abs=1e-3)  # even map: area share
 
 
 def test_the_cq500_copy(tiny_data, tmp_path):

@@ -244,6 +244,58 @@ def test_an_fp16_archive_bundle_predicts_alike(demo, tmp_path):
     np.testing.assert_allclose(a, b, atol=5e-3)  # fp16 weights, fp32 compute
 
 
+def test_the_report_plays_the_pointing_game_with_each_slices_own_fold(demo, monkeypatch):
+    """The demo's report has the Grad-CAM pointing game; its pairs are the OOF slices flagged correctly at the
+    report's operating points whose mask shows that subtype's blood (counted here, capped as asked), and each
+    slice's map comes from its own fold's embedded checkpoints (the models that never saw it)."""
+    import torch
+
+    import ichpipe.report as R
+    from ichpipe.io import read_mask
+    from ichpipe.metrics import threshold_for_recall
+
+    root, *_ = demo
+    page = (root / "runs" / "demo" / "report" / "report.md").read_text()
+    assert "## Where the CNN looks: the Grad-CAM pointing game" in page and "| subtype | slices | peak inside" in page
+    cfg = load_config(REPO / "configs" / "cnn" / "cpu_small.yaml", [*TINY_DEMO, f"data.root={root}",
+                                                                     "report.pointing_slices=3"])
+    meta = pd.read_parquet(root / "processed" / "metadata.parquet").set_index("image_id")
+    oof = pd.read_parquet(root / "runs" / "demo" / "oof_predictions.parquet").query("model == 'blend'")
+    ids = oof.image_id.to_numpy()
+    y, p = meta.loc[ids, list(LABELS)].to_numpy(), oof[list(LABELS)].to_numpy()
+    thresholds = {c: threshold_for_recall(y[:, k], p[:, k], 0.95).threshold for k, c in enumerate(LABELS) if y[:, k].any()}
+    calls = []
+    real_game, real_cam = R.pointing_game, R.mean_grad_cam
+
+    def game(ids, flags, masks, cams):
+        calls.append({"ids": list(ids), "models": []})
+        return real_game(ids, flags, masks, cams)
+
+    def cam(models, *args):
+        calls[-1]["models"].append(models)
+        return real_cam(models, *args)
+
+    monkeypatch.setattr(R, "pointing_game", game)
+    monkeypatch.setattr(R, "mean_grad_cam", cam)
+    rows = R.pointing_game_oof(cfg, meta, ids, y, p, {c: thresholds.get(c, 1.0) for c in LABELS}, seed=0)
+    for k, sub in enumerate(LABELS[:-1]):
+        correct = [i for i in ids[(p[:, k] >= thresholds.get(sub, 1.0)) & (y[:, k] > 0)]
+                   if read_mask(root / "synthetic_masks" / f"{i}.png")[sub].any()]
+        played = rows[rows.subtype == sub].SOPInstanceUID
+        assert len(played) == min(3, len(correct)) and set(played) <= set(correct), sub
+    assert len(rows) > 3 and rows[["mass_inside", "blood_share"]].stack().between(0, 1).all()
+    assert len(calls) == 2  # one per fold
+    for call in calls:
+        (fold,) = set(meta.loc[call["ids"], "fold"])
+        for models in call["models"]:
+            assert len(models) == 2  # embed.epochs=[2,3]
+            for model, epoch in zip(models, (2, 3), strict=True):
+                saved = torch.load(root / "runs" / "demo" / f"fold{int(fold)}" / "checkpoints" / f"epoch{epoch:02d}.pt",
+                                   weights_only=True)
+                name, value = next(iter(model.state_dict().items()))
+                assert torch.equal(value.cpu(), saved[name])
+
+
 def test_evaluate_on_the_cq500_copy_reproduces_the_aucs_of_predict(demo, tmp_path):
     """`evaluate` on the synthetic test set as CQ500: its study-level AUCs are those computed here from predict's
     slices.csv and the answer key; the readers' majority is the truth when they do not err; a rerun reads its cache;

@@ -126,6 +126,7 @@ def test_report_writes_every_figure_and_the_page(tmp_path):
     page = (out / "report.md").read_text()
     assert "![Figure 1](figure1.png)" in page and f"any: {any_op.fn} of {any_op.tp + any_op.fn} slices" in page
     assert "fold 1: epoch 1 (1.2000)" in page
+    assert "Not measured: no bleed masks in" in page and result["pointing_game"] is None  # no answer key's masks
 
     cfg.report.model = "gbm"
     with pytest.raises(InputError, match="report.model='gbm'"):

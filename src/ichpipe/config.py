@@ -281,6 +281,9 @@ class ReportConfig(_Section):
     default_recall: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.95  # target recall of each class's operating point
     target_recall: dict[Str, Float] = Field(default_factory=lambda: {"any": 0.95})  # per class, over the default
     calibration_bins: Annotated[Int, Field(ge=2)] = 10
+    # the Grad-CAM pointing game where the data root has the synthetic answer key's bleed masks: at most this many
+    # correctly flagged OOF slices per subtype (a seeded sample), each with its own fold's CNNs; 0: off
+    pointing_slices: Annotated[Int, Field(ge=0)] = 100
 
 
 class Config(_Section):

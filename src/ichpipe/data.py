@@ -249,10 +249,15 @@ class SliceDataset(Dataset):
             raise InputError(f"{path}: missing or unreadable PNG (run `make preprocess`)")
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
-    def __getitem__(self, i: int):
+    def image(self, i: int) -> np.ndarray:
+        """Row ``i``'s stage-1 image (H, W, 3 uint8; with 9 channels stacked with its neighbours'), before the crop."""
         img = self._read(self.ids[i])
         if self.neighbours is not None:
             prev, nxt = self.neighbours[i]
             img = np.dstack([self._read(prev), img, self._read(nxt)])
+        return img
+
+    def __getitem__(self, i: int):
+        img = self.image(i)
         seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
         return to_input(img, self.transform, seed, self.crop_margin), torch.from_numpy(self.labels[i]), i

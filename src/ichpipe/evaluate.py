@@ -41,15 +41,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
 from ichpipe.bundle_format import load_bundle
-from ichpipe.io import InputError, atomic_path, read_labels, read_mask, write_text_atomic
-from ichpipe.labels import CQ500_FINDINGS, LABELS, SUBTYPES
+from ichpipe.io import InputError, atomic_path, read_labels, write_text_atomic
+from ichpipe.labels import CQ500_FINDINGS, LABELS
+from ichpipe.localisation import POINTING_COLUMNS, pointing_game, pointing_lines, pointing_summary
 from ichpipe.metrics import auc_or_nan, confusion, threshold_for_recall, weighted_log_loss
 from ichpipe.predictor import Predictor, run_series
 from ichpipe.series_figure import series_figure
@@ -153,38 +153,12 @@ def _series_result(s: Series, predictor: Predictor, cache: Path, masks, skipped:
     result = run_series(predictor, s, skipped)
     if result is None:
         return None
-    pointing = _pointing_game(predictor, result, Path(masks)) if masks is not None else []
+    pointing = [] if masks is None else pointing_game(
+        [r["SOPInstanceUID"] for r in result.slices], result.flags, Path(masks),
+        lambda rows, label: predictor.grad_cam(result.images[rows], label=label))
     done = {"slices": result.slices, "row": result.row, "pointing": pointing}
     write_text_atomic(path, json.dumps(done))
     return done
-
-
-def _pointing_game(predictor: Predictor, result, masks: Path) -> list[dict]:
-    """Per correctly flagged (slice, subtype): whether the Grad-CAM peak of that subtype's output falls inside its
-    blood, and the heatmap's share inside it (the map brought to the mask's pixel grid)."""
-    out = []
-    ids = [row["SOPInstanceUID"] for row in result.slices]
-    flagged = np.flatnonzero(result.flags.any(axis=1))
-    truth = {i: read_mask(masks / f"{ids[i]}.png") for i in flagged if (masks / f"{ids[i]}.png").exists()}
-    for sub in SUBTYPES:
-        c = LABELS.index(sub)
-        hits = [i for i in truth if result.flags[i, c] and truth[i][sub].any()]
-        if not hits:
-            continue
-        cams = predictor.grad_cam(result.images[hits], label=c)
-        for i, cam in zip(hits, cams, strict=True):
-            hit, mass = point(cam, truth[i][sub])
-            out.append({"SOPInstanceUID": ids[i], "subtype": sub, "hit": hit, "mass_inside": mass,
-                        "blood_share": float(truth[i][sub].mean())})
-    return out
-
-
-def point(heat: np.ndarray, mask: np.ndarray) -> tuple[bool, float]:
-    """Whether the heatmap's peak falls inside ``mask``, and the share of its mass there (the map resized to the
-    mask's pixel grid first)."""
-    heat = cv2.resize(heat.astype(np.float32), (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_LINEAR)
-    peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    return bool(mask[peak]), float(heat[mask].sum() / max(float(heat.sum()), 1e-8))
 
 
 def _study_table(rows: pd.DataFrame, slices: pd.DataFrame, ref: Reference) -> pd.DataFrame:
@@ -260,16 +234,6 @@ def _write(out: Path, table, slices, rows, metrics: dict, pointing: pd.DataFrame
     write_text_atomic(out / "report.md", report_text(metrics))
 
 
-def pointing_summary(pointing: pd.DataFrame) -> pd.DataFrame:
-    """Per subtype: slices, the share of Grad-CAM peaks inside the blood, mean mass inside, mean blood share."""
-    cols = ["slices", "peak_inside", "mass_inside", "blood_share"]
-    if pointing.empty:
-        return pd.DataFrame(columns=cols).rename_axis("subtype")
-    g = pointing.groupby("subtype")
-    return pd.DataFrame({"slices": g.size(), "peak_inside": g.hit.mean(), "mass_inside": g.mass_inside.mean(),
-                         "blood_share": g.blood_share.mean()})[cols]
-
-
 def _figures(out: Path, table: pd.DataFrame) -> None:
     from matplotlib.figure import Figure
     from sklearn.calibration import calibration_curve
@@ -319,10 +283,8 @@ def report_text(metrics: dict) -> str:
     if "pointing_game" in metrics:
         lines += ["", "Grad-CAM pointing game (the mean map of the bundle's CNNs for the subtype's output, on the slices "
                   "correctly flagged for it):", "",
-                  "| subtype | slices | peak inside the blood | heatmap mass inside | blood's share of the image |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['subtype']} | {r['slices']} | {r['peak_inside']:.0%} | {r['mass_inside']:.0%} | "
-                  f"{r['blood_share']:.1%} |" for r in metrics["pointing_game"]]
+                  *pointing_lines(pd.DataFrame(metrics["pointing_game"], columns=["subtype", *POINTING_COLUMNS])
+                                  .set_index("subtype"))]
     lines += ["", "The worst misses on `any` (figures: the flagged or most suspicious slices with the Grad-CAM):", "",
               "| study | kind | score (any) | reference | figure |", "|---|---|---|---|---|"]
     lines += [f"| {m['study']} | {m['kind']} | {m['score_any']:.3f} | "

@@ -11,10 +11,11 @@ import pandas as pd
 import torch
 
 from ichpipe.bundle_format import Bundle
-from ichpipe.data import build_transform, head_box, input_channels, normalize, stack_neighbours, to_input, uncrop
+from ichpipe.data import build_transform, input_channels, normalize, stack_neighbours, to_input
 from ichpipe.device import amp_settings, default_device
 from ichpipe.inference import embed_loader
 from ichpipe.labels import ANY_INDEX, LABELS, N_LABELS
+from ichpipe.localisation import mean_grad_cam
 from ichpipe.metrics import sigmoid
 from ichpipe.models import create_model, load_weights
 from ichpipe.results import final_blend, weighted_mean
@@ -100,24 +101,7 @@ class Predictor:
         crop, when the bundle crops): the mean of every CNN of the bundle's maps, each scaled to a peak of 1, and
         the mean scaled to [0, 1] per image."""
         x = normalize(self.inputs(images).to(self.device))
-        cams = np.mean([_grad_cam(model, x, label) for model in self.cnn.values()], axis=0)
-        stacked = self.stacked(images)
-        rng = np.random.default_rng(0)
-        out = np.stack([uncrop(cam, head_box(img, rng, 0.0) if self.crop is not None else None, images.shape[1:3])
-                        for cam, img in zip(cams, stacked, strict=True)])
-        return out / np.maximum(out.reshape(len(out), -1).max(axis=1), 1e-8)[:, None, None]
-
-
-def _grad_cam(model: torch.nn.Module, x: torch.Tensor, label: int) -> np.ndarray:
-    """(N, h, w) Grad-CAM of one CNN's output ``label`` at its input's size, scaled to a peak of 1 per image."""
-    with torch.enable_grad():
-        features = model.forward_features(x).detach().requires_grad_(True)
-        score = model.forward_head(features)[:, label].sum()
-        (grads,) = torch.autograd.grad(score, features)
-    cam = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * features).sum(1, keepdim=True))
-    cam = torch.nn.functional.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0]
-    top = cam.flatten(1).max(dim=1).values.clamp(min=1e-8)[:, None, None]
-    return (cam / top).detach().float().cpu().numpy()
+        return mean_grad_cam(list(self.cnn.values()), x, self.stacked(images), self.crop is not None, label)
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """The experiment report (``make report``): Figure 1, PR curves at a clinical operating point,
-calibration, per-class table and training curves, from the OOF predictions of stage 5.
+calibration, per-class table, the Grad-CAM pointing game and training curves, from the OOF predictions of stage 5.
 
 Reads ``runs/<experiment>/oof_predictions.parquet`` (stage 5), the metadata, the PNGs and each
-fold's TensorBoard log (and LSTM ``history.csv`` where present). Writes
+fold's TensorBoard log (and LSTM ``history.csv`` where present); for the pointing game, where the data root has
+the synthetic answer key's bleed masks, each fold's embedded checkpoints. Writes
 ``runs/<experiment>/report/``: ``figure1.png``, ``pr_curves.png``, ``calibration.png``,
-``training_curves.png`` and ``report.md`` that shows them with their tables.
+``training_curves.png``, ``pointing_game.csv`` and ``report.md`` that shows them with their tables.
 
 Figure 1 columns: one per subtype (images with at least that label) and "Control" (no label). Under
 each example, two bars: the *own-class* accuracy (the probability the model gives the true answer
@@ -21,18 +22,23 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure  # figures without pyplot: no backend is chosen for whoever imports this
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from ichpipe.config import Config
+from ichpipe.data import SliceDataset, build_transform, input_channels, normalize
+from ichpipe.device import default_device
 from ichpipe.folds import check_fold_table
 from ichpipe.io import InputError, atomic_path, read_png, write_text_atomic
 from ichpipe.labels import ABBREVIATIONS, ANY_INDEX, LABELS, SUBTYPES
+from ichpipe.localisation import mean_grad_cam, pointing_game, pointing_lines, pointing_summary
 from ichpipe.metrics import OperatingPoint, auc_or_nan, per_class_log_loss, threshold_for_recall, weighted_log_loss
 from ichpipe.metrics import prior as prior_of
-from ichpipe.paths import data_paths, experiment_dir, finished_dirs, output_name, read_metadata, run_dir
+from ichpipe.models import create_model, load_weights
+from ichpipe.paths import data_paths, epoch_number, experiment_dir, finished_dirs, output_name, read_metadata, run_dir
 from ichpipe.results import PREDICTION_FILES
 
 COLUMNS = (*SUBTYPES, "control")
@@ -263,6 +269,65 @@ def training_figure(curves: dict[int, pd.DataFrame], lstm: pd.DataFrame | None, 
 
 # --- the page -----------------------------------------------------------------------------------
 
+def pointing_game_oof(cfg: Config, meta: pd.DataFrame, ids: np.ndarray, y: np.ndarray, p: np.ndarray,
+                      thresholds: dict[str, float], seed: int) -> pd.DataFrame:
+    """The pointing game on the OOF slices flagged correctly at ``thresholds``: each with the mean Grad-CAM of its
+    own fold's embedded CNNs (the models that never saw it), at most ``report.pointing_slices`` per subtype (a
+    seeded sample); one row per (slice, subtype), as ``localisation.pointing_game`` gives them."""
+    paths = data_paths(cfg)
+    flags = np.stack([(p[:, c] >= thresholds[name]) & (y[:, c] > 0.5) for c, name in enumerate(LABELS)], 1)
+    flags[:, ANY_INDEX] = False  # the game is per subtype
+    rng = np.random.default_rng(seed)
+    for c in range(len(LABELS)):  # the sample: the other correct flags of the column dropped
+        rows = np.flatnonzero(flags[:, c])
+        flags[rng.permutation(rows)[cfg.report.pointing_slices:], c] = False
+    folds = meta.loc[ids, "fold"].to_numpy()
+    device = default_device()
+    tf = build_transform([], cfg.train.image_size, train=False)
+    channels = input_channels(cfg.preprocess.mode)
+    out = []
+    for k in sorted({int(f) for f in folds[flags.any(axis=1)]}):
+        ckpts = sorted((run_dir(cfg, k) / "checkpoints").glob("epoch*.pt"))
+        ckpts = [c for c in ckpts if not cfg.embed.epochs or epoch_number(c) in cfg.embed.epochs]
+        models = []
+        for ckpt in ckpts:
+            model = create_model(cfg.model.backbone, pretrained=False, in_chans=channels, kwargs=cfg.model.kwargs)
+            load_weights(model, torch.load(ckpt, map_location="cpu", weights_only=True), ckpt, cfg.model.backbone)
+            models.append(model.to(device).eval())
+        if not models:
+            raise InputError(f"{run_dir(cfg, k)}/checkpoints: no checkpoint of embed.epochs={cfg.embed.epochs}")
+        fold_rows = meta[meta.fold == k].reset_index()  # the whole fold: 9 channels stack each slice's neighbours
+        ds = SliceDataset(fold_rows, paths.processed / output_name(cfg.preprocess), tf, cfg.seed,
+                          0.0 if cfg.train.crop_border else None, channels=channels)
+        position = {i: n for n, i in enumerate(ds.ids)}
+        mine = np.flatnonzero(folds == k)
+
+        def cams(rows: list[int], label: int, mine=mine, ds=ds, position=position, models=models) -> np.ndarray:
+            at = [position[ids[mine[r]]] for r in rows]
+            x = normalize(torch.stack([ds[i][0] for i in at]).to(device))
+            return mean_grad_cam(models, x, np.stack([ds.image(i) for i in at]), cfg.train.crop_border, label)
+
+        out += pointing_game(list(ids[mine]), flags[mine], paths.masks_dir, cams)
+    return pd.DataFrame(out, columns=["SOPInstanceUID", "subtype", "hit", "mass_inside", "blood_share"])
+
+
+def pointing_section(cfg: Config, meta: pd.DataFrame, ids: np.ndarray, y: np.ndarray, p: np.ndarray,
+                     thresholds: dict[str, float], out: Path) -> tuple[pd.DataFrame | None, list[str]]:
+    """The pointing game's summary (``pointing_game.csv``; None where not measured) and its lines of report.md."""
+    n, masks = cfg.report.pointing_slices, data_paths(cfg).masks_dir
+    if not n or not masks.is_dir():
+        return None, ["Not measured: " + ("`report.pointing_slices=0`." if not n else
+                                          f"no bleed masks in {masks} (the synthetic set's answer key has them).")]
+    summary = pointing_summary(pointing_game_oof(cfg, meta, ids, y, p, thresholds, cfg.seed))
+    with atomic_path(out / "pointing_game.csv") as tmp:
+        summary.to_csv(tmp)
+    return summary, [f"On the OOF slices flagged correctly at the operating points above (at most {n} per subtype, a "
+                     "seeded sample), the mean Grad-CAM of the slice's own fold's CNNs for the subtype's output against "
+                     "the synthetic answer key's mask of that subtype's blood: the share of heatmap peaks inside the "
+                     "blood, and of the heatmap's mass (beside the blood's share of the image: what an even map would "
+                     "score).", "", *pointing_lines(summary)]
+
+
 def _md_table(frame: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
     cols = [frame.index.name or "", *frame.columns]
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
@@ -306,6 +371,7 @@ def run_report(cfg: Config) -> dict:
     targets = {name: rcfg.target_recall.get(name, rcfg.default_recall) for name in LABELS}
     points = pr_figure(y, p, targets, out / "pr_curves.png")
     calibration = calibration_figure(y, p, rcfg.calibration_bins, out / "calibration.png")
+    pointing, pointing_md = pointing_section(cfg, meta, ids, y, p, {n: op.threshold for n, op in points.items()}, out)
     table = class_table(y, p)
 
     folds = sorted(int(f.name[4:]) for f in exp.glob("fold*") if (f / "tb").is_dir())
@@ -338,6 +404,7 @@ def run_report(cfg: Config) -> dict:
         _md_table(ops), "",
         f"False negatives are the costly error: at these thresholds the model misses {missed}.", "",
         "## Calibration", "", "![Calibration](calibration.png)", "",
+        "## Where the CNN looks: the Grad-CAM pointing game", "", *pointing_md, "",
         "## Training curves", "", "![Training curves](training_curves.png)", "",
         "Best CNN epoch per fold (lowest validation loss): "
         + ", ".join(f"fold {k}: epoch {b[0] + 1} ({b[2]:.4f})" for k, b in best.items()) + ".", "",
@@ -345,4 +412,4 @@ def run_report(cfg: Config) -> dict:
     ]
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     return {"dir": str(out), "figure1": fig1, "operating_points": points, "calibration": calibration,
-            "table": table, "best_epochs": best}
+            "table": table, "best_epochs": best, "pointing_game": pointing}
