@@ -3,15 +3,17 @@
 
     python benchmarks/benchmark.py [--spec configs/benchmark/cpu.yaml] [--root data/benchmark] [--options "mixup no_crop"]
 
-On a synthetic set of its own (``synthetic`` in the spec: 200 patients on the CPU), every experiment of the
+On a synthetic set of its own (``synthetic`` in the spec: 150 patients on the CPU), every experiment of the
 spec runs through the pipeline's own stages (2 train, 3 embed, 4 sequence model, 5 blend, the ensemble):
 
-- each family's baseline (its config), and the noise family's again with each other model seed (the fold
-  assignment stays): the ± of each row is the standard deviation over those seeds;
-- the sequence-model variants on the first family's CNN (its checkpoints and embeddings are shared; only
-  stage 4 and 5 run again);
-- the families' ensemble (mean, fitted weights, stacker);
-- with ``--options``: one run of the first family per option, against its baseline.
+- each family's baseline (its config), and the noise family's (the first) again with each other model seed (the
+  fold assignment stays): its rows are the mean over the seeds, ± their standard deviation;
+- the sequence-model variants on the first family's first-seed CNN (its checkpoints and embeddings are shared;
+  only stage 4 and 5 run again);
+- the families' ensemble (mean, fitted weights, stacker) of each family's first seed;
+- with ``--options``: one run of the first family per option (first seed), against its baseline's mean: a
+  difference within twice the seed sd is "within noise";
+- each family's first-seed report (``make report``), whose Grad-CAM pointing game goes into the table's page.
 
 Rows: OOF and synthetic-test weighted log loss and the per-class OOF AUC. Written by this script as
 ``<root>/<spec>/benchmark.md``, ``benchmark.json`` and ``benchmark.png`` (the rows with their error bars),
@@ -42,8 +44,9 @@ from pydantic import BaseModel, ConfigDict, Field
 REPO = Path(__file__).resolve().parents[1]
 
 from ichpipe.config import Config, load_config  # noqa: E402
-from ichpipe.io import InputError, write_text_atomic  # noqa: E402
+from ichpipe.io import InputError, atomic_path, write_text_atomic  # noqa: E402
 from ichpipe.labels import ABBREVIATIONS, LABELS, SUBTYPES  # noqa: E402
+from ichpipe.localisation import pointing_lines  # noqa: E402
 from ichpipe.metrics import auc_or_nan  # noqa: E402
 from ichpipe.paths import data_paths, experiment_dir, read_metadata, run_dir  # noqa: E402
 
@@ -151,6 +154,13 @@ class Bench:
             run_blend(cfg)
         return json.loads((experiment_dir(cfg) / "cv.json").read_text())
 
+    def report(self, cfg: Config) -> pd.DataFrame | None:
+        """``make report`` of one experiment (under its runs/<experiment>/report/); returns its pointing game."""
+        from ichpipe.report import run_report
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            return run_report(cfg)["pointing_game"]
+
     def ensemble(self, members: list[str], name: str) -> dict:
         from ichpipe.ensemble import run_ensemble
 
@@ -221,7 +231,8 @@ def targets(table: list[dict], spec: Spec, sd: float) -> list[tuple[str, bool | 
         low = {c: final[f"auc_{c}"] for c in SUBTYPES}
         out.append(("every subtype's OOF AUC >= 0.90 (the ensemble's final)", all(v >= 0.90 for v in low.values()),
                     ", ".join(f"{ABBREVIATIONS[c]} {v:.3f}" for c, v in low.items())))
-        members = [by[f"{f}: final blend"]["oof"] for f in spec.families]
+        # the members the ensemble combined (each family's first seed), not a family's mean over seeds
+        members = final.get("members_oof") or [by[f"{f}: final blend"]["oof"] for f in spec.families]
         best_combiner = min(by[f"ensemble: {c}"]["oof"] for c in ("mean", "weights", "stacker"))
         gain = min(members) - best_combiner
         out.append(("best ensemble <= 0.95 x its best member, by more than 2 x the seed noise",
@@ -234,7 +245,9 @@ def targets(table: list[dict], spec: Spec, sd: float) -> list[tuple[str, bool | 
     return out
 
 
-def write(out: Path, table: list[dict], checks, header: list[str]) -> None:
+def write(out: Path, table: list[dict], checks, header: list[str], looks: dict | None = None) -> None:
+    """benchmark.md, benchmark.json and benchmark.png; ``looks``: experiment → its report's pointing game (None: not
+    measured)."""
     cols = ["oof", "test", *[f"auc_{c}" for c in LABELS]]
     lines = [*header, "", "| row | OOF | test | " + " | ".join(f"AUC {ABBREVIATIONS[c]}" for c in LABELS) + " |",
              "|" + "---|" * (len(cols) + 1)]
@@ -247,20 +260,24 @@ def write(out: Path, table: list[dict], checks, header: list[str]) -> None:
         lines.append(f"| {r['row']} | " + " | ".join(cells) + " |")
     lines += ["", "Targets (issue 24):", ""]
     lines += [f"- {'met' if ok else 'MISSED' if ok is False else '·'}: {what}: {figures}" for what, ok, figures in checks]
-    (out / "benchmark.md").write_text("\n".join(lines) + "\n")
-    (out / "benchmark.json").write_text(json.dumps({"header": header, "rows": table, "targets": checks}, indent=1,
-                                                   default=float) + "\n")
+    looks = {name: game for name, game in (looks or {}).items() if game is not None}
+    for name, game in looks.items():
+        lines += ["", f"Where `{name}` looks: the Grad-CAM pointing game of its report (runs/{name}/report/; the OOF "
+                  "slices flagged correctly at 95% recall, each with its own fold's CNNs):", "", *pointing_lines(game)]
+    write_text_atomic(out / "benchmark.md", "\n".join(lines) + "\n")
+    write_text_atomic(out / "benchmark.json", json.dumps(
+        {"header": header, "rows": table, "targets": checks,
+         "pointing_game": {name: game.reset_index().to_dict("records") for name, game in looks.items()}},
+        indent=1, default=float) + "\n")
     plot(out / "benchmark.png", table)
 
 
 def plot(path: Path, table: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend chosen, no figure left open
 
     rows = [r for r in table if r["row"] != "prior"]
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.5))
+    fig = Figure(figsize=(9, 0.32 * len(rows) + 1.5))
+    ax = fig.add_subplot()
     y = np.arange(len(rows))[::-1]
     colours = {"family": "tab:blue", "noise": "tab:blue", "sequence": "tab:green", "ensemble": "tab:purple",
                "option": "tab:orange"}
@@ -279,10 +296,11 @@ def plot(path: Path, table: list[dict]) -> None:
     ax.set_title(f"prior (not drawn): {prior:.4f}", fontsize=9)
     ax.set_yticks(y, [r["row"] for r in rows], fontsize=8)
     ax.set_xlabel("OOF weighted log loss (lower is better); error bars: sd over model seeds")
-    ax.legend(fontsize=8)
+    if noisy:
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def main(argv=None) -> int:
@@ -341,7 +359,8 @@ def benchmark(bench: Bench, options: list[str], spec_path: Path) -> int:
         ens = bench.ensemble(members, "ensemble")
         bench.log(f"ensemble of {' + '.join(members)}: final = {ens['final']}")
         for model in ("mean", "weights", "stacker", "final"):
-            table.append({**row(f"ensemble: {model}", ens, model, root, "ensemble", "ensemble"), "chosen": ens["final"]})
+            table.append({**row(f"ensemble: {model}", ens, model, root, "ensemble", "ensemble"), "chosen": ens["final"],
+                          "members_oof": [ens["oof"][m]["weighted"] for m in members]})
     baseline = next(r for r in table if r["row"] == f"{first}: final blend")
     for option in options:
         name = f"{first}_s{spec.noise.seeds[0]}_{option}"
@@ -351,6 +370,11 @@ def benchmark(bench: Bench, options: list[str], spec_path: Path) -> int:
         r["verdict"] = verdict(r["delta"], sd)
         table.append(r)
     bench.log("table done")
+    looks = {}  # where each family's baseline looks: its report's Grad-CAM pointing game
+    for family in spec.families:
+        name = f"{family}_s{spec.noise.seeds[0]}"
+        looks[name] = bench.report(bench.config(family, name, [f"seed={spec.noise.seeds[0]}"]))
+    bench.log("reports done")
     runs = bench.seconds()
     took = f"{sum(runs) / 60:.0f} min" + (f" over {len(runs)} invocations ({', '.join(f'{s / 60:.1f}' for s in runs)} min: "
                                           "resumed)" if len(runs) > 1 else "")
@@ -363,7 +387,7 @@ def benchmark(bench: Bench, options: list[str], spec_path: Path) -> int:
               + f"; ± = sd over {len(spec.noise.seeds)} model seeds of {spec.noise.family}; {took} on "
                 f"{platform.machine()}, {os.cpu_count()} CPUs ({'options: ' + ' '.join(options) if options else 'core table'})."]
     checks = targets(table, spec, sd)
-    write(root, table, checks, header)
+    write(root, table, checks, header, looks)
     print((root / "benchmark.md").read_text())
     bench.log(f"written {root / 'benchmark.md'}, benchmark.json, benchmark.png")
     return 0
