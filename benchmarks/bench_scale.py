@@ -125,7 +125,7 @@ def build(root: Path, scale: float, dim: int, dtype: str = "float16", seed: int 
 def part_lstm(cfg, epochs: int) -> dict:
     from ichpipe.device import amp_settings, default_device
     from ichpipe.paths import data_paths, read_metadata, run_dir
-    from ichpipe.sequence import _inner_groups, concat_features, fit_predict, load_features
+    from ichpipe.sequence import concat_features, fit_predict, inner_groups, load_features
     from ichpipe.sequence_models import MODEL_KEYS, PREDICT_BATCH, SequenceModel, predict_rows
 
     schedule = cfg.lstm  # the configured epochs and bagging, for the projection
@@ -135,7 +135,7 @@ def part_lstm(cfg, epochs: int) -> dict:
     meta = read_metadata(data_paths(cfg))
     oof, test = load_features(folder, "oof", meta), load_features(folder, "test", meta)
     train = load_features(folder, "train", meta) if lcfg.train_on != "oof" else None
-    groups = _inner_groups(oof, lcfg.inner_folds, cfg.seed)
+    groups = inner_groups(oof, lcfg.inner_folds, cfg.seed)
     load_s = time.perf_counter() - start
     all_series = np.arange(len(oof.series))
     inner_val = list(all_series[groups == 0])

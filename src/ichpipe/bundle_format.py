@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ichpipe.io import InputError, name_os_errors
+from ichpipe.io import InputError, first_line, name_os_errors
 
 FORMAT = 1
 
@@ -155,7 +155,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
             with tarfile.open(path) as tar, name_os_errors(target):
                 tar.extractall(target, filter="data")  # no links or paths outside the folder
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            reason = first_line(exc)
             raise InputError(f"{path}: not a readable bundle archive, truncated, damaged or unsafe "
                              f"({type(exc).__name__}: {reason}); make it again with `make bundle ... --archive`") \
                 from None

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ichpipe.io import InputError, non_binary_labels
+from ichpipe.io import InputError, first_line, non_binary_labels
 from ichpipe.labels import LABELS
 from ichpipe.paths import neighbour_positions, z_order
 
@@ -58,7 +58,7 @@ def build_transform(augment: list[dict], image_size: int, train: bool) -> A.Comp
             try:
                 steps.append(cls(**spec))
             except (TypeError, ValueError) as exc:
-                raise InputError(f"train.augment: {name}: {str(exc).splitlines()[0]}") from None
+                raise InputError(f"train.augment: {name}: {first_line(exc)}") from None
     return A.Compose(steps)
 
 

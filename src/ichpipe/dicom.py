@@ -19,6 +19,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from ichpipe.io import first_line
+
 REQUIRED_TAGS = ("SOPInstanceUID", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
                  "ImagePositionPatient", "Rows", "Columns")
 
@@ -128,7 +130,7 @@ def as_dicom_error():
     except DicomError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of one file's bytes is that file's failure
-        reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+        reason = first_line(exc, default="")
         raise DicomError(f"damaged DICOM ({type(exc).__name__}: {reason})") from None
 
 
@@ -143,7 +145,7 @@ def read_dataset(path: str | os.PathLike, pixels: bool = False):
     try:
         return pydicom.dcmread(path, stop_before_pixels=not pixels)
     except (InvalidDicomError, EOFError, OSError) as exc:
-        raise DicomError(f"not a readable DICOM file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise DicomError(f"not a readable DICOM file ({type(exc).__name__}: {first_line(exc, default='')})") from None
 
 
 # Every numeric header field the pipeline reads: (values it must have, or None for any number of them, the
@@ -235,7 +237,7 @@ def _read_slice(path) -> DicomSlice:
         if stored is None:
             stored = ds.pixel_array
     except (ValueError, RuntimeError, NotImplementedError, AttributeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise DicomError(f"pixel data cannot be decoded: {reason}") from None
     if stored.shape != (meta["rows"], meta["cols"]):
         raise DicomError(f"pixel array {stored.shape} does not match Rows x Columns {meta['rows']}x{meta['cols']}")

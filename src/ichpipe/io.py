@@ -26,6 +26,15 @@ class InputError(ValueError):
     """Bad input file; the message is one line naming the file and the problem."""
 
 
+def first_line(exc: BaseException, limit: int = 200, default: str | None = None) -> str:
+    """The first line of ``exc``'s message, cut at ``limit`` characters (pydicom, torch and pandas put whole tables
+    and tracebacks after it); an empty message gives ``default`` (None: the exception's type name)."""
+    lines = str(exc).splitlines()
+    if not lines or not lines[0].strip():
+        return type(exc).__name__ if default is None else default
+    return lines[0][:limit]
+
+
 def read_yaml_mapping(path: Path, error: type[Exception] | None = None) -> dict:
     """A YAML file whose top level is a mapping (an empty file: {}); else a one-line ``error`` (default
     InputError) naming the file."""
@@ -33,7 +42,7 @@ def read_yaml_mapping(path: Path, error: type[Exception] | None = None) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise error(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise error(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise error(f"{path}: top level must be a mapping")
     return data
@@ -168,7 +177,7 @@ def read_long_csv(path: str | os.PathLike) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype={"ID": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a readable CSV ({first_line(exc)})") from None
     if list(df.columns) != ["ID", "Label"]:
         raise InputError(f"{path}: header must be 'ID,Label', found {','.join(map(str, df.columns))!r}")
     if df.empty:

@@ -9,7 +9,7 @@ import torch
 from timm.models import is_model_pretrained
 from torch import nn
 
-from ichpipe.io import InputError
+from ichpipe.io import InputError, first_line
 from ichpipe.labels import N_LABELS
 
 
@@ -48,14 +48,14 @@ def create_model(backbone: str, pretrained: bool = True, weights: str = "", init
     except OSError as exc:  # a download that failed (requests', urllib's and the hub client's errors are OSErrors)
         if not pretrained or weights:
             raise
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = first_line(exc, 160)
         raise ModelError(f"cannot load ImageNet weights for {backbone} (offline? {reason}); "
                          f"set model.pretrained=false or model.weights=PATH to a local weights file") from None
     except TypeError as exc:  # an argument the architecture does not take (model.kwargs)
-        raise ModelError(f"model.kwargs: {backbone} does not take {str(exc).splitlines()[0][:200]}") from None
+        raise ModelError(f"model.kwargs: {backbone} does not take {first_line(exc)}") from None
     except RuntimeError as exc:  # e.g. a local weights file of another architecture
         source = f"model.weights {weights}" if weights else f"timm's weights for {backbone}"
-        raise ModelError(f"cannot build {backbone} from {source}: {str(exc).splitlines()[0][:200]}") from None
+        raise ModelError(f"cannot build {backbone} from {source}: {first_line(exc)}") from None
     if init_from:
         if not Path(init_from).exists():
             raise ModelError(f"model.init_from: {init_from}: file not found")

@@ -183,7 +183,7 @@ def fit_predict(feats: SliceFeatures, train_series: list[int], targets: list[tup
     return [bag / n_bagged for bag in bags], history
 
 
-def _inner_groups(feats: SliceFeatures, n: int, seed: int) -> np.ndarray:
+def inner_groups(feats: SliceFeatures, n: int, seed: int) -> np.ndarray:
     """Inner fold of each series: fold k's patients split again by patient, stratified like the outer folds."""
     frame = pd.DataFrame(feats.labels, columns=list(LABELS)).assign(PatientID=feats.patients)
     n = min(n, frame.PatientID.nunique())
@@ -219,7 +219,7 @@ def fit_nested(cfg: Config, oof_feats: SliceFeatures, test: SliceFeatures, extra
     model trained on the others (plus ``extra``, CNN_k's training patients, when given); the test set by a refit on
     all of them. Returns (oof, test, history, the refit's saved models)."""
     lcfg = cfg.lstm
-    groups = _inner_groups(oof_feats, lcfg.inner_folds, cfg.seed)
+    groups = inner_groups(oof_feats, lcfg.inner_folds, cfg.seed)
     all_series = np.arange(len(oof_feats.series))
     feats, always = oof_feats, []  # the training set: OOF rows first (their row numbers stay), then extras
     if extra is not None:

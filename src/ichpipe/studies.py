@@ -14,7 +14,7 @@ import numpy as np
 
 from ichpipe.bundle_format import BundlePreprocess
 from ichpipe.dicom import DicomError, as_dicom_error, quiet_reads, read_dataset, read_header
-from ichpipe.io import InputError, name_os_errors
+from ichpipe.io import InputError, first_line, name_os_errors
 from ichpipe.paths import neighbour_positions
 from ichpipe.windowing import render_file
 
@@ -62,7 +62,7 @@ def unzip_study(path: Path, workdir: Path, skipped: list[dict]) -> None:
                 # a damaged or encrypted member: that member's failure, not the study's
                 target.unlink(missing_ok=True)
                 skipped.append({"what": what, "reason": f"cannot be unpacked ({type(exc).__name__}: "
-                                                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''})"})
+                                                        f"{first_line(exc, 160, '')})"})
                 continue
             if written > MAX_MEMBER_BYTES:
                 target.unlink(missing_ok=True)

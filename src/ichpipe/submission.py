@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from ichpipe.config import REPO_ROOT, Config
-from ichpipe.io import InputError, atomic_path, read_long_csv, wide_to_long
+from ichpipe.io import InputError, atomic_path, first_line, read_long_csv, wide_to_long
 from ichpipe.labels import LABELS
 from ichpipe.paths import work_dir_id
 
@@ -70,12 +70,12 @@ def check_submission(path: str | os.PathLike, sample_path: str | os.PathLike) ->
     try:
         sub = pd.read_csv(path, dtype={"ID": str}, keep_default_na=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError, OSError) as exc:
-        return [f"not a readable CSV ({str(exc).splitlines()[0]})"]
+        return [f"not a readable CSV ({first_line(exc)})"]
     try:
         sample = pd.read_csv(sample_path, dtype={"ID": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, EOFError, OSError) as exc:
         raise InputError(f"{sample_path}: the sample submission is not a readable CSV "
-                         f"({str(exc).splitlines()[0]})") from None
+                         f"({first_line(exc)})") from None
     if "ID" not in sample.columns or sample.empty:
         raise InputError(f"{sample_path}: not a sample submission (needs an 'ID' column and rows; found "
                          f"{','.join(map(str, sample.columns))!r}, {len(sample)} rows)")

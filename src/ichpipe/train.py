@@ -36,7 +36,7 @@ from ichpipe.config import Config, changed_settings, describe_changes, save_conf
 from ichpipe.data import DEFAULT_AUGMENT, SliceDataset, build_transform, input_channels, make_loader, normalize
 from ichpipe.device import Amp, Runtime, amp_settings, autocast, close_runtime, init_runtime, local_main_first
 from ichpipe.folds import record_fold_table
-from ichpipe.io import InputError, atomic_path, save_torch, sweep_temp_files
+from ichpipe.io import InputError, atomic_path, first_line, save_torch, sweep_temp_files
 from ichpipe.labels import LABELS
 from ichpipe.losses import make_loss
 from ichpipe.metrics import auc_or_nan, logit, per_class_log_loss, prior, weighted_log_loss
@@ -195,7 +195,7 @@ def _load_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line, whatever torch raised
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = first_line(exc, 160)
         raise InputError(f"{path}: cannot be read as a checkpoint ({reason}); delete it to start the fold again") \
             from None
 
