@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+import yaml
 from pydicom.data import get_testdata_file
 
 from ichpipe.bundle import make_bundle
@@ -21,7 +22,9 @@ from ichpipe.config import load_config
 from ichpipe.io import InputError, read_long_csv
 from ichpipe.labels import LABELS
 from ichpipe.predict import predict
+from ichpipe.predictor import Predictor, read_series, run_series, series_result
 from ichpipe.structured_report import read_findings
+from ichpipe.studies import find_series
 from ichpipe.submission import check_submission
 
 REPO = Path(__file__).resolve().parents[1]
@@ -296,7 +299,7 @@ def test_the_report_plays_the_pointing_game_with_each_slices_own_fold(demo, monk
                 assert torch.equal(value.cpu(), saved[name])
 
 
-def test_evaluate_on_the_cq500_copy_reproduces_the_aucs_of_predict(demo, tmp_path):
+def test_evaluate_on_the_cq500_copy_reproduces_the_aucs_of_predict(demo, tmp_path, monkeypatch):
     """`evaluate` on the synthetic test set as CQ500: its study-level AUCs are those computed here from predict's
     slices.csv and the answer key; the readers' majority is the truth when they do not err; a rerun reads its cache;
     the pointing game measures every subtype flagged correctly."""
@@ -331,14 +334,33 @@ def test_evaluate_on_the_cq500_copy_reproduces_the_aucs_of_predict(demo, tmp_pat
     assert "AUC (95% CI)" in (out / "report.md").read_text() and list((out / "misses").glob("*.png"))
     game = pd.read_csv(out / "pointing_game.csv")
     assert len(game) and game.slices.gt(0).all() and game[["peak_inside", "mass_inside", "blood_share"]].stack().between(0, 1).all()
+    figures = {f.name: f.read_bytes() for f in (out / "misses").glob("*.png")}
+    calls = []
+    real = Predictor.probabilities
+    monkeypatch.setattr(Predictor, "probabilities", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     again = evaluate(tmp_path / "cq500", bundle, tmp_path / "cq500" / "reads.csv", out, masks=root / "synthetic_masks",
                      n_boot=200, progress=False)  # from the cache: the same numbers
     assert json.dumps(again["classes"]) == json.dumps(m["classes"]) and len(list((out / "cache").glob("*.json"))) == len(studies)
+    # the rerun ran no network but the figures' Grad-CAM, and drew the same miss figures from its cache
+    assert calls == [] and {f.name: f.read_bytes() for f in (out / "misses").glob("*.png")} == figures
+    # a series' result rebuilt from its cached probabilities is the one computed
+    with load_bundle(bundle) as b:
+        predictor = Predictor(b)
+        (s, *_), _ = find_series(tmp_path / "cq500", tmp_path)
+        cached = next(json.loads(f.read_text()) for f in (out / "cache").glob("*.json")
+                      if json.loads(f.read_text())["row"]["SeriesInstanceUID"] == s.series)
+        probs = np.array([[r[c] for c in LABELS] for r in cached["slices"]])
+        rebuilt = series_result(predictor, s, read_series(predictor, s, []), probs)
+        monkeypatch.setattr(Predictor, "probabilities", real)
+        computed = run_series(predictor, s, [])
+        assert rebuilt.slices == computed.slices and rebuilt.row == computed.row
+        assert (rebuilt.flags == computed.flags).all()
 
 
 def test_evaluate_reads_real_cq500_slices_and_refuses_bad_labels(demo, tmp_path):
     """Two slices of a real CQ500 study (pydicom's test data) under CQ500's folder and reads.csv names go through;
-    labels that match no study, a reads.csv without reader columns and a folder that is no bundle: one line each."""
+    labels that match no study, a reads.csv without reader columns, a folder that is no bundle and bundles of another
+    ichpipe (another format, a setting missing): one line each."""
     from ichpipe.evaluate import evaluate
 
     root, *_ = demo
@@ -353,9 +375,28 @@ def test_evaluate_reads_real_cq500_slices_and_refuses_bad_labels(demo, tmp_path)
     assert m["studies"] == 1 and m["classes"]["any"]["positives"] == 0
     pd.DataFrame([{"name": "CQ500-CT-1", **readers}]).to_csv(tmp_path / "other.csv", index=False)
     pd.DataFrame([{"name": "CQ500-CT-693", "ICH": 1}]).to_csv(tmp_path / "noreaders.csv", index=False)
+    # bundles of another ichpipe: another format number; this format with a setting missing (each re-signed in its
+    # manifest, so that it is the bundle.yaml that is refused, not the changed file)
+    from ichpipe.bundle_format import FORMAT, MANIFEST, sha256
+
+    def edited(name, change):
+        copy = tmp_path / name
+        shutil.copytree(bundle, copy)
+        info = yaml.safe_load((copy / "bundle.yaml").read_text())
+        change(info)
+        (copy / "bundle.yaml").write_text(yaml.safe_dump(info))
+        manifest = json.loads((copy / MANIFEST).read_text())
+        manifest["files"]["bundle.yaml"] = sha256(copy / "bundle.yaml")
+        (copy / MANIFEST).write_text(json.dumps(manifest))
+        return copy
+
+    newer = edited("newer", lambda info: info.update(format=FORMAT + 1))
+    unlike = edited("unlike", lambda info: info.pop("thresholds"))
     for labels, bundle_path, message in [("other.csv", bundle, "none of its studies matches"),
                                          ("noreaders.csv", bundle, "reader columns"),
-                                         ("reads.csv", tmp_path / "cq", "not a model bundle")]:
+                                         ("reads.csv", tmp_path / "cq", "not a model bundle"),
+                                         ("reads.csv", newer, f"bundle format {FORMAT + 1}, this ichpipe reads format"),
+                                         ("reads.csv", unlike, "bundle.yaml: thresholds: Field required")]:
         run = subprocess.run([sys.executable, "-m", "ichpipe", "evaluate", str(tmp_path / "cq"), "--bundle",
                               str(bundle_path), "--labels", str(tmp_path / labels), "--out", str(tmp_path / "o")],
                              capture_output=True, text=True, cwd=REPO)

@@ -51,7 +51,7 @@ from ichpipe.io import InputError, atomic_path, read_labels, write_text_atomic
 from ichpipe.labels import CQ500_FINDINGS, LABELS
 from ichpipe.localisation import POINTING_COLUMNS, pointing_game, pointing_lines, pointing_summary
 from ichpipe.metrics import auc_or_nan, confusion, threshold_for_recall, weighted_log_loss
-from ichpipe.predictor import Predictor, run_series
+from ichpipe.predictor import Predictor, read_series, run_series, series_result
 from ichpipe.series_figure import series_figure
 from ichpipe.studies import Series, find_series
 
@@ -130,7 +130,9 @@ def evaluate(studies: str | os.PathLike, bundle_path: str | os.PathLike, labels:
         pointing = pd.DataFrame([p for d in done if d for p in d["pointing"]])
         table = _study_table(rows, slices, ref)
         metrics = _metrics(table, slices, ref, bundle.info.thresholds, n_boot)
-        metrics["misses"] = _worst_misses(out, table, series, keys, predictor, Path(masks) if masks is not None else None)
+        cached = {d["row"]["SeriesInstanceUID"]: d for d in done if d}
+        metrics["misses"] = _worst_misses(out, table, series, keys, cached, predictor,
+                                          Path(masks) if masks is not None else None)
         _write(out, table, slices, rows, metrics, pointing, masks is not None)
     metrics["seconds"] = time.perf_counter() - start
     return {**metrics, "skipped": skipped, "out": str(out)}
@@ -294,10 +296,11 @@ def report_text(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _worst_misses(out: Path, table: pd.DataFrame, series: list[Series], keys: dict, predictor: Predictor,
-                  masks: Path | None, k: int = 3) -> list[dict]:
+def _worst_misses(out: Path, table: pd.DataFrame, series: list[Series], keys: dict, cached: dict,
+                  predictor: Predictor, masks: Path | None, k: int = 3) -> list[dict]:
     """The positives scored lowest and the negatives scored highest on `any`, each with predict's figure of its first
-    series (the blood outlined where there are masks)."""
+    series (the blood outlined where there are masks): its images read again, its probabilities those ``cached``
+    (series UID → its result) holds, so that only the figure's Grad-CAM runs a network."""
     pos = table[table.ref_any == 1].sort_values("score_any").head(k)
     neg = table[table.ref_any == 0].sort_values("score_any", ascending=False).head(k)
     misses = []
@@ -308,9 +311,11 @@ def _worst_misses(out: Path, table: pd.DataFrame, series: list[Series], keys: di
             if not mine:
                 continue
             s = mine[0]
-            result = run_series(predictor, s, [])
-            if result is None:
+            images = read_series(predictor, s, [])
+            if images is None or s.series not in cached:
                 continue
+            probs = np.array([[r[c] for c in LABELS] for r in cached[s.series]["slices"]])
+            result = series_result(predictor, s, images, probs)
             figure = f"misses/{len(misses)}_{'fn' if kind.startswith('positive') else 'fp'}.png"
             series_figure(out / figure, s, result, predictor, masks)
             misses.append({"study": study, "kind": kind, "score_any": float(row.score_any), "figure": figure,

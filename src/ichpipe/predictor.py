@@ -116,11 +116,10 @@ class SeriesResult:
     row: dict
 
 
-def run_series(predictor: Predictor, s: Series, skipped: list[dict]) -> SeriesResult | None:
-    """``s`` through the bundle (its unreadable slices dropped from ``s`` and added to ``skipped``; None when none is
-    readable)."""
-    info = predictor.info
-    images, bad = render_series(s, info.preprocess)
+def read_series(predictor: Predictor, s: Series, skipped: list[dict]) -> np.ndarray | None:
+    """``s``'s images (z order) as the bundle's stage 1 made them; its unreadable slices dropped from ``s`` and added
+    to ``skipped`` (None when none is readable)."""
+    images, bad = render_series(s, predictor.info.preprocess)
     for i in bad:
         skipped.append({"what": str(s.files[i]), "reason": "pixel data unreadable"})
     keep = [i for i in range(len(s.files)) if i not in set(bad)]
@@ -128,7 +127,21 @@ def run_series(predictor: Predictor, s: Series, skipped: list[dict]) -> SeriesRe
     if not len(images):
         skipped.append({"what": f"series {s.series}", "reason": "no readable slice"})
         return None
-    probs = predictor.probabilities(images, s.ids, np.asarray(s.z, np.float64))
+    return images
+
+
+def run_series(predictor: Predictor, s: Series, skipped: list[dict]) -> SeriesResult | None:
+    """``s`` through the bundle (its unreadable slices dropped from ``s`` and added to ``skipped``; None when none is
+    readable)."""
+    images = read_series(predictor, s, skipped)
+    if images is None:
+        return None
+    return series_result(predictor, s, images, predictor.probabilities(images, s.ids, np.asarray(s.z, np.float64)))
+
+
+def series_result(predictor: Predictor, s: Series, images: np.ndarray, probs: np.ndarray) -> SeriesResult:
+    """One series' result from its images and (N, 6) probabilities: the flags at the bundle's thresholds, its rows."""
+    info = predictor.info
     thresholds = info.thresholds
     flags = np.stack([probs[:, c] >= thresholds[name].threshold for c, name in enumerate(LABELS)], 1)
     slices = [{"SOPInstanceUID": s.ids[i], "StudyInstanceUID": s.study, "SeriesInstanceUID": s.series,
