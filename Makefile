@@ -196,7 +196,7 @@ bench: bench-preprocess bench-train bench-scale
 # printed. OPTIONS="mixup no_crop nine_channel label_smoothing" adds a run per option. Resumable.
 SPEC ?= auto
 benchmark: setup
-	$(PY) benchmarks/benchmark.py --spec "$(SPEC)" --root "$(DATA_DIR)/benchmark" $(if $(OPTIONS),--options "$(OPTIONS)") $(OVERRIDES)
+	$(PY) benchmarks/benchmark.py --spec "$(SPEC)" --root "$(DATA_DIR)/benchmark" $(if $(OPTIONS),--options "$(OPTIONS)") $(if $(SEEDS),--seeds "$(SEEDS)") $(OVERRIDES)
 
 # BENCH_N generated 512x512 DICOMs, one core: our stage vs a Kaggle-kernel reference vs the decode+encode floor.
 # (Its own name: make judge's N is a number of series.)

@@ -39,12 +39,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 REPO = Path(__file__).resolve().parents[1]
 
 from ichpipe.config import Config, load_config  # noqa: E402
-from ichpipe.io import InputError, atomic_path, write_text_atomic  # noqa: E402
+from ichpipe.io import InputError, atomic_path, first_line, write_text_atomic  # noqa: E402
 from ichpipe.labels import ABBREVIATIONS, LABELS, SUBTYPES  # noqa: E402
 from ichpipe.localisation import pointing_lines  # noqa: E402
 from ichpipe.metrics import auc_or_nan  # noqa: E402
@@ -308,6 +308,8 @@ def main(argv=None) -> int:
     parser.add_argument("--spec", default="auto", help="configs/benchmark/<name>.yaml; auto: gpu.yaml with a GPU, else cpu.yaml")
     parser.add_argument("--root", default=str(REPO / "data" / "benchmark"), help="where its data and runs go")
     parser.add_argument("--options", default="", help="space-separated option names of the spec")
+    parser.add_argument("--seeds", default="", help="space-separated model seeds of the noise family, instead of "
+                        "the spec's noise.seeds (the first is the seed of every other run)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every experiment (quick checks)")
     args = parser.parse_args(argv)
     try:
@@ -316,6 +318,12 @@ def main(argv=None) -> int:
         spec_path = Path(args.spec) if args.spec != "auto" else \
             REPO / "configs" / "benchmark" / ("gpu.yaml" if torch.cuda.is_available() else "cpu.yaml")
         spec = read_spec(spec_path)
+        if args.seeds:
+            try:
+                spec.noise = Noise(family=spec.noise.family, seeds=[int(s) for s in args.seeds.split()])
+            except (ValueError, ValidationError) as exc:
+                raise InputError(f"SEEDS={args.seeds!r}: two or more whole numbers are needed "
+                                 f"({first_line(exc)})") from None
         options = args.options.split()
         unknown = [o for o in options if o not in spec.options]
         if unknown:

@@ -111,3 +111,18 @@ def test_the_written_table_carries_each_family_s_pointing_game(tmp_path):
     assert "Where `a_s0` looks" in page and "| subdural | 12 | 25% | 3.1% | 0.4% |" in page and "b_s0" not in page
     saved = json.loads((tmp_path / "benchmark.json").read_text())["pointing_game"]
     assert list(saved) == ["a_s0"] and saved["a_s0"][0]["subtype"] == "subdural" and saved["a_s0"][0]["slices"] == 12
+
+
+def test_seeds_on_the_command_line_replace_the_spec_s_and_bad_ones_are_one_line(tmp_path, capsys, monkeypatch):
+    """`make benchmark SEEDS="0 1 2 3 4"`: the noise over those seeds; fewer than two, or not numbers: one line,
+    before anything is made."""
+    ran = {}
+    monkeypatch.setattr(benchmark, "benchmark", lambda bench, options, path: ran.setdefault("seeds", bench.spec.noise.seeds) and 0)
+    assert benchmark.main(["--spec", str(REPO / "configs/benchmark/cpu.yaml"), "--root", str(tmp_path), "--seeds", "0 1 2 3 4"]) == 0
+    assert ran["seeds"] == [0, 1, 2, 3, 4]
+    for bad in ("3", "0 x"):
+        assert benchmark.main(["--spec", str(REPO / "configs/benchmark/cpu.yaml"), "--root", str(tmp_path / "b"),
+                               "--seeds", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: SEEDS={bad!r}: two or more whole numbers") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
