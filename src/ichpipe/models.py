@@ -75,3 +75,12 @@ def load_weights(model: nn.Module, state: dict, source: str | Path, backbone: st
                   if missing or extra else str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)[:200])
         raise ModelError(f"{source}: not a checkpoint of model.backbone={backbone} ({detail}); "
                          f"use the backbone it was trained with") from None
+
+
+def load_checkpoint(path: str | Path, backbone: str, in_chans: int = 3, kwargs: dict | None = None) -> nn.Module:
+    """A CNN of ``backbone`` (in eval mode, on the CPU) with the weights of the ichpipe checkpoint ``path``; floating
+    weights as float32 (an fp16 bundle's are stored as float16)."""
+    model = create_model(backbone, pretrained=False, in_chans=in_chans, kwargs=kwargs)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    load_weights(model, {n: t.float() if t.is_floating_point() else t for n, t in state.items()}, path, backbone)
+    return model.eval()

@@ -17,7 +17,7 @@ from ichpipe.inference import embed_loader
 from ichpipe.labels import ANY_INDEX, LABELS, N_LABELS
 from ichpipe.localisation import mean_grad_cam
 from ichpipe.metrics import sigmoid
-from ichpipe.models import create_model, load_weights
+from ichpipe.models import load_checkpoint
 from ichpipe.results import final_blend, weighted_mean
 from ichpipe.sequence_models import SliceFeatures, load_models, predict_bag
 from ichpipe.studies import Series, render_series
@@ -41,12 +41,9 @@ class Predictor:
         self.cnn = {}
         for k in self.info.folds:
             for e in self.info.epochs[k]:
-                model = create_model(self.info.backbone, pretrained=False, in_chans=self.channels,
-                                     kwargs=config["model"].get("kwargs", {}))
-                state = torch.load(bundle.cnn_path(k, e), map_location="cpu", weights_only=True)
-                load_weights(model, {n: t.float() if t.is_floating_point() else t for n, t in state.items()},
-                             bundle.cnn_path(k, e), self.info.backbone)
-                self.cnn[k, e] = model.to(self.device).eval()
+                model = load_checkpoint(bundle.cnn_path(k, e), self.info.backbone, self.channels,
+                                        config["model"].get("kwargs", {}))
+                self.cnn[k, e] = model.to(self.device)
                 if self.channels_last:
                     self.cnn[k, e] = self.cnn[k, e].to(memory_format=torch.channels_last)
         self.lstm = {key: load_models(bundle.lstm_path(*key), self.device) for key in self.cnn} \

@@ -29,7 +29,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from ichpipe.config import Config
-from ichpipe.data import SliceDataset, build_transform, input_channels, normalize
+from ichpipe.data import SliceDataset, build_transform, input_channels, normalize, to_input
 from ichpipe.device import default_device
 from ichpipe.folds import check_fold_table
 from ichpipe.io import InputError, atomic_path, read_png, write_text_atomic
@@ -37,7 +37,7 @@ from ichpipe.labels import ABBREVIATIONS, ANY_INDEX, LABELS, SUBTYPES
 from ichpipe.localisation import mean_grad_cam, pointing_game, pointing_lines, pointing_summary
 from ichpipe.metrics import OperatingPoint, auc_or_nan, per_class_log_loss, threshold_for_recall, weighted_log_loss
 from ichpipe.metrics import prior as prior_of
-from ichpipe.models import create_model, load_weights
+from ichpipe.models import load_checkpoint
 from ichpipe.paths import data_paths, epoch_number, experiment_dir, finished_dirs, output_name, read_metadata, run_dir
 from ichpipe.results import PREDICTION_FILES
 
@@ -285,27 +285,23 @@ def pointing_game_oof(cfg: Config, meta: pd.DataFrame, ids: np.ndarray, y: np.nd
     device = default_device()
     tf = build_transform([], cfg.train.image_size, train=False)
     channels = input_channels(cfg.preprocess.mode)
+    crop = 0.0 if cfg.train.crop_border else None  # the tight head box, as stage 3 embeds
     out = []
     for k in sorted({int(f) for f in folds[flags.any(axis=1)]}):
         ckpts = sorted((run_dir(cfg, k) / "checkpoints").glob("epoch*.pt"))
         ckpts = [c for c in ckpts if not cfg.embed.epochs or epoch_number(c) in cfg.embed.epochs]
-        models = []
-        for ckpt in ckpts:
-            model = create_model(cfg.model.backbone, pretrained=False, in_chans=channels, kwargs=cfg.model.kwargs)
-            load_weights(model, torch.load(ckpt, map_location="cpu", weights_only=True), ckpt, cfg.model.backbone)
-            models.append(model.to(device).eval())
+        models = [load_checkpoint(c, cfg.model.backbone, channels, cfg.model.kwargs).to(device) for c in ckpts]
         if not models:
             raise InputError(f"{run_dir(cfg, k)}/checkpoints: no checkpoint of embed.epochs={cfg.embed.epochs}")
         fold_rows = meta[meta.fold == k].reset_index()  # the whole fold: 9 channels stack each slice's neighbours
-        ds = SliceDataset(fold_rows, paths.processed / output_name(cfg.preprocess), tf, cfg.seed,
-                          0.0 if cfg.train.crop_border else None, channels=channels)
+        ds = SliceDataset(fold_rows, paths.processed / output_name(cfg.preprocess), tf, channels=channels)
         position = {i: n for n, i in enumerate(ds.ids)}
         mine = np.flatnonzero(folds == k)
 
         def cams(rows: list[int], label: int, mine=mine, ds=ds, position=position, models=models) -> np.ndarray:
-            at = [position[ids[mine[r]]] for r in rows]
-            x = normalize(torch.stack([ds[i][0] for i in at]).to(device))
-            return mean_grad_cam(models, x, np.stack([ds.image(i) for i in at]), cfg.train.crop_border, label)
+            images = np.stack([ds.image(position[ids[mine[r]]]) for r in rows])  # each PNG read once
+            x = normalize(torch.stack([to_input(img, tf, 0, crop) for img in images]).to(device))
+            return mean_grad_cam(models, x, images, cfg.train.crop_border, label)
 
         out += pointing_game(list(ids[mine]), flags[mine], paths.masks_dir, cams)
     return pd.DataFrame(out, columns=["SOPInstanceUID", "subtype", "hit", "mass_inside", "blood_share"])
