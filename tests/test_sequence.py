@@ -255,14 +255,16 @@ def test_missing_embeddings_and_bad_bagging_are_clear_errors(processed):
         _train_cfg(root, "x", "lstm.epochs=3", "lstm.bag_last=9")  # refused when the config is read, before any work
 
 
-def test_cpu_results_are_bit_identical_to_the_stored_reference():
+def test_cpu_results_equal_the_stored_reference_to_float32_rounding():
     # tests/data/lstm_cpu_reference.npz was written by tests/lstm_reference.py (its docstring says when and why);
-    # on the CPU a change that is not meant to move the numbers must not move them.
+    # on the CPU a change that is not meant to move the numbers must not move them. Bit for bit on the machine that
+    # wrote it; another CPU's vector kernels round some sums differently (2026-12-07: 3 of 408 values by 3e-8, one
+    # float32 step), so the bound is a few float32 steps, far below what any change of the model or data moves.
     from .lstm_reference import REFERENCE, compute
 
     reference, now = np.load(REFERENCE), compute()
     for key in ("val", "test", "val_loss"):
-        np.testing.assert_array_equal(now[key], reference[key], err_msg=key)
+        np.testing.assert_allclose(now[key], reference[key], rtol=0, atol=1e-7, err_msg=key)
 
 
 def test_the_saved_refit_reproduces_the_test_predictions(embedded):
