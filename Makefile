@@ -30,11 +30,11 @@ help:
 	@echo "make train fold=0   train the CNN of one fold (all folds without fold=; GPUS=N for torchrun)"
 	@echo "make embed fold=0   embeddings and logits of OOF and test slices per checkpoint, with TTA"
 	@echo "make lstm fold=0    nested-CV bidirectional LSTM over each series, on the embeddings"
-	@echo "make submission     blend folds/bags/TTA, CV table, validated submissions/*.csv.gz + YAML"
+	@echo "make submission     blend folds/bags/TTA, CV table, validated DATA_DIR/submissions/*.csv.gz + YAML"
 	@echo "make ensemble EXPERIMENTS=\"a b\"   combine experiments (mean, fitted weights, stacker), one submission"
 	@echo "make search [SPACE=configs/search/x.yaml]   Optuna search (TPE, pruning) on one fold; best.yaml + plots"
 	@echo "make report         figures and report.md of the experiment (after make submission)"
-	@echo "make submit         upload the newest submission with the kaggle CLI (FILE=... for another)"
+	@echo "make submit         upload the current blend's submission with the kaggle CLI (FILE=... for another)"
 	@echo "make bundle         pack the experiment into a portable model bundle (runs/<experiment>/bundle)"
 	@echo "make predict STUDY=folder-or-zip [BUNDLE=...]   run a bundle on new DICOM studies"
 	@echo "make evaluate [STUDIES=... LABELS=reads.csv MASKS=]   a bundle on labelled studies (default: synthetic CQ500)"
@@ -133,7 +133,7 @@ evaluate: setup
 	$(PY) -m ichpipe evaluate "$(STUDIES)" --bundle "$(or $(BUNDLE),$(DATA_DIR)/runs/demo/bundle)" \
 		--labels "$(LABELS)" --out "$(EVAL_OUT)" $(if $(MASKS),--masks "$(MASKS)")
 
-# FILE=submissions/X.csv.gz uploads that file instead of the experiment's newest.
+# FILE=X.csv.gz uploads that file instead of the one the experiment's current blend made.
 submit: setup
 	$(PY) scripts/06_submit.py $(STAGE_ARGS) $(if $(FILE),--file $(FILE))
 

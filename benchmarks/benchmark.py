@@ -48,7 +48,7 @@ from ichpipe.io import InputError, atomic_path, first_line, write_text_atomic  #
 from ichpipe.labels import ABBREVIATIONS, LABELS, SUBTYPES  # noqa: E402
 from ichpipe.localisation import pointing_lines  # noqa: E402
 from ichpipe.metrics import auc_or_nan  # noqa: E402
-from ichpipe.paths import data_paths, experiment_dir, read_metadata, run_dir  # noqa: E402
+from ichpipe.paths import blend_dir, read_metadata, run_dir  # noqa: E402
 
 
 class Noise(BaseModel):
@@ -152,7 +152,7 @@ class Bench:
             self.log(f"{cfg.experiment} fold {k}: sequence model {last['cnn']:.4f} -> {last['lstm']:.4f}")
         with contextlib.redirect_stdout(io.StringIO()):
             run_blend(cfg)
-        return json.loads((experiment_dir(cfg) / "cv.json").read_text())
+        return json.loads((blend_dir(cfg) / "cv.json").read_text())
 
     def report(self, cfg: Config) -> pd.DataFrame | None:
         """``make report`` of one experiment (under its runs/<experiment>/report/); returns its pointing game."""
@@ -168,7 +168,7 @@ class Bench:
                                                                  f"ensemble.members=[{','.join(members)}]"])
         with contextlib.redirect_stdout(io.StringIO()):
             run_ensemble(cfg)
-        return json.loads((data_paths(cfg).runs / name / "cv.json").read_text())
+        return json.loads((blend_dir(cfg, name) / "cv.json").read_text())
 
 
 def _share_cnn(source: Path, target: Path) -> None:
@@ -183,7 +183,7 @@ def _share_cnn(source: Path, target: Path) -> None:
 def aucs(root: Path, experiment: str, model: str) -> dict[str, float]:
     """OOF AUC per class of one model of an experiment (its stage-5 or ensemble predictions)."""
     meta = read_metadata(root).set_index("image_id")
-    oof = pd.read_parquet(root / "runs" / experiment / "oof_predictions.parquet")
+    oof = pd.read_parquet(root / "runs" / experiment / "blend" / "oof_predictions.parquet")
     oof = oof[oof.model == model].set_index("image_id")
     y = meta.loc[oof.index, list(LABELS)].to_numpy()
     return {c: auc_or_nan(y[:, i], oof[c].to_numpy()) for i, c in enumerate(LABELS)}

@@ -40,6 +40,9 @@ def run(cfg, args):
         return 0
     print(f"metadata: {summary['images']} images in {summary['metadata']}; {summary['bad']} bad files "
           f"listed in {summary['out_dir']}/bad_files.csv")
+    if summary["same_position"]:
+        print(f"warning: {summary['same_position']} slices share their series' position with another slice (kept; "
+              f"listed in {summary['out_dir']}/same_position.csv)")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 
     python scripts/06_submit.py --config configs/cnn/cpu_small.yaml [--file submissions/X.csv.gz]
 
-Default file: the newest complete final-blend submission of exactly this experiment and this data root
-(the work folder recorded in the YAML beside it) in blend.out_dir (temporary files, other experiments and
-other data roots' files are never taken). The message
+Default file: the final-blend submission that the experiment's current stage-5 results name
+(runs/<experiment>/blend/submissions.json under this data root), unchanged since (its sha256). A file edited after
+ichpipe wrote it (its YAML's sha256 no longer matches) is refused. The message
 names the experiment, the model, the OOF score and the git commit (from the YAML beside the file).
 The file is validated first; the API token is read by the kaggle CLI only.
 """
@@ -17,7 +17,14 @@ import yaml
 
 from ichpipe.cli import stage_main
 from ichpipe.paths import DataPaths
-from ichpipe.submission import info_path, kaggle_cli, latest_submission, submit_to_kaggle, validate_submission
+from ichpipe.submission import (
+    check_unchanged,
+    current_submission,
+    info_path,
+    kaggle_cli,
+    submit_to_kaggle,
+    validate_submission,
+)
 
 
 def add_arguments(parser):
@@ -25,7 +32,8 @@ def add_arguments(parser):
 
 
 def run(cfg, args):
-    path = Path(args.file) if args.file else latest_submission(cfg)
+    path = Path(args.file) if args.file else current_submission(cfg)
+    check_unchanged(path)  # a file edited after ichpipe wrote it is not uploaded under ichpipe's message
     beside = info_path(path)
     info = yaml.safe_load(beside.read_text()) if beside.exists() else {}
     cv = info.get("cv", {}).get("oof", {}).get("weighted")

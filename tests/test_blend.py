@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import hashlib
+import io
 import json
 import os
 import stat
@@ -27,9 +28,11 @@ from ichpipe.results import weighted_mean
 from ichpipe.submission import (
     NO_CREDENTIALS,
     SubmissionError,
+    check_unchanged,
+    current_submission,
     info_path,
     kaggle_credentials,
-    latest_submission,
+    submissions_dir,
     submit_to_kaggle,
 )
 
@@ -127,7 +130,7 @@ def test_blend_scores_every_model_and_writes_validated_submissions(tmp_path):
         "lstm": pd.concat([bag["lstm"][k, "oof"] for k in range(2)]),
     }
     oof["blend"] = 0.6 * oof["lstm"] + 0.4 * oof["cnn_bagged"]
-    cv = json.loads((root / "runs" / "exp" / "cv.json").read_text())
+    cv = json.loads((root / "runs" / "exp" / "blend" / "cv.json").read_text())
     for model, pred in oof.items():
         y = labelled.loc[pred.index, L].to_numpy()
         expected = weighted_log_loss(y, pred.clip(*clip).to_numpy())
@@ -138,7 +141,7 @@ def test_blend_scores_every_model_and_writes_validated_submissions(tmp_path):
     assert cv["test"]["blend"]["weighted"] == pytest.approx(
         weighted_log_loss(truth[L].to_numpy(), test_blend.loc[truth.index].to_numpy()), rel=1e-6)
     assert cv["used"]["cnn_epochs"] == {"0": [0, 1], "1": [0, 1]}
-    table = (root / "runs" / "exp" / "cv.md").read_text()
+    table = (root / "runs" / "exp" / "blend" / "cv.md").read_text()
     assert f"| lstm | {cv['oof']['lstm']['weighted']:.4f} |" in table and "**test**" in table
 
     score = cv["oof"]["blend"]["weighted"]
@@ -159,7 +162,7 @@ def test_blend_scores_every_model_and_writes_validated_submissions(tmp_path):
     assert info["configs"]["blend"]["blend"]["lstm_weight"] == 0.6
     cnn = root / "subs" / f"2026-11-23_exp-cnn_cv{cv['oof']['cnn_bagged']['weighted']:.4f}.csv.gz"
     assert cnn.exists() and cnn.with_name(cnn.name.replace(".csv.gz", ".yaml")).exists()
-    preds = pd.read_parquet(root / "runs" / "exp" / "oof_predictions.parquet")
+    preds = pd.read_parquet(root / "runs" / "exp" / "blend" / "oof_predictions.parquet")
     assert sorted(preds.model.unique()) == sorted(oof)
 
 
@@ -317,26 +320,36 @@ def test_submit_script(tmp_path):
 def test_submit_takes_the_submission_of_the_current_data_root(tmp_path):
     cfg_a, *_ = _experiment(tmp_path / "a", np.random.default_rng(3))
     cfg_b, *_ = _experiment(tmp_path / "b", np.random.default_rng(4))
-    cfg_b.blend.out_dir = cfg_a.blend.out_dir  # one submissions/ folder for both data roots, as the repository's
+    cfg_b.blend.out_dir = cfg_a.blend.out_dir  # one submissions/ folder for both data roots
     a = run_blend(cfg_a, today=dt.date(2026, 11, 23))["written"]["blend"]["path"]
     b = run_blend(cfg_b, today=dt.date(2026, 11, 24))["written"]["blend"]["path"]  # newer, of the other root
     assert yaml.safe_load(info_path(a).read_text())["work_dir"] == str((tmp_path / "a").resolve())
-    assert latest_submission(cfg_a) == Path(a)  # was: b, the newest file of that experiment's name
-    assert latest_submission(cfg_b) == Path(b)
+    assert current_submission(cfg_a) == Path(a)  # was: b, the newest file of that experiment's name
+    assert current_submission(cfg_b) == Path(b)
     cfg_c = load_config(overrides=[f"data.root={tmp_path / 'c'}", "experiment=exp",
                                    f"blend.out_dir={tmp_path / 'a' / 'subs'}"])
-    with pytest.raises(InputError, match=r"no submission of experiment 'exp' from the data root .*c \(only from "
-                                         r".*a, .*b: give FILE=\.\.\. to upload one of those\)$"):
-        latest_submission(cfg_c)
+    with pytest.raises(InputError, match=r"c/runs/exp/blend/submissions.json: not found; run `make submission` "
+                                         r"first \(experiment 'exp', data root .*c\)$"):
+        current_submission(cfg_c)
 
 
-def test_submit_takes_only_complete_submissions_of_exactly_this_experiment(tmp_path, monkeypatch):
+def test_submissions_go_under_the_work_folder_not_the_installed_package(tmp_path):
+    cfg, *_ = _experiment(tmp_path / "root", np.random.default_rng(3))
+    cfg.blend.out_dir = "submissions"  # the default: relative
+    written = run_blend(cfg, today=dt.date(2026, 11, 23))["written"]
+    assert Path(written["blend"]["path"]).parent == tmp_path / "root" / "submissions"  # was: <repository>/submissions
+    assert current_submission(cfg) == Path(written["blend"]["path"])
+    cfg.data.work_dir = str(tmp_path / "work")  # outputs elsewhere (a read-only data root): submissions follow
+    assert submissions_dir(cfg) == tmp_path / "work" / "submissions"
+
+
+def test_submit_takes_only_the_current_blend_s_unchanged_submission(tmp_path, monkeypatch):
     root = tmp_path / "root"
     cfg, *_ = _experiment(root, np.random.default_rng(3))
     run_blend(cfg, today=dt.date(2026, 11, 23))
     subs = root / "subs"
     (final,) = subs.glob("2026-11-23_exp_cv*.csv.gz")
-    assert latest_submission(cfg) == final
+    assert current_submission(cfg) == final
     # what a killed blend leaves (a hidden temp file), another experiment whose name ends like this one's,
     # and a submission without its YAML: all newer, none taken
     (subs / ".2026-11-24_exp_cv0.1000.csv.gz.x1.tmp.csv.gz").write_text("ID,Label\n")
@@ -346,16 +359,32 @@ def test_submit_takes_only_complete_submissions_of_exactly_this_experiment(tmp_p
     info_path(other).write_text(yaml.safe_dump({**info, "file": other.name, "experiment": "old_exp"}))
     orphan = subs / "2026-11-24_exp_cv0.0400.csv.gz"
     orphan.write_bytes(final.read_bytes())
-    assert latest_submission(cfg) == final
+    assert current_submission(cfg) == final
     # the next blend sweeps what a killed blend of this experiment left, and nothing of another's
     run_blend(cfg, today=dt.date(2026, 11, 23))
     assert not orphan.exists() and not list(subs.glob(".*tmp*")) and other.exists()
-    # a full disk while the YAML is written (of a blend that changed): neither file appears
+    # a full disk while the YAML is written (of a blend that changed): neither file appears, and the former results
+    # stay whole (they name the former submission)
+    results = root / "runs" / "exp" / "blend"
+    before = {p.name: p.read_bytes() for p in results.iterdir()}
     cfg.blend.lstm_weight = 0.3
-    monkeypatch.setattr(yaml, "safe_dump", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
-    with pytest.raises(OSError, match="No space left"):
-        run_blend(cfg, today=dt.date(2026, 11, 25))
+    with monkeypatch.context() as m:
+        m.setattr(yaml, "safe_dump", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+        with pytest.raises(OSError, match="No space left"):
+            run_blend(cfg, today=dt.date(2026, 11, 25))
     assert not list(subs.glob("2026-11-25*")) and not list(subs.glob(".*"))
+    assert {p.name: p.read_bytes() for p in results.iterdir()} == before and current_submission(cfg) == final
+    # a submission edited after it was written is refused, by default and by name (FILE=...)
+    with gzip.open(final, "rt") as f:
+        text = f.read()
+    with gzip.open(final, "wt") as f:
+        f.write(text.replace(",0.", ",0.9", 1))
+    for check in (lambda: current_submission(cfg), lambda: check_unchanged(final)):
+        with pytest.raises(InputError, match=r"_exp_cv.*\.csv\.gz: changed since .*wrote it \(.*sha256 differs"):
+            check()
+    own = tmp_path / "mine.csv"  # a file of the user's own, without ichpipe's YAML, may be uploaded by name
+    own.write_text(text)
+    check_unchanged(own)
 
 
 def test_a_rerun_that_changes_nothing_keeps_the_submission_of_its_first_day(tmp_path, capsys):
@@ -376,7 +405,11 @@ def test_a_rerun_that_changes_nothing_keeps_the_submission_of_its_first_day(tmp_
     third = run_blend(cfg, today=dt.date(2026, 11, 24))["written"]
     assert third["blend"]["new"] and third["blend"]["path"].startswith(str(subs / "2026-11-24_exp_cv"))
     assert third["cnn_bagged"] == {**first["cnn_bagged"], "new": False}
-    assert latest_submission(cfg) == Path(third["blend"]["path"])
+    assert current_submission(cfg) == Path(third["blend"]["path"])
+    cfg.blend.lstm_weight = 1.0  # back to the first settings: the first day's file is the current blend again
+    fourth = run_blend(cfg, today=dt.date(2026, 11, 25))["written"]
+    assert fourth["blend"]["path"] == first["blend"]["path"] and not fourth["blend"]["new"]
+    assert current_submission(cfg) == Path(first["blend"]["path"])  # was: the newer file of the 0.3 blend
 
 
 def test_submit_refuses_an_invalid_file(tmp_path):
@@ -386,3 +419,63 @@ def test_submit_refuses_an_invalid_file(tmp_path):
     wide_to_long(_frame(["ID_a"], 0.5)).to_csv(sub, index=False)
     with pytest.raises(SubmissionError, match="6 IDs of the sample submission are missing: ID_b_any"):
         submit_to_kaggle(sub, sample, "rsna-intracranial-hemorrhage-detection", "m")
+
+
+_KILL_MID_BLEND = """
+import datetime as dt, os, signal, sys
+import pandas as pd
+from ichpipe.blend import run_blend
+from ichpipe.config import load_config
+real, calls = pd.DataFrame.to_parquet, []
+def to_parquet(self, path, *args, **kwargs):  # the OOF table written, killed before the test table
+    real(self, path, *args, **kwargs)
+    calls.append(path)
+    if len(calls) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+pd.DataFrame.to_parquet = to_parquet
+run_blend(load_config(overrides=sys.argv[1:]), today=dt.date(2026, 11, 24))
+"""
+
+
+def test_a_blend_killed_while_writing_leaves_the_former_results_whole(tmp_path):
+    """Issue 31: a kill during stage 5 left the new OOF table beside the old test table, and a hidden temp file that
+    later blends did not remove."""
+    root = tmp_path / "root"
+    cfg, *_ = _experiment(root, np.random.default_rng(3))
+    run_blend(cfg, today=dt.date(2026, 11, 23))
+    results = root / "runs" / "exp" / "blend"
+    before = {p.name: p.read_bytes() for p in results.iterdir()}
+    args = [f"data.root={root}", "experiment=exp", f"blend.out_dir={root / 'subs'}", "blend.lstm_weight=0.3"]
+    res = subprocess.run([sys.executable, "-c", _KILL_MID_BLEND, *args], capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in results.iterdir()} == before  # the former results, whole
+    assert any(p.name.startswith(".blend.") for p in results.parent.iterdir())  # the killed run's staging folder
+    cfg.blend.lstm_weight = 0.3
+    new = run_blend(cfg, today=dt.date(2026, 11, 24))
+    assert not [p for p in results.parent.iterdir() if p.name.startswith(".blend.")]  # removed by the next blend
+    assert current_submission(cfg) == Path(new["written"]["blend"]["path"])
+    for where in ("oof", "test"):  # both tables from the new blend (lstm_weight 0.3: another final blend)
+        old = pd.read_parquet(io.BytesIO(before[f"{where}_predictions.parquet"])).query("model == 'blend'")
+        now = pd.read_parquet(results / f"{where}_predictions.parquet").query("model == 'blend'")
+        assert list(now.image_id) == list(old.image_id) and not np.allclose(now[L], old[L])
+    cv = json.loads((results / "cv.json").read_text())
+    assert cv["oof"]["blend"]["weighted"] == pytest.approx(new["scores"]["oof"]["blend"]["weighted"])
+
+
+def test_a_second_blend_of_an_experiment_is_refused_while_one_runs(tmp_path):
+    root = tmp_path / "root"
+    cfg, *_ = _experiment(root, np.random.default_rng(3))
+    exp = root / "runs" / "exp"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom ichpipe.io import writer_lock\n"
+                               f"with writer_lock({str(exp)!r}, 'stage 5 (blend) of exp'):\n"
+                               "    print('locked', flush=True)\n    time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(InputError, match=rf"^{exp}: stage 5 \(blend\) of exp \(process {holder.pid}\) is writing "
+                                             r"this folder"):
+            run_blend(cfg)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (exp / "blend").exists() and not (root / "subs").exists()  # nothing written by the refused one
+    run_blend(cfg)

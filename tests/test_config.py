@@ -102,3 +102,42 @@ def test_every_shipped_config_loads_and_names_a_timm_model():
         cfg = load_config(path)
         assert timm.is_model(cfg.model.backbone), path
         assert cfg.lstm.kind in KINDS and 2 * cfg.lstm.hidden % cfg.lstm.heads == 0, path
+
+
+def _stage(argv: list[str], capsys) -> tuple[int, str]:
+    from ichpipe.cli import stage_main
+
+    code = stage_main("", lambda cfg, args: 0, argv=argv)
+    return code, capsys.readouterr().err
+
+
+def test_a_config_that_says_two_things_or_cannot_be_read_is_one_line_naming_it(tmp_path, capsys):
+    """Issue 31: each was accepted (a key set twice: the last value, silently) or a traceback."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  lr: 1.0e-3\n  epochs: 2\n  lr: 2.0e-3\n")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    base = tmp_path / "base.yaml"
+    base.write_text("base: 5\n")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x,x,x,x,x,x,x,x,x,x]\n" + "".join(
+        f"{c}: &{c} [" + ",".join([f"*{p}"] * 10) + "]\n" for p, c in zip("abcdef", "bcdefg", strict=True))
+        + "experiment: *g\n")
+    for argv, line in (
+            (["--config", str(twice)], f"error: {twice}, line 4: key 'lr' is set twice in one mapping; say each "
+                                       "setting once"),
+            (["--config", str(binary)], f"error: {binary}: not a text (UTF-8) file; a config is YAML text"),
+            (["--config", str(base)], f"error: {base}: base: the name of a YAML file (relative to this one), got 5"),
+            (["--config", str(bomb)], f"error: {bomb}: expands to more than 100,000 values or 10,000,000 characters "
+                                      "(nested aliases?); not a config"),
+            (["seed=99999999999999999999999"], "error: seed: must fit in 64 bits, got 99999999999999999999999"),
+            (["seed=-1"], "error: seed: must be between 0 and 4294967295, got -1"),
+            (["train=5", "train.lr=1"], "error: train: given both a value (5) and a setting inside it (train.lr); "
+                                        "give one"),
+            (["train.lr=1", "train=5"], "error: train: given both a value (5) and settings inside it; give one"),
+            ([f"experiment={'x' * 101}"], "error: experiment: must be a plain folder name"),
+    ):
+        code, err = _stage(argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith(line), (argv, err)
+        assert len(err) < 300
+    assert load_config(overrides=["seed=4294967295"]).seed == 2**32 - 1

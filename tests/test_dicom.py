@@ -169,3 +169,123 @@ def test_fuzzed_files_fail_as_dicom_errors_only(tiny_data, tmp_path):
                 failed += 1
                 assert "\n" not in str(exc) and str(exc), path
     assert len(cases) >= 250 and failed > 100  # most damage is caught; none of it as another exception type
+
+
+# --- every size bounded from the header before it is allocated (issue 31) -----------------------------------------
+
+def _ct_small(**changes) -> pydicom.Dataset:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # 128 x 128, 16-bit signed, explicit VR little endian
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def _peak_mb(fn) -> tuple[float, object]:
+    """(peak MB that Python and numpy allocated while ``fn`` ran, what it returned or raised)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - returned for the test to look at
+        result = exc
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    return peak, result
+
+
+def test_a_compressed_file_claiming_a_huge_image_is_refused_before_any_decoder_allocates_it(tmp_path):
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    ds = _ct_small(Rows=30000, Columns=30000)
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.PixelData = encapsulate([bytes(64)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / "rle.dcm")
+    assert (tmp_path / "rle.dcm").stat().st_size < 8000  # CT_small's header and 64 bytes of "pixels"
+    peak, err = _peak_mb(lambda: read_slice(tmp_path / "rle.dcm"))
+    assert isinstance(err, DicomError) and str(err).startswith("Rows x Columns 30000x30000: not 1 to 4096 pixels")
+    assert peak < 20  # was: 1.96 GB taken before "cannot be decoded"
+
+
+def _deflated(path: Path, ds: pydicom.Dataset, pixel_bytes: int) -> Path:
+    """``ds`` saved with the deflate transfer syntax and its PixelData replaced by ``pixel_bytes`` zeros, deflated
+    as a stream (a file of a few hundred KB that inflates to ``pixel_bytes``)."""
+    import struct
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    if 0xFFFCFFFC in ds:  # CT_small's trailing padding: PixelData must be the last element here
+        del ds[0xFFFCFFFC]
+    ds.save_as(path)
+    data = path.read_bytes()
+    start = 132 + 12 + pydicom.filereader.read_file_meta_info(path).FileMetaInformationGroupLength
+    raw = zlib.decompress(data[start:], -zlib.MAX_WBITS)
+    at = raw.rindex(b"\xe0\x7f\x10\x00")  # (7FE0,0010) PixelData, the last element
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = [data[:start], packer.compress(raw[:at] + b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", pixel_bytes))]
+    block = bytes(1 << 20)
+    for _ in range(pixel_bytes >> 20):
+        out.append(packer.compress(block))
+    out.append(packer.compress(bytes(pixel_bytes % (1 << 20))) + packer.flush())
+    path.write_bytes(b"".join(out))
+    return path
+
+
+def test_a_deflated_file_is_read_and_a_deflate_bomb_refused_before_it_is_inflated(tmp_path):
+    original = read_slice(get_testdata_file("CT_small.dcm"))
+    small = _deflated(tmp_path / "small.dcm", _ct_small(), 128 * 128 * 2)
+    assert read_slice(small).stored.shape == (128, 128)  # a deflated file of the right size reads
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    same = _ct_small()
+    same.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    same.save_as(tmp_path / "same.dcm")
+    np.testing.assert_array_equal(read_slice(tmp_path / "same.dcm").stored, original.stored)
+    bomb = _deflated(tmp_path / "bomb.dcm", _ct_small(Rows=4096, Columns=4096), 80 << 20)
+    assert bomb.stat().st_size < 200_000
+    peak, err = _peak_mb(lambda: read_slice(bomb))
+    assert isinstance(err, DicomError), err
+    assert str(err) == "the deflated data set inflates to more than 64 MiB: not a CT slice"
+    assert peak < 20  # was: the whole inflated data set in memory, then the image decoded (7-8 GB at 20000 px)
+    peak, err = _peak_mb(lambda: read_header(bomb))  # predict reads headers first: bounded there too
+    assert isinstance(err, DicomError) and peak < 20
+
+
+def test_pixel_data_longer_than_the_header_says_is_refused_not_read_sheared(tmp_path):
+    ds = _ct_small()
+    ds.PixelData = ds.PixelData + bytes(2 * 128)  # one row too many: the image would shift by a row per row
+    ds.save_as(tmp_path / "long.dcm")
+    with pytest.raises(DicomError, match=r"^PixelData holds 33024 bytes, but Rows x Columns x BitsAllocated say "
+                                         r"32768: not this image's pixels"):
+        read_slice(tmp_path / "long.dcm")
+    odd = _ct_small(Rows=127, Columns=127, BitsAllocated=8, BitsStored=8, HighBit=7, PixelRepresentation=0)
+    odd.PixelData = bytes(127 * 127 + 1)  # an odd length padded to even: fine
+    odd.save_as(tmp_path / "odd.dcm")
+    assert read_slice(tmp_path / "odd.dcm").stored.shape == (127, 127)
+
+
+def test_a_wide_stored_value_range_is_windowed_without_a_table_of_its_size(tmp_path):
+    pixels = np.full((128, 128), 1000, np.uint32)
+    pixels[5, 7] = 50_000_000  # one 32-bit pixel of 5e7: a lookup table over the range would take GBs
+    ds = _ct_small(BitsAllocated=32, BitsStored=32, HighBit=31, PixelRepresentation=0, RescaleIntercept=-1024,
+                   PixelData=pixels.tobytes())
+    ds.save_as(tmp_path / "wide.dcm")
+    sl = read_slice(tmp_path / "wide.dcm")
+    windows = [[40, 80], [80, 200], [600, 2800]]
+    peak, img = _peak_mb(lambda: window_stored(sl.stored, sl.ds, windows))
+    assert peak < 60, peak  # was: a 2.85 GB table
+    hu = pixels.astype(np.float64) - 1024
+    for i, (c, w) in enumerate(windows):
+        np.testing.assert_array_equal(img[..., i], apply_window(hu, c, w))
+
+
+def test_a_file_larger_than_a_ct_slice_is_refused_unread(tmp_path, monkeypatch):
+    from ichpipe import dicom
+
+    monkeypatch.setattr(dicom, "MAX_FILE_BYTES", 30_000)  # CT_small is 39 KB
+    with pytest.raises(DicomError, match=r"^0 MiB, more than 0 MiB: not a CT slice"):
+        read_slice(get_testdata_file("CT_small.dcm"))

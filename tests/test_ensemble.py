@@ -61,7 +61,8 @@ def _member(root: Path, name: str, meta: pd.DataFrame, probs: pd.DataFrame, fold
     labelled = meta.fold.notna().to_numpy()
     for where, rows in (("oof", labelled), ("test", ~labelled)):
         table = probs.reindex(meta.image_id[rows]).dropna().rename_axis("image_id").reset_index().assign(model="blend")
-        table[["image_id", "model", *L]].to_parquet(root / "runs" / name / f"{where}_predictions.parquet")
+        (root / "runs" / name / "blend").mkdir(exist_ok=True)
+        table[["image_id", "model", *L]].to_parquet(root / "runs" / name / "blend" / f"{where}_predictions.parquet")
 
 
 def _probs(meta: pd.DataFrame, rng, shift: int = 0, noise: float = 1.0, signal: float = 3.0) -> pd.DataFrame:
@@ -126,7 +127,7 @@ def test_ensemble_scores_members_and_combiners_out_of_fold(tmp_path, stacker):
     for label, w in result["detail"]["weights"]["per_class"].items():
         assert w["a"] > 0.7, (label, w)
     # The OOF table is the predictions' own score: recompute it from the written file.
-    written = pd.read_parquet(tmp_path / "runs" / "ab" / "oof_predictions.parquet")
+    written = pd.read_parquet(tmp_path / "runs" / "ab" / "blend" / "oof_predictions.parquet")
     stack = written[written.model == "stacker"].set_index("image_id").loc[meta.image_id[meta.fold.notna()], L]
     truth = meta.set_index("image_id").loc[stack.index, L].to_numpy(float)
     assert weighted_log_loss(truth, stack.to_numpy()) == pytest.approx(oof["stacker"])

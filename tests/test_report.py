@@ -113,9 +113,9 @@ def test_report_writes_every_figure_and_the_page(tmp_path):
     out = root / "runs" / "exp" / "report"
     for name in ("figure1.png", "pr_curves.png", "calibration.png", "training_curves.png"):
         assert (out / name).stat().st_size > 10_000, name
-    cv = json.loads((root / "runs" / "exp" / "cv.json").read_text())
+    cv = json.loads((root / "runs" / "exp" / "blend" / "cv.json").read_text())
     assert result["table"].attrs["weighted_log_loss"] == pytest.approx(cv["oof"]["blend"]["weighted"], rel=1e-5)
-    oof = pd.read_parquet(root / "runs" / "exp" / "oof_predictions.parquet").query("model == 'blend'")
+    oof = pd.read_parquet(root / "runs" / "exp" / "blend" / "oof_predictions.parquet").query("model == 'blend'")
     y = meta.set_index("image_id").loc[oof.image_id, list(LABELS)].to_numpy()
     p = oof[list(LABELS)].to_numpy()
     assert result["figure1"]["subdural"]["accuracy"] == column_accuracy(y, p, "subdural")

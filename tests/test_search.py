@@ -70,7 +70,7 @@ def test_pruned_trials_stop_early_and_bad_spaces_are_refused(processed, tmp_path
     with pytest.raises(InputError, match=r"space.yaml: pruner: .*unexpected keyword argument 'n_startup'"):
         run_search(None, _space(tmp_path, "search_c", pruner={"kind": "median", "n_startup": 2}), ov, progress=False,
                    train_fold=train_fold)
-    with pytest.raises(InputError, match=r"space.yaml: trials must be a positive integer, got 0"):
+    with pytest.raises(InputError, match=r"space.yaml: trials must be a positive integer below 2\*\*32, got 0"):
         run_search(None, _space(tmp_path, "search_c", trials=0), ov, progress=False, train_fold=train_fold)
     with pytest.raises(InputError, match=r"space.train.lr: low 0.1 must be below high 0.01"):
         run_search(None, _space(tmp_path, "search_c", space={"train.lr": {"low": 0.1, "high": 0.01}}), ov,

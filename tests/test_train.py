@@ -323,7 +323,7 @@ def test_resume_refuses_changed_settings_and_broken_checkpoints(processed):
     assert (run / "config.yaml").read_text() == saved  # a refused resume leaves the run's config as it was
     data = (run / "last.pt").read_bytes()
     (run / "last.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(InputError, match=r"last.pt: cannot be read as a checkpoint"):
+    with pytest.raises(InputError, match=r"last.pt: cannot be read as saved weights"):
         train_fold(_train_cfg(root, "changed", "train.epochs=2", "resume=true"), progress=False)
 
 
@@ -449,3 +449,33 @@ def test_normalize_builds_its_constants_once_per_device():
     assert _mean_std.cache_info().misses == 1 and _mean_std.cache_info().hits == 2
     want = (x[:, 4].float() - IMAGENET_MEAN[1] * 255) / (IMAGENET_STD[1] * 255)  # channel 4: G of slice 2
     torch.testing.assert_close(out[:, 4], want)
+
+
+def test_two_trainings_of_one_fold_at_once_the_second_is_refused(processed):
+    """Issue 31: two `make train fold=0` of one experiment both exited 0 and interleaved one run folder."""
+    import signal
+    import time
+
+    root, _, _ = processed
+    script = Path(__file__).resolve().parents[1] / "scripts" / "02_train_cnn.py"
+    args = [sys.executable, str(script), "--config", str(Path(__file__).resolve().parents[1] / "configs" /
+                                                          "default.yaml"),
+            *TINY_OVERRIDES, *TINY_TRAIN, f"data.root={root}", "experiment=two_writers", "fold=0", "train.epochs=200"]
+    run = root / "runs" / "two_writers" / "fold0"
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "config.yaml").exists():
+            time.sleep(0.05)
+        assert (run / "config.yaml").exists(), first.stderr.read() if first.poll() is not None else "no run folder"
+        config = (run / "config.yaml").read_bytes()
+        second = subprocess.run([*args[:-1], "train.epochs=3", "resume=true"], capture_output=True, text=True)
+        assert second.returncode == 2
+        assert second.stderr.startswith(f"error: {run}: stage 2 (train) of two_writers fold 0 (process {first.pid}) "
+                                        "is writing this folder; wait until it ends") and second.stderr.count("\n") == 1
+        assert (run / "config.yaml").read_bytes() == config  # was: the second's config beside the first's history
+        assert len(list((run / "tb").glob("events.*"))) <= 1
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()

@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                     dicom_sc=args.dicom_sc, dicom_sr=args.dicom_sr)
         for s in r["skipped"]:
             print(f"skipped {s['what']}: {s['reason']}")
+        for line in r["warnings"]:
+            print(f"warning: {line}")
         print(f"{r['series']} series, {r['slices']} slices in {r['seconds']:.1f} s -> {r['out']}/slices.csv, "
               "series.csv (research tool, not for diagnosis)")
         return 0

@@ -10,17 +10,20 @@ Rows of the CV table: ``prior`` (each fold's training prevalence for every slice
 (the last epoch only), ``cnn_bagged``, ``lstm`` and ``blend`` (``lstm_weight`` x LSTM + the rest x
 CNN bagged). Writes::
 
-    runs/<experiment>/cv.md, cv.json          the CV table (OOF; test too when an answer key exists)
-    runs/<experiment>/oof_predictions.parquet image_id, model, six probabilities (the report, make ensemble)
-    runs/<experiment>/test_predictions.parquet the same for the test images (make ensemble)
+    runs/<experiment>/blend/                  replaced as one folder (a kill leaves the former results or the new):
+        cv.md, cv.json                        the CV table (OOF; test too when an answer key exists)
+        oof_predictions.parquet               image_id, model, six probabilities (the report, make ensemble)
+        test_predictions.parquet              the same for the test images (make ensemble)
+        submissions.json                      the submissions below and their sha256 (what `make submit` takes)
+        config.yaml                           the resolved config
     submissions/<date>_<experiment>_cv<oof>.csv.gz      the final blend, validated; .yaml beside it
     submissions/<date>_<experiment>-cnn_cv<oof>.csv.gz  the CNN-only blend, to compare
+(``submissions/`` under the work folder: ``blend.out_dir``.)
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +33,21 @@ import yaml
 
 from ichpipe.config import Config, to_dict
 from ichpipe.folds import check_fold_table
-from ichpipe.io import InputError, long_to_wide, read_long_csv, write_text_atomic
+from ichpipe.io import InputError, long_to_wide, read_long_csv, writer_lock
 from ichpipe.labels import LABELS
 from ichpipe.metrics import prior as prior_of
 from ichpipe.metrics import sigmoid
-from ichpipe.paths import data_paths, epoch_number, experiment_dir, finished_dirs, read_metadata, run_dir, work_dir_id
-from ichpipe.results import final_blend, format_table, git_state, score, weighted_mean, write_prediction_tables
+from ichpipe.paths import (
+    blend_dir,
+    data_paths,
+    epoch_number,
+    experiment_dir,
+    finished_dirs,
+    read_metadata,
+    run_dir,
+    work_dir_id,
+)
+from ichpipe.results import final_blend, format_table, git_state, score, weighted_mean, write_results
 from ichpipe.submission import (
     fill_missing,
     sample_image_ids,
@@ -179,21 +191,28 @@ def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
     """Blend, score, write the CV table and both submissions; returns paths and scores."""
     paths = data_paths(cfg)
     meta = read_metadata(paths)
-    preds, used = collect(cfg, meta)
-    truth_oof = meta[meta.fold.notna()].set_index("image_id")[list(LABELS)]
-    scores = {"oof": score(preds.oof, truth_oof)}
-    if paths.test_labels_csv.exists():  # the synthetic set's answer key
-        truth_test = long_to_wide(read_long_csv(paths.test_labels_csv), paths.test_labels_csv)
-        scores["test"] = score(preds.test, truth_test, complete=False)
-    exp_dir = experiment_dir(cfg)
-    write_text_atomic(exp_dir / "cv.md", f"# CV: {cfg.experiment}\n\n" + format_table(scores))
-    write_text_atomic(exp_dir / "cv.json", json.dumps({**scores, "used": used}, indent=2) + "\n")
-    write_prediction_tables(exp_dir, preds.oof, preds.test)
+    with writer_lock(experiment_dir(cfg), f"stage 5 (blend) of {cfg.experiment}"):
+        preds, used = collect(cfg, meta)
+        truth_oof = meta[meta.fold.notna()].set_index("image_id")[list(LABELS)]
+        scores = {"oof": score(preds.oof, truth_oof)}
+        if paths.test_labels_csv.exists():  # the synthetic set's answer key
+            truth_test = long_to_wide(read_long_csv(paths.test_labels_csv), paths.test_labels_csv)
+            scores["test"] = score(preds.test, truth_test, complete=False)
+        # the submissions first: the results folder names them, and replaces the former results as one unit
+        written = _write_submissions(cfg, preds, scores, used, prior_of(truth_oof), today)
+        write_results(blend_dir(cfg), cfg, f"# CV: {cfg.experiment}\n\n", {**scores, "used": used}, preds.oof,
+                      preds.test, {m: {"file": w["path"], "sha256": w["sha256"]} for m, w in written.items()})
+    return {"scores": scores, "written": written, "table": format_table(scores), "cv_dir": str(blend_dir(cfg))}
+
+
+def _write_submissions(cfg: Config, preds: Predictions, scores: dict, used: dict, prior, today: dt.date | None
+                       ) -> dict[str, dict]:
+    """The final blend's and the CNN-only blend's submissions (each validated, with its YAML)."""
+    paths = data_paths(cfg)
     sample_ids = sample_image_ids(paths)
     out_dir = submissions_dir(cfg)
     sweep_leftovers(out_dir, cfg.experiment)
     date = (today or dt.date.today()).isoformat()
-    prior = prior_of(truth_oof)
     written = {}
     for model, suffix in (("blend", ""), ("cnn_bagged", "-cnn")):
         cv = scores["oof"][model]["weighted"]
@@ -205,10 +224,11 @@ def run_blend(cfg: Config, today: dt.date | None = None) -> dict:
                              f"prediction, more than preprocess.max_bad_fraction={limit}; see the bad_files.csv "
                              f"of stage 1, or run stage 1 after adding the missing test files")
         info = {"file": path.name, "experiment": cfg.experiment, "model": model, "work_dir": work_dir_id(cfg),
-                "created": dt.datetime.now().isoformat(timespec="seconds"), "git": git_state(), "cv": {w: s[model] for w, s in scores.items()},
-            "cv_table": {w: {m: s[m]["weighted"] for m in s} for w, s in scores.items()},
-            "images_filled_with_prior": filled, "used": used,
-            "configs": {"blend": to_dict(cfg), **_run_configs(cfg, used["folds"])}}
-        kept, new = write_checked(test, path, paths.sample_submission_csv, info)
-        written[model] = {"path": str(kept), "cv": cv, "filled": filled, "new": new}
-    return {"scores": scores, "written": written, "table": format_table(scores), "cv_dir": str(exp_dir)}
+                "created": dt.datetime.now().isoformat(timespec="seconds"), "git": git_state(),
+                "cv": {w: s[model] for w, s in scores.items()},
+                "cv_table": {w: {m: s[m]["weighted"] for m in s} for w, s in scores.items()},
+                "images_filled_with_prior": filled, "used": used,
+                "configs": {"blend": to_dict(cfg), **_run_configs(cfg, used["folds"])}}
+        sub = write_checked(test, path, paths.sample_submission_csv, info)
+        written[model] = {"path": str(sub.path), "sha256": sub.sha256, "cv": cv, "filled": filled, "new": sub.new}
+    return written

@@ -26,18 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.linear_model import LogisticRegression
 
 from ichpipe.bundle_format import FORMAT, MANIFEST, Bundle, BundleInfo, sha256
 from ichpipe.config import Config, to_dict
 from ichpipe.folds import check_fold_table
-from ichpipe.io import InputError, atomic_dir, atomic_path, save_torch
+from ichpipe.io import OUTPUT_MARKER, InputError, atomic_dir, atomic_path, load_tensors, save_torch, writer_lock
 from ichpipe.labels import LABELS
 from ichpipe.metrics import logit, threshold_for_recall
 from ichpipe.metrics import prior as prior_of
 from ichpipe.paths import (
     SERIES_KEYS,
+    blend_dir,
     checkpoint_path,
     data_paths,
     epoch_number,
@@ -72,12 +72,13 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
     paths = data_paths(cfg)
     meta = read_metadata(paths)
     exp = experiment_dir(cfg)
-    preds_path = exp / PREDICTION_FILES["oof"]
+    preds_path = blend_dir(cfg) / PREDICTION_FILES["oof"]
     if not preds_path.exists():
         raise InputError(f"{preds_path}: not found; run `make submission` first (the bundle carries its CV scores)")
     folds = sorted(int(k) for k in meta.fold.dropna().unique())
     use_lstm = cfg.blend.lstm_weight > 0
-    with atomic_dir(out) as tmp:
+    inputs = [blend_dir(cfg), *(run_dir(cfg, k) for k in folds)]  # what the bundle is made from stays
+    with writer_lock(exp, f"make bundle of {cfg.experiment}"), atomic_dir(out, inputs, "bundle") as tmp:
         staged = Bundle(tmp, None)  # the bundle's own file names
         (tmp / "cnn").mkdir()
         (tmp / "lstm").mkdir()
@@ -90,7 +91,7 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
                 raise InputError(f"{run}/embeddings: no finished embeddings; run `make embed fold={k}` first")
             epochs[k] = [epoch_number(d) for d in done]
             for e in epochs[k]:
-                state = torch.load(checkpoint_path(run, e), map_location="cpu", weights_only=True)
+                state = load_tensors(checkpoint_path(run, e))
                 if fp16:
                     state = {n: t.half() if t.is_floating_point() else t for n, t in state.items()}
                 save_torch(state, staged.cnn_path(k, e))
@@ -110,7 +111,8 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
                                                                            target).threshold), "recall": target}
             else:
                 thresholds[name] = {"threshold": 0.5, "recall": None}
-        cv = json.loads((exp / "cv.json").read_text()) if (exp / "cv.json").exists() else {}
+        cv_path = blend_dir(cfg) / "cv.json"
+        cv = json.loads(cv_path.read_text()) if cv_path.exists() else {}
         pcfg, tcfg = cfg.preprocess, cfg.train
         info = BundleInfo.model_validate({
             "format": FORMAT, "experiment": cfg.experiment, "created": dt.datetime.now().isoformat(timespec="seconds"),
@@ -128,12 +130,12 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
             "config": to_dict(cfg),
         })
         (tmp / "bundle.yaml").write_text(info.to_yaml())
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER)
         manifest = {"format": FORMAT, "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     if archive:
         with atomic_path(out.with_name(out.name + ".tar.gz")) as tmp, tarfile.open(tmp, mode="w:gz") as tar:
-            tar.add(out, arcname=out.name)
+            tar.add(out, arcname=out.name, filter=lambda m: None if Path(m.name).name == OUTPUT_MARKER else m)
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ichpipe.io import InputError, first_line, name_os_errors
+from ichpipe.io import LOCK_FILE, OUTPUT_MARKER, InputError, first_line, load_yaml, name_os_errors, quote
 
 FORMAT = 1
 
@@ -138,12 +138,20 @@ class Bundle:
         return self.root / "lstm" / f"fold{fold}_epoch{epoch:02d}.pt"
 
 
+# Bounds on a bundle archive, checked from its headers before anything is written: its members, the bytes they
+# unpack to against the archive's own size (weights barely compress; a member of zeros 1000x), and the disk.
+MAX_ARCHIVE_MEMBERS = 10_000
+MAX_ARCHIVE_RATIO = 20
+MAX_MANIFEST_BYTES = 1 << 20
+
+
 def load_bundle(path: str | os.PathLike) -> Bundle:
     """Open a bundle directory (or its ``.tar.gz``) after checking every file against the manifest.
 
-    A ``.tar.gz`` is unpacked into a temporary folder that the returned bundle owns (``close()``, or ``with``);
-    a damaged, truncated or unsafe archive (a member outside the folder, a link) is a one-line InputError, and
-    the temporary folder is removed on every way out."""
+    A ``.tar.gz`` is checked before anything is unpacked (:func:`_unpack_archive`: its members' count, names and
+    sizes against the manifest inside it), then unpacked into a temporary folder that the returned bundle owns
+    (``close()``, or ``with``); a damaged, truncated or unsafe archive is a one-line InputError, and the temporary
+    folder is removed on every way out."""
     path = Path(path)
     if not (path.is_file() and path.name.endswith(".tar.gz")):
         if path.is_file():
@@ -153,7 +161,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     try:
         try:
             with tarfile.open(path) as tar, name_os_errors(target):
-                tar.extractall(target, filter="data")  # no links or paths outside the folder
+                _unpack_archive(path, tar, target)
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
             reason = first_line(exc)
             raise InputError(f"{path}: not a readable bundle archive, truncated, damaged or unsafe "
@@ -170,32 +178,87 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     return bundle
 
 
+def _unpack_archive(path: Path, tar: tarfile.TarFile, target: Path) -> None:
+    """The files of the bundle archive ``tar`` into ``target``, after reading only its headers (and its manifest)
+    to check: at most :data:`MAX_ARCHIVE_MEMBERS` members, one top folder, plain files and folders only, every file
+    named in the manifest, and their size within :data:`MAX_ARCHIVE_RATIO` x the archive's and the free disk."""
+    members = []
+    for member in tar:  # headers only: the data is read past, not written
+        members.append(member)
+        if len(members) > MAX_ARCHIVE_MEMBERS:
+            raise InputError(f"{path}: more than {MAX_ARCHIVE_MEMBERS:,} members; not a model bundle")
+    outside = [m.name for m in members if Path(m.name).is_absolute() or ".." in Path(m.name).parts]
+    if outside:
+        raise InputError(f"{path}: member {quote(outside[0])} lies outside the bundle's folder; refusing the archive "
+                         f"(nothing was unpacked)")
+    tops = {Path(m.name).parts[0] for m in members if Path(m.name).parts}
+    odd = [m.name for m in members if not (m.isfile() or m.isdir())]
+    if len(tops) != 1 or odd:
+        raise InputError(f"{path}: not a bundle archive ("
+                         + (f"{quote(odd[0])} is a link or device" if odd else "one folder expected inside") + ")")
+    top = tops.pop()
+    files = {Path(m.name).relative_to(top).as_posix(): m for m in members if m.isfile()}
+    manifest = files.get(MANIFEST)
+    if manifest is None or manifest.size > MAX_MANIFEST_BYTES:
+        raise InputError(f"{path}: no {MANIFEST} of at most {MAX_MANIFEST_BYTES >> 20} MiB inside; not a model bundle")
+    listed = _manifest_files(tar.extractfile(manifest).read(), f"{path}:{manifest.name}")
+    extra = sorted(set(files) - set(listed) - {MANIFEST})
+    if extra:
+        raise InputError(f"{path}: {quote(extra[0])} is not in the bundle's manifest; refusing to unpack it")
+    total = sum(m.size for m in files.values())
+    if total > MAX_ARCHIVE_RATIO * max(path.stat().st_size, 1):
+        raise InputError(f"{path}: unpacks to {total / 2**20:.0f} MiB, more than {MAX_ARCHIVE_RATIO}x the archive's "
+                         f"size; not a model bundle (an archive bomb?)")
+    free = shutil.disk_usage(target).free
+    if total > free:
+        raise InputError(f"{path}: unpacks to {total / 2**20:.0f} MiB, but {target.parent} has {free / 2**20:.0f} MiB "
+                         f"free; set TMPDIR to a folder with more room")
+    tar.extractall(target, members=[m for m in members if m.isdir() or m in files.values()], filter="data")
+
+
+def _manifest_files(text: bytes | str, where: Path | str) -> dict[str, str]:
+    """The ``files`` of a manifest (relative name -> sha256); a name that is not a plain relative path inside the
+    bundle (``../outside.txt``, ``/etc/x``) is a one-line InputError."""
+    try:
+        listed = json.loads(text)["files"]
+        if not isinstance(listed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise InputError(f"{where}: not a readable manifest") from None
+    for rel in listed:
+        parts = Path(rel).parts
+        if not parts or Path(rel).is_absolute() or ".." in parts or "\\" in rel or rel == MANIFEST:
+            raise InputError(f"{where}: lists {quote(rel)}, which is not a file inside the bundle; refusing it")
+    return listed
+
+
 def open_bundle_dir(path: Path) -> Bundle:
     if not path.exists():
         raise InputError(f"{path}: bundle not found; make one with `make bundle`")
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
         raise InputError(f"{path}: not a model bundle (no {MANIFEST}); make one with `make bundle`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        listed = manifest["files"]
-    except (ValueError, KeyError, TypeError):
-        raise InputError(f"{manifest_path}: not a readable manifest") from None
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise InputError(f"{manifest_path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a bundle's manifest")
+    listed = _manifest_files(manifest_path.read_bytes(), manifest_path)
     for rel, digest in listed.items():
         file = path / rel
-        if not file.is_file():
-            raise InputError(f"{file}: listed in the bundle's manifest but missing")
+        if not file.is_file() or file.is_symlink():
+            raise InputError(f"{file}: listed in the bundle's manifest but missing (or a link)")
         if sha256(file) != digest:
             raise InputError(f"{file}: changed since the bundle was made (sha256 differs from the manifest); "
                              f"refusing to load it")
     extra = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()
-                   and p.name != MANIFEST and p.relative_to(path).as_posix() not in listed)
+                   and p.name not in (MANIFEST, OUTPUT_MARKER, LOCK_FILE)
+                   and p.relative_to(path).as_posix() not in listed)
     if extra:
         raise InputError(f"{path / extra[0]}: not in the bundle's manifest; refusing to load it")
-    raw = yaml.safe_load((path / "bundle.yaml").read_text())
+    if "bundle.yaml" not in listed:
+        raise InputError(f"{manifest_path}: does not list bundle.yaml; not a model bundle")
+    raw = load_yaml((path / "bundle.yaml").read_text(encoding="utf-8", errors="replace"), str(path / "bundle.yaml"))
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else None
-        raise InputError(f"{path}: bundle format {found}, this ichpipe reads format {FORMAT}")
+        raise InputError(f"{path}: bundle format {quote(found)}, this ichpipe reads format {FORMAT}")
     try:
         info = BundleInfo.model_validate(raw)
     except ValidationError as exc:

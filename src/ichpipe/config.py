@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from ichpipe.io import atomic_path, read_yaml_mapping
+from ichpipe.io import atomic_path, bound_yaml, parse_yaml, quote, read_yaml_mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"  # load_config()'s base when no file is named
@@ -47,12 +47,12 @@ def _number(value: Any) -> Any:
     """A float setting: ints and numeric strings (YAML 1.1 reads 3e-4, without a dot, as a string) are numbers; a
     boolean is not; the number must be finite."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {value!r}")
+        raise ValueError(f"expected a number, got {quote(value)}")
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
-            raise ValueError(f"expected a number, got {value!r}") from None
+            raise ValueError(f"expected a number, got {quote(value)}") from None
     if isinstance(value, (int, float)) and not math.isfinite(value):
         raise ValueError(f"must be a finite number, got {value}")
     return value
@@ -63,7 +63,7 @@ def _text(value: Any) -> Any:
     return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # at most 100 characters: a file system takes 255
 
 
 def check_name(value: str, key: str = "") -> str:
@@ -71,16 +71,24 @@ def check_name(value: str, key: str = "") -> str:
     error (a ConfigError naming ``key`` when given): a name from the command line must not lead outside its
     folder."""
     if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
-        message = (f"must be a plain folder name (letters, digits, '_', '.', '-'; not starting with '.'), "
-                   f"got {value!r}")
+        message = (f"must be a plain folder name (letters, digits, '_', '.', '-'; not starting with '.'; at most 100), "
+                   f"got {quote(value)}")
         raise ConfigError(f"{key}: {message}") if key else ValueError(message)
     return value
 
 
-Int = Annotated[int, Strict()]
+def _int64(value: int) -> int:
+    """Every integer setting fits in 64 bits (numpy, torch and the OS take no more: 10**23 would overflow there)."""
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"must fit in 64 bits, got {quote(value)}")
+    return value
+
+
+Int = Annotated[int, Strict(), AfterValidator(_int64)]
 Bool = Annotated[bool, Strict()]
 Float = Annotated[float, BeforeValidator(_number)]
 Str = Annotated[str, BeforeValidator(_text)]
+Seed = Annotated[Int, Field(ge=0, le=2**32 - 1)]  # numpy's and torch's generators take any seed in this range
 Name = Annotated[Str, AfterValidator(check_name)]  # a folder or file name under the data root
 OptionalName = Annotated[Str, AfterValidator(lambda v: check_name(v) if v else v)]
 
@@ -98,7 +106,7 @@ class DataConfig(_Section):
 class SyntheticConfig(_Section):
     """The synthetic RSNA-format dataset (``scripts/00_make_synthetic.py``)."""
 
-    seed: Int = 2019
+    seed: Seed = 2019
     n_patients: Annotated[Int, Field(ge=1)] = 60
     test_fraction: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.2  # share of patients in stage_2_test/ (disjoint from train)
     second_study_rate: Float = 0.3  # patients with two studies
@@ -140,7 +148,7 @@ class PreprocessConfig(_Section):
     png_filter: Literal["none", "sub", "up", "paeth", "adaptive"] = "none"  # none | sub | up | paeth | adaptive
     png_strategy: Literal["filtered", "default", "rle"] = "filtered"  # filtered | default | rle
     n_folds: Annotated[Int, Field(ge=2)] = 5
-    fold_seed: Int = 42
+    fold_seed: Seed = 42
     replace_folds: Bool = False  # rewrite the fold table although finished runs were trained on the current one
     max_bad_fraction: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.01  # fail when more files than this are unreadable
     chunk_size: Annotated[Int, Field(ge=1)] = 128  # files per task; a finished chunk is never redone on resume
@@ -242,7 +250,7 @@ class BlendConfig(_Section):
     fold_weights: dict[int, Float] = Field(default_factory=dict)  # fold -> weight for the test set; missing = 1
     lstm_weight: Annotated[Float, Field(ge=0.0, le=1.0)] = 1.0  # final = lstm_weight x LSTM + (1 - lstm_weight) x CNN bagged
     clip: Annotated[Float, Field(ge=0.0, le=0.5)] = 1e-5  # probabilities clipped to [clip, 1 - clip], as the top teams did
-    out_dir: Str = "submissions"  # relative to the repository root unless absolute
+    out_dir: Str = "submissions"  # relative to the work folder (data.work_dir, else the data root) unless absolute
     competition: Str = "rsna-intracranial-hemorrhage-detection"  # for `make submit`
 
 
@@ -289,7 +297,7 @@ class ReportConfig(_Section):
 class Config(_Section):
     experiment: Name = "demo"
     fold: Annotated[Int, Field(ge=0)] = 0
-    seed: Int = 42
+    seed: Seed = 42
     resume: Bool = False  # continue the fold's run from its last checkpoint
     # redo a finished result (embeddings, sequence models) that was made with other settings; without it such a
     # result is kept and the stage stops, naming the settings that differ
@@ -334,6 +342,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
         raise ConfigError(f"{path}: not a file; --config takes a YAML file such as configs/cnn/cpu_small.yaml")
     data = read_yaml_mapping(path, ConfigError)
     base = data.pop("base", None)
+    if base is not None and not (isinstance(base, str) and base):
+        raise ConfigError(f"{path}: base: the name of a YAML file (relative to this one), got {quote(base)}")
     chain = _read_yaml(path.parent / base, (*seen, path)) if base else []
     return [*chain, data]
 
@@ -346,9 +356,10 @@ def parse_overrides(items: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"{item}: overrides are key=value (e.g. fold=0 train.lr=3e-4)")
         try:
-            flat[key] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            flat[key] = raw
+            value = parse_yaml(raw) if raw != "" else ""
+        except (yaml.YAMLError, RecursionError):  # text that is no YAML is a string
+            value = raw
+        flat[key] = bound_yaml(value, f"{key}=", ConfigError)
     return nest(flat)
 
 
@@ -358,8 +369,13 @@ def nest(flat: dict) -> dict:
     for key, value in flat.items():
         node = out
         parts = key.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(parts[:i + 1])}: given both a value ({quote(node)}) and a setting inside "
+                                  f"it ({key}); give one")
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(f"{key}: given both a value ({quote(value)}) and settings inside it; give one")
         node[parts[-1]] = value
     return out
 
@@ -426,24 +442,24 @@ def _describe(error: dict) -> str:
         known = ", ".join(sorted(parent.model_fields)) if parent is not None else ""
         return f"{key}: unknown key (known: {known})"
     if is_key:
-        return f"{key.rpartition('.')[0]}: keys are integers, got {loc[-1]!r}"
+        return f"{key.rpartition('.')[0]}: keys are integers, got {quote(loc[-1])}"
     family = kind.split("_")[0] if not kind.startswith("model_attributes") else "model_attributes"
     if kind.endswith(("_type", "_parsing")) or kind == "int_from_float":
-        return f"{key}: expected {_TYPE_WORDS.get(family, family)}, got {value!r}"
+        return f"{key}: expected {_TYPE_WORDS.get(family, family)}, got {quote(value)}"
     if kind == "literal_error":
-        return f"{key}: one of {', '.join(map(str, _literal_args(loc)))}, got {value!r}"
+        return f"{key}: one of {', '.join(map(str, _literal_args(loc)))}, got {quote(value)}"
     info = _field([p for p in loc if isinstance(p, str)])
     if info is not None and _bare(info.annotation) is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)  # as the setting holds it: -1 given for a float is -1.0
     bounds = _bounds(loc)
     if kind in ("greater_than_equal", "less_than_equal") and "ge" in bounds and "le" in bounds:
-        return f"{key}: must be between {bounds['ge']} and {bounds['le']}, got {value}"
+        return f"{key}: must be between {bounds['ge']} and {bounds['le']}, got {quote(value)}"
     if kind == "greater_than_equal":
-        return f"{key}: must be at least {ctx['ge']}, got {value}"
+        return f"{key}: must be at least {ctx['ge']}, got {quote(value)}"
     if kind == "greater_than":
-        return f"{key}: must be above {ctx['gt']}, got {value}"
+        return f"{key}: must be above {ctx['gt']}, got {quote(value)}"
     if kind == "less_than_equal":
-        return f"{key}: must be at most {ctx['le']}, got {value}"
+        return f"{key}: must be at most {ctx['le']}, got {quote(value)}"
     message = str(ctx.get("error", error["msg"])).removeprefix("Value error, ")
     names_itself = not key or message.startswith((f"{key}.", f"{key}:", f"{key}="))  # a check across settings
     return message if names_itself else f"{key}: {message}"
@@ -542,7 +558,7 @@ def changed_settings(saved_path: str | os.PathLike, cfg: Config, keys: tuple[str
 
 
 def describe_changes(changes: dict[str, tuple]) -> str:
-    return ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changes.items())
+    return ", ".join(f"{k}={quote(old)} (now {quote(new)})" for k, (old, new) in changes.items())
 
 
 def may_replace(folder: str | os.PathLike, cfg: Config, keys: tuple[str, ...], what: str) -> dict[str, tuple]:

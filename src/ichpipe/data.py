@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ichpipe.io import InputError, first_line, non_binary_labels
+from ichpipe.io import InputError, first_line, non_binary_labels, quote
 from ichpipe.labels import LABELS
 from ichpipe.paths import neighbour_positions, z_order
 
@@ -46,7 +46,7 @@ def build_transform(augment: list[dict], image_size: int, train: bool) -> A.Comp
             spec = dict(spec)
             name = spec.pop("name", None)
             if not name or not hasattr(A, name):
-                raise InputError(f"train.augment: unknown albumentations transform {name!r}")
+                raise InputError(f"train.augment: unknown albumentations transform {quote(name)}")
             cls = getattr(A, name)
             accepted = inspect.signature(cls.__init__).parameters
             unknown = [k for k in spec if k not in accepted]

@@ -13,13 +13,14 @@ import contextlib
 import math
 import os
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from ichpipe.io import first_line
+from ichpipe.io import first_line, quote
 
 REQUIRED_TAGS = ("SOPInstanceUID", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
                  "ImagePositionPatient", "Rows", "Columns")
@@ -140,12 +141,79 @@ def read_header(path: str | os.PathLike, ds=None) -> dict:
         return _read_header(path, ds)
 
 
+# Bounds checked before anything the size of an image is allocated: a CT slice is 512 x 512 x 2 bytes (0.5 MiB); a
+# file, an inflated (deflate transfer syntax) data set or the pixel data its header claims above these is no CT slice.
+MAX_FILE_BYTES = 64 << 20
+MAX_SIDE = 4096  # Rows and Columns
+MAX_PIXEL_BYTES = 64 << 20  # Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated / 8
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
 def read_dataset(path: str | os.PathLike, pixels: bool = False):
-    """pydicom's dataset of one file (header only unless ``pixels``); a file that is no DICOM is a DicomError."""
+    """pydicom's dataset of one file (header only unless ``pixels``; the pixel data is read, never decoded, here).
+
+    A file that is no DICOM, or that exceeds a bound (:data:`MAX_FILE_BYTES` on disk or inflated, :data:`MAX_SIDE`,
+    :data:`MAX_PIXEL_BYTES` claimed by its header), is a DicomError, found before its pixels take any memory."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+        size = os.path.getsize(path)
+        if size > MAX_FILE_BYTES:
+            raise DicomError(f"{size / 2**20:.0f} MiB, more than {MAX_FILE_BYTES >> 20} MiB: not a CT slice")
+        with open(path, "rb") as f:  # (0002,0010) TransferSyntaxUID stands in the first few hundred bytes
+            deflated = DEFLATED.encode() in f.read(4096)
+        if deflated:  # rare: parse the file meta group (the cost of a header read) only then
+            meta = pydicom.filereader.read_file_meta_info(path)
+            if str(meta.get("TransferSyntaxUID", "")) == DEFLATED:
+                _check_inflated_size(path, meta)
+        ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
     except (InvalidDicomError, EOFError, OSError) as exc:
         raise DicomError(f"not a readable DICOM file ({type(exc).__name__}: {first_line(exc, default='')})") from None
+    with as_dicom_error():
+        check_pixel_bounds(ds)
+    return ds
+
+
+def _check_inflated_size(path: str | os.PathLike, meta) -> None:
+    """Inflate a deflated data set in 1 MiB steps, counting (pydicom inflates it whole, in memory): more than
+    :data:`MAX_FILE_BYTES` is a DicomError."""
+    length = meta.get("FileMetaInformationGroupLength")
+    if length is None:
+        raise DicomError("deflated data set without FileMetaInformationGroupLength: cannot be bounded before inflating")
+    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    with open(path, "rb") as f:
+        f.seek(128 + 4 + 12 + int(length))  # preamble, "DICM", the (0002,0000) element, the rest of group 2
+        try:
+            while block := f.read(1 << 20):
+                while block:
+                    total += len(inflater.decompress(block, 1 << 20))
+                    if total > MAX_FILE_BYTES:
+                        raise DicomError(f"the deflated data set inflates to more than {MAX_FILE_BYTES >> 20} MiB: "
+                                         f"not a CT slice")
+                    block = inflater.unconsumed_tail
+        except zlib.error as exc:
+            raise DicomError(f"deflated data set cannot be inflated ({first_line(exc)})") from None
+
+
+def check_pixel_bounds(ds) -> None:
+    """A DicomError when the pixel data the header claims is larger than a CT slice can be (:data:`MAX_SIDE`,
+    :data:`MAX_PIXEL_BYTES`), whatever the transfer syntax: checked before any decoder allocates it; and when
+    uncompressed pixel data is longer than the header says (the image would be read sheared)."""
+    if "Rows" not in ds or "Columns" not in ds:
+        return  # the required-tags check names them
+    rows, cols = int(ds.Rows or 0), int(ds.Columns or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 16) or 16)
+    if not (0 < rows <= MAX_SIDE and 0 < cols <= MAX_SIDE):
+        raise DicomError(f"Rows x Columns {rows}x{cols}: not 1 to {MAX_SIDE} pixels a side, not a CT slice")
+    claimed = rows * cols * frames * samples * -(-bits // 8)
+    if not 0 < claimed <= MAX_PIXEL_BYTES or not 0 < bits <= 64:
+        raise DicomError(f"pixel data of {rows}x{cols}x{frames} frame(s)x{samples} sample(s)x{bits} bits: more than "
+                         f"{MAX_PIXEL_BYTES >> 20} MiB, not a CT slice")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if "PixelData" in ds and bits % 8 == 0 and (syntax is None or not pydicom.uid.UID(syntax).is_compressed):
+        found, expected = len(ds.PixelData), rows * cols * frames * samples * bits // 8
+        if found > expected + expected % 2:  # an odd length is padded to even
+            raise DicomError(f"PixelData holds {found} bytes, but Rows x Columns x BitsAllocated say {expected}: not "
+                             f"this image's pixels (it would be read sheared)")
 
 
 # Every numeric header field the pipeline reads: (values it must have, or None for any number of them, the
@@ -178,7 +246,7 @@ def check_numeric_fields(ds) -> None:
         try:
             numbers = [float(v) for v in values]
         except (TypeError, ValueError):
-            raise DicomError(f"{name} is not numeric ({value!r})") from None
+            raise DicomError(f"{name} is not numeric ({quote(value)})") from None
         bad = [v for v in numbers if not (math.isfinite(v) and low <= v <= high)]
         if bad or not numbers:
             raise DicomError(f"{name} = {bad[0] if bad else 'empty'} is not a finite number in [{low:g}, {high:g}]")
@@ -223,10 +291,7 @@ def read_slice(path: str | os.PathLike) -> DicomSlice:
 
 
 def _read_slice(path) -> DicomSlice:
-    try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, EOFError, OSError) as exc:
-        raise DicomError(f"not a readable DICOM file ({type(exc).__name__})") from None
+    ds = read_dataset(path, pixels=True)  # bounded before its pixels are decoded
     if "PixelData" not in ds:
         raise DicomError("not an image: no PixelData")
     if int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:

@@ -18,6 +18,7 @@ training patients are embedded too (``train_*``), for ``lstm.train_on=train`` or
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,7 @@ from ichpipe.data import SliceDataset, build_transform, input_channels, make_loa
 from ichpipe.device import amp_settings, init_runtime
 from ichpipe.folds import check_fold_table
 from ichpipe.inference import embed_loader
-from ichpipe.io import InputError, atomic_path, sweep_temp_files, write_text_atomic
+from ichpipe.io import InputError, atomic_path, load_tensors, sweep_temp_files, write_text_atomic, writer_lock
 from ichpipe.labels import N_LABELS
 from ichpipe.models import create_model, load_weights
 from ichpipe.paths import data_paths, epoch_number, output_name, read_metadata, run_dir
@@ -54,6 +55,11 @@ def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
             raise InputError(f"embed.epochs={cfg.embed.epochs}: no checkpoint of epoch(s) {missing} in {out}/checkpoints "
                              f"(it has {have}; epochs count from 0); train them first or choose from those")
         ckpts = [c for c in ckpts if epoch_number(c) in cfg.embed.epochs]
+    with writer_lock(out, f"stage 3 (embed) of {cfg.experiment} fold {cfg.fold}"):
+        return _embed(cfg, out, ckpts, progress)
+
+
+def _embed(cfg: Config, out: Path, ckpts: list[Path], progress: bool) -> list[str]:
     paths = data_paths(cfg)
     meta = read_metadata(paths)
     check_fold_table(out, meta)
@@ -83,7 +89,7 @@ def embed_fold(cfg: Config, progress: bool = True) -> list[str]:
             (folder / "done").unlink()
         folder.mkdir(parents=True, exist_ok=True)
         sweep_temp_files(folder)  # a killed run's partial .npy files (GBs at real size)
-        load_weights(model, torch.load(ckpt, map_location="cpu", weights_only=True), ckpt, cfg.model.backbone)
+        load_weights(model, load_tensors(ckpt), ckpt, cfg.model.backbone)
         for name, rows in sets.items():
             if rows.empty:
                 raise InputError(f"{paths.metadata}: no {dict(oof='held-out', train='training').get(name, name)} images "

@@ -1,6 +1,6 @@
 """Ensembles of experiments: several model families, one submission (``scripts/10_ensemble.py``).
 
-Each member is an experiment whose stage 5 has run: ``runs/<member>/oof_predictions.parquet`` and
+Each member is an experiment whose stage 5 has run: ``runs/<member>/blend/oof_predictions.parquet`` and
 ``test_predictions.parquet`` hold its models' probabilities (``ensemble.member_model`` picks which,
 ``blend`` by default). Members must have been trained on the fold table of today's metadata (every
 fold's ``folds.json``; refused otherwise: their OOF rows would not be out-of-fold for each other),
@@ -24,8 +24,9 @@ Combiners, each scored out of fold on the same folds:
 The final model is ``ensemble.final`` (``auto``: the lowest OOF loss among the combiners and the
 members, so an ensemble never submits something worse out of fold than its best member). Writes::
 
-    runs/<ensemble.name>/cv.md, cv.json     the CV table: every member, every combiner, the final
-    runs/<ensemble.name>/oof_predictions.parquet, test_predictions.parquet
+    runs/<ensemble.name>/blend/             replaced as one folder: cv.md, cv.json (the CV table: every member,
+                                             every combiner, the final), oof_ and test_predictions.parquet,
+                                             submissions.json, config.yaml
     submissions/<date>_<ensemble.name>_cv<oof>.csv.gz   validated; the YAML beside it names the
                                              members, their weights and the combiner
 """
@@ -33,7 +34,6 @@ members, so an ensemble never submits something worse out of fold than its best 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import warnings
 from dataclasses import dataclass
 
@@ -47,18 +47,18 @@ from sklearn.preprocessing import StandardScaler
 
 from ichpipe.config import Config, to_dict
 from ichpipe.folds import check_fold_table
-from ichpipe.io import InputError, long_to_wide, read_long_csv, write_text_atomic
+from ichpipe.io import InputError, long_to_wide, read_long_csv, writer_lock
 from ichpipe.labels import LABELS
 from ichpipe.metrics import EPS, log_loss_1d, logit, sigmoid
 from ichpipe.metrics import prior as prior_of
-from ichpipe.paths import data_paths, neighbour_positions, read_metadata, work_dir_id, z_order
-from ichpipe.results import PREDICTION_FILES, format_table, git_state, score, write_prediction_tables
+from ichpipe.paths import blend_dir, data_paths, neighbour_positions, read_metadata, work_dir_id, z_order
+from ichpipe.results import PREDICTION_FILES, format_table, git_state, score, write_results
 from ichpipe.submission import fill_missing, sample_image_ids, submissions_dir, sweep_leftovers, write_checked
 
 
-def load_member(runs, member: str, model: str, where: str) -> pd.DataFrame:
+def load_member(cfg: Config, member: str, model: str, where: str) -> pd.DataFrame:
     """One member's probabilities of ``model`` on ``where`` (oof | test): image_id index, six columns."""
-    path = runs / member / PREDICTION_FILES[where]
+    path = blend_dir(cfg, member) / PREDICTION_FILES[where]
     if not path.exists():
         raise InputError(f"{path}: not found; run `make submission experiment={member}` (stage 5) for that member")
     table = pd.read_parquet(path)
@@ -180,9 +180,10 @@ class _Members:
 def run_ensemble(cfg: Config, today: dt.date | None = None) -> dict:
     """Combine the members of ``cfg.ensemble``; CV table, predictions and a validated submission."""
     members = _members(cfg)
-    loaded = _load_members(cfg, members)
-    oof, test, detail = _combine_members(cfg, loaded)
-    return _write_results(cfg, loaded, oof, test, detail, today)
+    with writer_lock(data_paths(cfg).runs / cfg.ensemble.name, f"make ensemble {cfg.ensemble.name}"):
+        loaded = _load_members(cfg, members)
+        oof, test, detail = _combine_members(cfg, loaded)
+        return _write_results(cfg, loaded, oof, test, detail, today)
 
 
 def _members(cfg: Config) -> list[str]:
@@ -207,8 +208,8 @@ def _load_members(cfg: Config, members: list[str]) -> _Members:
             raise InputError(f"{paths.runs / name}: no run folders; train experiment {name} first")
         check_fold_table(runs, meta)  # every member on today's folds, hence on the same folds
 
-    oof_frames = {m: load_member(paths.runs, m, ecfg.member_model, "oof") for m in members}
-    test_frames = {m: load_member(paths.runs, m, ecfg.member_model, "test") for m in members}
+    oof_frames = {m: load_member(cfg, m, ecfg.member_model, "oof") for m in members}
+    test_frames = {m: load_member(cfg, m, ecfg.member_model, "test") for m in members}
     test_index = test_frames[members[0]].index
     for name, frame in test_frames.items():
         if not frame.index.sort_values().equals(test_index.sort_values()):
@@ -277,13 +278,6 @@ def _write_results(cfg: Config, m: _Members, oof: dict[str, np.ndarray], test: d
         truth_test = long_to_wide(read_long_csv(paths.test_labels_csv), paths.test_labels_csv)
         scores["test"] = score(preds_test, truth_test, complete=False)
 
-    out = paths.runs / ecfg.name
-    out.mkdir(parents=True, exist_ok=True)
-    title = f"# Ensemble {ecfg.name}: {' + '.join(members)} ({ecfg.member_model} of each); final = {final}\n\n"
-    write_text_atomic(out / "cv.md", title + format_table(scores))
-    write_text_atomic(out / "cv.json", json.dumps({**scores, "final": final, "members": members,
-                                                   "detail": detail}, indent=2) + "\n")
-    write_prediction_tables(out, preds_oof, preds_test)
     sample_ids = sample_image_ids(paths)
     out_dir = submissions_dir(cfg)
     sweep_leftovers(out_dir, ecfg.name)
@@ -299,6 +293,11 @@ def _write_results(cfg: Config, m: _Members, oof: dict[str, np.ndarray], test: d
             "detail": detail, "cv": {w: s["final"] for w, s in scores.items()},
             "cv_table": {w: {k: s[k]["weighted"] for k in s} for w, s in scores.items()},
             "images_filled_with_prior": filled, "config": to_dict(cfg)}
-    path, _ = write_checked(sub, path, paths.sample_submission_csv, info)
+    written = write_checked(sub, path, paths.sample_submission_csv, info)
+    path = written.path
+    out = blend_dir(cfg, ecfg.name)
+    title = f"# Ensemble {ecfg.name}: {' + '.join(members)} ({ecfg.member_model} of each); final = {final}\n\n"
+    write_results(out, cfg, title, {**scores, "final": final, "members": members, "detail": detail}, preds_oof,
+                  preds_test, {"final": {"file": str(path), "sha256": written.sha256}})
     return {"scores": scores, "final": final, "path": str(path), "table": format_table(scores),
             "cv_dir": str(out), "detail": detail, "members": members}

@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from ichpipe.bundle_format import load_bundle
-from ichpipe.io import InputError, atomic_path, read_labels, write_text_atomic
+from ichpipe.io import InputError, atomic_path, file_stamp, read_labels, write_text_atomic
 from ichpipe.labels import CQ500_FINDINGS, LABELS
 from ichpipe.localisation import POINTING_COLUMNS, pointing_game, pointing_lines, pointing_summary
 from ichpipe.metrics import auc_or_nan, confusion, threshold_for_recall, weighted_log_loss
@@ -147,9 +147,18 @@ def _key_of(s: Series, root: Path, ref: Reference) -> str | None:
     return key if key in ref.studies.index else None
 
 
+def cache_key(s: Series, bundle_digest: str, masks) -> str:
+    """What decides a series' cached result: the bundle (its sha256), the masks asked for, the series and each of
+    its files (SOPInstanceUID, size, modification time): another bundle, or a file replaced since, is computed
+    anew."""
+    files = [[i, *file_stamp(f)] for i, f in zip(s.ids, s.files, strict=True)]
+    text = json.dumps([bundle_digest, None if masks is None else str(Path(masks).resolve()), s.study, s.series, files])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 def _series_result(s: Series, predictor: Predictor, cache: Path, masks, skipped: list[dict]) -> dict | None:
     """One series' rows (and pointing game), from the cache or computed and cached."""
-    path = cache / f"{hashlib.sha1(s.series.encode()).hexdigest()[:16]}.json"
+    path = cache / f"{cache_key(s, predictor.bundle.digest, masks)}.json"
     if path.exists():
         return json.loads(path.read_text())
     result = run_series(predictor, s, skipped)

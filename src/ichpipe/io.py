@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
+import json
 import os
 import re
+import reprlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +19,6 @@ import pandas as pd
 import yaml
 
 from ichpipe.labels import LABELS, SUBTYPES
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class InputError(ValueError):
@@ -35,17 +34,120 @@ def first_line(exc: BaseException, limit: int = 200, default: str | None = None)
     return lines[0][:limit]
 
 
-def read_yaml_mapping(path: Path, error: type[Exception] | None = None) -> dict:
-    """A YAML file whose top level is a mapping (an empty file: {}); else a one-line ``error`` (default
-    InputError) naming the file."""
+def quote(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for an error message: nested and long values abbreviated (reprlib: a few items a level, a few
+    levels), never past ``limit`` characters, on one line; an aliased YAML value of billions of items costs nothing."""
+    text = _REPR.repr(value).replace("\n", "\\n")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 4, 4, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 60, 40
+
+# What one YAML document may hold once its aliases are expanded (the configs here hold a few hundred values): a
+# 400-byte file of nested aliases expands to billions, which validation, a copy or an error message would build.
+MAX_YAML_VALUES = 100_000
+MAX_YAML_CHARS = 10_000_000
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that sets one key twice (PyYAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' merges; its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) or key is None:
+                    if key in seen:
+                        line = key_node.start_mark.line + 1
+                        raise _DuplicateKey(f"line {line}: key {quote(key)} is set twice in one mapping; say each "
+                                            f"setting once")
+                    seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str):
+    """PyYAML's safe load of ``text``, refusing a key set twice in one mapping (a yaml.YAMLError)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def bound_yaml(data, where: str, error: type[Exception] | None = None):
+    """``data`` (a loaded YAML document) if it holds at most :data:`MAX_YAML_VALUES` values and
+    :data:`MAX_YAML_CHARS` characters once its aliases are expanded, else a one-line ``error`` naming ``where``."""
+    values, chars, stack = 0, 0, [data]
+    while stack:  # every value as a reader would see it: an alias counts each time it appears
+        value = stack.pop()
+        values += 1
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            chars += len(value)
+        if values > MAX_YAML_VALUES or chars > MAX_YAML_CHARS:
+            raise (error or InputError)(f"{where}: expands to more than {MAX_YAML_VALUES:,} values or "
+                                        f"{MAX_YAML_CHARS:,} characters (nested aliases?); not a config")
+    return data
+
+
+def load_yaml(text: str, where: str, error: type[Exception] | None = None):
+    """A YAML document from ``text`` (read from ``where``), safely (:func:`parse_yaml`, :func:`bound_yaml`); what
+    is wrong with it is a one-line ``error`` (default InputError) naming ``where``."""
     error = error or InputError
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(text)
+    except _DuplicateKey as exc:
+        raise error(f"{where}, {exc}") from None
     except yaml.YAMLError as exc:
-        raise error(f"{path}: not valid YAML ({first_line(exc)})") from None
+        raise error(f"{where}: not valid YAML ({first_line(exc, 160)})") from None
+    except RecursionError:
+        raise error(f"{where}: nested too deeply to be a config") from None
+    return bound_yaml(data, where, error)
+
+
+def read_yaml_mapping(path: Path, error: type[Exception] | None = None) -> dict:
+    """A YAML file whose top level is a mapping (an empty file: {}), read by :func:`load_yaml`; else a one-line
+    ``error`` (default InputError) naming the file."""
+    error = error or InputError
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text (UTF-8) file; a config is YAML text") from None
+    data = load_yaml(text, str(path), error)
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise error(f"{path}: top level must be a mapping")
     return data
+
+
+def load_tensors(path: str | os.PathLike) -> dict:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain values only, never pickled code. A file
+    that holds other objects, or is damaged, is a one-line InputError naming it (torch's own message runs to many
+    lines and suggests loading it unsafely)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: holds pickled Python objects, not only weights; ichpipe never loads those "
+                         f"(they could run code)") from None
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line, whatever torch raised
+        raise InputError(f"{path}: cannot be read as saved weights ({type(exc).__name__}: {first_line(exc, 160)})") \
+            from None
 
 
 @contextlib.contextmanager
@@ -59,6 +161,13 @@ def name_os_errors(path: Path, always: bool = False) -> Iterator[None]:
         if (always or exc.filename is None) and exc.errno is not None:
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
+
+
+def umask() -> int:
+    """The process's umask (read, then set back: there is no other way to read it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _temp_prefix(path: Path) -> str:
@@ -81,7 +190,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp" + "".join(path.suffixes))
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
+    os.chmod(tmp_path, 0o666 & ~umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         with name_os_errors(path):
             yield tmp_path
@@ -91,34 +200,108 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; it takes the place of ``path`` (whole) only if the block succeeds.
+OUTPUT_MARKER = ".ichpipe-output"  # in every folder that atomic_dir writes: what may be replaced as a whole
 
-    A crash leaves the former ``path`` (or none) and no half-filled folder under its name; the staging folder a
-    killed run left beside it is removed by the next one (its writer's process id is in its name: one whose
-    process is gone on this machine).
+
+def _write_marker(folder: Path, what: str, complete: bool) -> None:
+    (folder / OUTPUT_MARKER).write_text(json.dumps({"written_by": "ichpipe", "what": what, "complete": complete}) + "\n")
+
+
+def _marker(folder: Path) -> dict | None:
+    """The marker of a folder that atomic_dir wrote (None: not one of ours)."""
+    try:
+        data = json.loads((folder / OUTPUT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("written_by") == "ichpipe" else None
+
+
+def check_output_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), what: str = "output") -> None:
+    """A one-line InputError unless the folder ``path`` may be replaced as a whole: it is not one of ``inputs`` and
+    holds none of them, and it is absent, empty or one that ichpipe wrote (its marker file). Nothing a user put
+    there, or reads from there, is ever deleted."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: exists and is not a folder; give the {what} a folder (it is replaced as a whole)")
+    out = path.resolve()
+    for source in inputs:
+        src = Path(source).resolve()
+        if src == out or src.is_relative_to(out):
+            raise InputError(f"{path}: holds the input {source}; give the {what} another folder (it is replaced as "
+                             f"a whole, and the input must stay)")
+    if path.is_dir() and _marker(path) is None and any(path.iterdir()):
+        raise InputError(f"{path}: holds files ichpipe did not write (no {OUTPUT_MARKER} marker); give the {what} a "
+                         f"new or empty folder: it is replaced as a whole")
+
+
+def _dead_siblings(path: Path, kind: str) -> list[Path]:
+    """The staging (``kind`` "tmp") or set-aside ("old") folders of ``path`` whose writer is gone."""
+    return [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.{kind}")
+            if p.is_dir() and _PID.match(p.name) and not _writer_alive(p.name)]
+
+
+def recover_dir(path: Path) -> None:
+    """Finish or undo what a writer killed during :func:`atomic_dir` left beside ``path``. Killed while swapping
+    (``path`` missing): the new folder, whole, if it was complete, else the former one, go back under ``path``.
+    Then the dead writers' staging folders (those with our marker, or empty) and set-aside folders are removed."""
+    if not path.exists():
+        whole = [p for p in _dead_siblings(path, "tmp") if (_marker(p) or {}).get("complete")]
+        whole += _dead_siblings(path, "old")
+        if whole:
+            os.rename(whole[0], path)
+    for p in _dead_siblings(path, "tmp"):
+        if _marker(p) is not None:
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):  # only an empty one: a folder of someone else's files stays
+                p.rmdir()
+    for p in _dead_siblings(path, "old"):  # a name only atomic_dir gives, to a folder of ours it set aside
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _swap_in(staged: Path, path: Path) -> None:
+    """``staged`` becomes ``path``: the former folder is renamed aside, the new one renamed in, then the former one
+    removed. A kill at any point leaves the former folder or the new one whole (:func:`recover_dir`)."""
+    aside = None
+    if path.exists():
+        aside = path.with_name(staged.name.removesuffix(".tmp") + ".old")
+        os.rename(path, aside)
+    os.rename(staged, path)
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), what: str = "output"
+               ) -> Iterator[Path]:
+    """Yield a staging folder beside ``path``; it takes the place of ``path`` (whole) only if the block succeeds.
+
+    ``path`` must be absent, empty or a folder that ichpipe wrote (its :data:`OUTPUT_MARKER`), and must neither be
+    nor hold one of ``inputs`` (:func:`check_output_dir`): checked before the block runs and again before the swap.
+    A crash in the block leaves the former ``path`` (or none); a kill during the swap leaves the former or the new
+    folder whole, and the next run puts it back and removes the dead writer's staging folder.
     """
     path = Path(path)
+    inputs = list(inputs)
+    check_output_dir(path, inputs, what)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # a killed run's staging folder
-        if stale.is_dir() and not _writer_alive(stale.name):
-            shutil.rmtree(stale, ignore_errors=True)
+    recover_dir(path)
     with name_os_errors(path, always=True):  # named by the output asked for, not by the temporary name
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
     try:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
+        _write_marker(tmp, what, complete=False)
         with name_os_errors(path):
             yield tmp
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            check_output_dir(path, inputs, what)
+            _write_marker(tmp, what, complete=True)
+            _swap_in(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-_PID = re.compile(r"^\..+?\.(\d+)\.[^.]+\.tmp")
+_PID = re.compile(r"^\..+?\.(\d+)\.[^.]+\.(?:tmp|old)")
 
 
 def _writer_alive(name: str) -> bool:
@@ -145,6 +328,41 @@ def sweep_temp_files(folder: str | os.PathLike) -> int:
             p.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+LOCK_FILE = ".ichpipe.lock"
+
+
+@contextlib.contextmanager
+def writer_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold ``folder``'s write lock (``flock`` on its :data:`LOCK_FILE`) while the block runs: a second process that
+    asks for it is refused at once with a one-line InputError naming the first (``what``, its process id), so two
+    runs never mix one folder. The system releases the lock when the holder ends, however it ends."""
+    import fcntl
+
+    folder = Path(folder)
+    with name_os_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_FILE
+    with name_os_errors(lock), open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read(200).strip() or "another process"
+            raise InputError(f"{folder}: {holder} is writing this folder; wait until it ends (or stop it), or "
+                             f"write elsewhere (experiment=<new name>)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{what} (process {os.getpid()})\n")
+        f.flush()
+        yield
+
+
+def file_stamp(path: str | os.PathLike) -> tuple[int, int]:
+    """(size, modification time in ns) of an input: what tells a rerun, or a cache, that the file was replaced."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def save_torch(obj, path: str | os.PathLike) -> None:
@@ -179,7 +397,7 @@ def read_long_csv(path: str | os.PathLike) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a readable CSV ({first_line(exc)})") from None
     if list(df.columns) != ["ID", "Label"]:
-        raise InputError(f"{path}: header must be 'ID,Label', found {','.join(map(str, df.columns))!r}")
+        raise InputError(f"{path}: header must be 'ID,Label', found {quote(','.join(map(str, df.columns)))}")
     if df.empty:
         raise InputError(f"{path}: has no rows, only its header")
     df = df.drop_duplicates()
@@ -193,7 +411,12 @@ def read_long_csv(path: str | os.PathLike) -> pd.DataFrame:
         raise InputError(f"{path}: IDs must be 'ID_<image>_<label>' with a competition label, e.g. {bad}")
     df["image_id"] = parts[0]
     df["label"] = parts[1]
-    df["Label"] = pd.to_numeric(df["Label"], errors="coerce")
+    values = pd.to_numeric(df["Label"], errors="coerce")
+    text = values.isna() & df["Label"].notna()
+    if text.any():
+        row = df[text].iloc[0]
+        raise InputError(f"{path}: {int(text.sum())} labels are not numbers, e.g. {row['ID']} = {quote(row['Label'])}")
+    df["Label"] = values
     return df.reset_index(drop=True)
 
 
@@ -210,13 +433,20 @@ def long_to_wide(df: pd.DataFrame, path: str | os.PathLike = "<labels>") -> pd.D
 
 
 def read_labels(path: str | os.PathLike) -> pd.DataFrame:
-    """Wide labels (image_id index, six columns) of an ``ID,Label`` truth file; a value other than 0 or 1 is
-    an error naming an example (a 2, -1 or 0.5 would otherwise be trained on, or scored against)."""
+    """Wide labels (image_id index, six columns) of an ``ID,Label`` truth file; a value other than 0 or 1, or a
+    subtype of 1 with ``any`` 0, is an error naming an example (it would otherwise be trained on, or scored
+    against)."""
     labels = long_to_wide(read_long_csv(path), path)
     found = non_binary_labels(labels)
     if found:
         n, image, column, value = found
         raise InputError(f"{path}: {n} images have a label that is not 0 or 1, e.g. {image}_{column}={value:g}")
+    above = labels[list(SUBTYPES)].gt(labels["any"], axis=0)  # 'any' is 1 wherever a subtype is
+    if above.any().any():
+        image = above.index[above.any(axis=1)][0]
+        sub = above.columns[above.loc[image].to_numpy()][0]
+        raise InputError(f"{path}: {int(above.any(axis=1).sum())} images have a subtype labelled 1 but any = 0, e.g. "
+                         f"{image}_{sub}=1 with {image}_any=0; 'any' must be 1 wherever a subtype is")
     return labels
 
 

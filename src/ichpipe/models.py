@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import timm
-import torch
 from timm.models import is_model_pretrained
 from torch import nn
 
-from ichpipe.io import InputError, first_line
+from ichpipe.io import InputError, first_line, load_tensors, quote
 from ichpipe.labels import N_LABELS
 
 
@@ -33,10 +32,10 @@ def create_model(backbone: str, pretrained: bool = True, weights: str = "", init
     """
     # is_model takes timm's tagged names (resnext101_32x8d.fb_wsl_ig1b_ft_in1k), which list_models() leaves out.
     if not timm.is_model(backbone):
-        raise ModelError(f"model.backbone: unknown timm model {backbone!r}")
+        raise ModelError(f"model.backbone: unknown timm model {quote(backbone)}")
     if "." in backbone and not is_model_pretrained(backbone):
         tags = ", ".join(timm.list_pretrained(backbone.split(".")[0] + ".*")[:8]) or "none"
-        raise ModelError(f"model.backbone: timm has no pretrained weights tagged {backbone!r} (known: {tags})")
+        raise ModelError(f"model.backbone: timm has no pretrained weights tagged {quote(backbone)} (known: {tags})")
     kwargs = {**(kwargs or {}), "num_classes": N_LABELS, "drop_rate": drop_rate, "in_chans": in_chans}
     if weights:
         if not Path(weights).exists():
@@ -59,7 +58,7 @@ def create_model(backbone: str, pretrained: bool = True, weights: str = "", init
     if init_from:
         if not Path(init_from).exists():
             raise ModelError(f"model.init_from: {init_from}: file not found")
-        state = torch.load(init_from, map_location="cpu", weights_only=True)
+        state = load_tensors(init_from)
         load_weights(model, state.get("model", state), init_from, backbone)
     return model
 
@@ -81,6 +80,6 @@ def load_checkpoint(path: str | Path, backbone: str, in_chans: int = 3, kwargs: 
     """A CNN of ``backbone`` (in eval mode, on the CPU) with the weights of the ichpipe checkpoint ``path``; floating
     weights as float32 (an fp16 bundle's are stored as float16)."""
     model = create_model(backbone, pretrained=False, in_chans=in_chans, kwargs=kwargs)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_tensors(path)
     load_weights(model, {n: t.float() if t.is_floating_point() else t for n, t in state.items()}, path, backbone)
     return model.eval()

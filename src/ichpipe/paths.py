@@ -134,6 +134,13 @@ def experiment_dir(cfg: Any) -> Path:
     return data_paths(cfg).runs / cfg.experiment
 
 
+def blend_dir(cfg: Any, experiment: str | None = None) -> Path:
+    """``<work dir>/runs/<experiment>/blend``: stage 5's results of an experiment (or ``make ensemble``'s, under its
+    name), replaced as one folder: the CV table (cv.md, cv.json), the prediction tables, the submissions it made
+    (submissions.json) and its config."""
+    return data_paths(cfg).runs / (experiment or cfg.experiment) / "blend"
+
+
 def checkpoint_path(run: Path, epoch: int) -> Path:
     """Stage 2's weights of ``epoch`` in a fold's run folder."""
     return run / "checkpoints" / f"epoch{epoch:02d}.pt"

@@ -10,8 +10,9 @@ sequence model, stage 5's blend), in memory. Writes, into DIR (all at once: noth
 
     slices.csv     one row per slice: ids, z, the six probabilities, a 0/1 flag per class at the
                    bundle's operating threshold
-    series.csv     one row per series: slices, per class the highest slice probability, a calibrated
-                   series-level probability and the number of flagged slices
+    series.csv     one row per series: slices (and how many share their position with another), per class the
+                   highest slice probability, a calibrated series-level probability and the number of flagged
+                   slices
     skipped.csv    file or series, reason: what was left out and why
     series_<n>.png per series: the flagged slices (or the most suspicious ones) with a Grad-CAM heatmap
                    of the CNNs, and the six probabilities along z
@@ -42,7 +43,7 @@ from tqdm import tqdm
 
 from ichpipe.bundle_format import Bundle, load_bundle
 from ichpipe.dicom import read_dataset
-from ichpipe.io import InputError, atomic_dir
+from ichpipe.io import InputError, atomic_dir, check_output_dir
 from ichpipe.labels import LABELS
 from ichpipe.predictor import Predictor, run_series
 from ichpipe.series_figure import series_figure
@@ -77,14 +78,15 @@ def predict(path: str | os.PathLike, bundle_path: str | os.PathLike | Bundle, ou
     """
     start = time.perf_counter()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder; give --out a folder (it is replaced as a whole)")
+    # --out is replaced as a whole: never the study, a folder holding it or the bundle, nor a folder of the user's
+    inputs = [path] if isinstance(bundle_path, Bundle) else [path, bundle_path]
+    check_output_dir(out, inputs, "--out")
     with contextlib.ExitStack() as stack:
         bundle = bundle_path if isinstance(bundle_path, Bundle) else stack.enter_context(load_bundle(bundle_path))
-        return _predict(path, bundle, out, min_slices, figures, progress, device, dicom_sc, dicom_sr, start)
+        return _predict(path, bundle, out, inputs, min_slices, figures, progress, device, dicom_sc, dicom_sr, start)
 
 
-def _predict(path, bundle: Bundle, out: Path, min_slices: int, figures: bool, progress: bool,
+def _predict(path, bundle: Bundle, out: Path, inputs: list, min_slices: int, figures: bool, progress: bool,
              device: torch.device | None, dicom_sc: bool, dicom_sr: bool, start: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="ichpipe_predict_") as work:
         series, skipped = find_series(path, Path(work), min_slices)
@@ -92,7 +94,7 @@ def _predict(path, bundle: Bundle, out: Path, min_slices: int, figures: bool, pr
             reasons = "; ".join(f"{s['what']}: {s['reason']}" for s in skipped[:3]) or "no files"
             raise InputError(f"{path}: no usable CT series ({reasons})")
         predictor = Predictor(bundle, device)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, inputs, "--out") as tmp:
             slice_rows, series_rows = [], []
             for n, s in enumerate(tqdm(series, desc="predict", unit="series", disable=not progress)):
                 result = run_series(predictor, s, skipped)
@@ -114,8 +116,11 @@ def _predict(path, bundle: Bundle, out: Path, min_slices: int, figures: bool, pr
             pd.DataFrame(slice_rows).to_csv(tmp / "slices.csv", index=False)
             pd.DataFrame(series_rows).to_csv(tmp / "series.csv", index=False)
             pd.DataFrame(skipped, columns=["what", "reason"]).to_csv(tmp / "skipped.csv", index=False)
+    warnings_ = [f"series {r['SeriesInstanceUID']}: {r['same_position_slices']} slices share their position with "
+                 f"another slice (kept; a duplicate, or two series under one UID?)"
+                 for r in series_rows if r["same_position_slices"]]
     return {"series": len(series_rows), "slices": len(slice_rows), "skipped": skipped, "out": str(out),
-            "seconds": time.perf_counter() - start}
+            "warnings": warnings_, "seconds": time.perf_counter() - start}
 
 
 def predict_kaggle(data_dir: str | os.PathLike, bundle_path: str | os.PathLike, out_file: str | os.PathLike,

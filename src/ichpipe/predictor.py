@@ -117,9 +117,9 @@ def read_series(predictor: Predictor, s: Series, skipped: list[dict]) -> np.ndar
     """``s``'s images (z order) as the bundle's stage 1 made them; its unreadable slices dropped from ``s`` and added
     to ``skipped`` (None when none is readable)."""
     images, bad = render_series(s, predictor.info.preprocess)
-    for i in bad:
-        skipped.append({"what": str(s.files[i]), "reason": "pixel data unreadable"})
-    keep = [i for i in range(len(s.files)) if i not in set(bad)]
+    for i, reason in bad.items():
+        skipped.append({"what": str(s.files[i]), "reason": reason})
+    keep = [i for i in range(len(s.files)) if i not in bad]
     s.files, s.ids, s.z = [s.files[i] for i in keep], [s.ids[i] for i in keep], [s.z[i] for i in keep]
     if not len(images):
         skipped.append({"what": f"series {s.series}", "reason": "no readable slice"})
@@ -145,8 +145,9 @@ def series_result(predictor: Predictor, s: Series, images: np.ndarray, probs: np
                "PatientID": s.patient, "slice": i, "z": s.z[i],
                **{name: float(probs[i, c]) for c, name in enumerate(LABELS)},
                **{f"flag_{name}": int(flags[i, c]) for c, name in enumerate(LABELS)}} for i in range(len(s.ids))]
+    _, at, count = np.unique(np.asarray(s.z, np.float64), return_inverse=True, return_counts=True)
     row = {"StudyInstanceUID": s.study, "SeriesInstanceUID": s.series, "PatientID": s.patient,
-           "slices": len(s.ids), "figure": ""}
+           "slices": len(s.ids), "same_position_slices": int((count[at] > 1).sum()), "figure": ""}
     for c, name in enumerate(LABELS):
         top = float(probs[:, c].max())
         row[f"max_{name}"] = top

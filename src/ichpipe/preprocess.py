@@ -5,8 +5,12 @@ Outputs, under ``<data root>/processed/``::
     <name>/ID_<hex>.png          RGB = brain, subdural, bone windows (or, in 2.5D mode, the brain
                                  window of slices s-1, s, s+1 in z order); <name> = "<size>" by default
     <name>/bad_files.csv         file, reason: every input left out, and why
+    <name>/same_position.csv     SeriesInstanceUID, z, image_id: slices of one series at the same position (kept,
+                                 each with its labels; listed and counted, as they may be a duplicate or two
+                                 series under one UID)
     <name>/preprocess_config.yaml the resolved config of the run
-    <name>/parts/chunk<S>/chunk_<k>_<files hash>.parquet  per-chunk metadata, written as chunks finish
+    <name>/parts/chunk<S>/chunk_<k>_<files hash>.parquet  per-chunk metadata and each input's size and
+                                 modification time, written as chunks finish
     metadata.parquet             one row per usable image: ids, z, slice index, series length,
                                  size, window tags, quirk flags, the six labels (train), fold (train);
                                  written last, only when the stage succeeds
@@ -20,7 +24,8 @@ Work is split into fixed chunks of the sorted input list. Each finished chunk wr
 atomically, named by a hash of its files; each PNG is written to a temporary name and renamed. A
 killed run therefore leaves no half-written file, and a rerun goes by the files: it does the chunks
 whose inputs changed (files added later give other chunks) or whose PNGs are missing or truncated,
-and skips every PNG that is there and whole. ``shard=(i, n)`` runs only
+and skips every PNG that is there and whole and was made from the input as it is now (its size and
+modification time as recorded: a DICOM replaced under the same name is rendered again). ``shard=(i, n)`` runs only
 chunks ``k`` with ``k % n == i``, for cluster array jobs; the table is assembled by whichever run
 finds every chunk done.
 """
@@ -41,7 +46,7 @@ import yaml
 from ichpipe.config import Config, PreprocessConfig, save_config
 from ichpipe.dicom import DicomError, read_header
 from ichpipe.folds import assign_folds, fold_table_id, runs_on_fold_table
-from ichpipe.io import InputError, atomic_path, read_labels, read_png, sweep_temp_files
+from ichpipe.io import InputError, atomic_path, file_stamp, read_labels, read_png, sweep_temp_files
 from ichpipe.labels import LABELS
 from ichpipe.parallel import n_workers, run_pool
 from ichpipe.paths import DataPaths, data_paths, neighbour_positions, output_name
@@ -97,6 +102,15 @@ class ChunkJob:
     windows: list[list[float]]
     size: int
     png: tuple[int, str, str]  # zlib level, filter, strategy
+    stamps: dict[str, tuple[int, int]]  # (size, mtime_ns) of each input as an earlier run recorded it
+
+
+def png_current(png: Path, dicom: Path, stamp: tuple[int, int], recorded: tuple[int, int] | None) -> bool:
+    """Whether the whole PNG ``png`` was made from ``dicom`` as it is now: its stamp equals the one recorded when
+    the PNG was made, or (none recorded: a run killed before its chunk finished) the PNG is newer than the DICOM."""
+    if not png_ok(png):
+        return False
+    return recorded == stamp if recorded is not None else png.stat().st_mtime_ns >= stamp[1]
 
 
 def process_chunk(job: ChunkJob) -> tuple[int, int, int]:
@@ -106,9 +120,10 @@ def process_chunk(job: ChunkJob) -> tuple[int, int, int]:
     for split, path in job.files:
         path = Path(path)
         out = out_dir / f"{path.stem}.png"
+        stamp = file_stamp(path)
         try:
             img = None
-            if png_ok(out):  # written by an interrupted run: only the header is needed
+            if png_current(out, path, stamp, job.stamps.get(str(path))):  # made from this file: header only
                 meta = read_header(path)
                 skipped += 1
             else:
@@ -121,6 +136,7 @@ def process_chunk(job: ChunkJob) -> tuple[int, int, int]:
         except DicomError as exc:
             bad += 1
             rows.append({"image_id": path.stem, "split": split, "file": str(path), "error": str(exc)})
+        rows[-1].update(size=stamp[0], mtime_ns=stamp[1])
     with atomic_path(job.part_path) as tmp:
         pd.DataFrame(rows).to_parquet(tmp, index=False)
     return len(job.files), bad, skipped
@@ -172,8 +188,10 @@ def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool 
     chunks = [files[i:i + pcfg.chunk_size] for i in range(0, len(files), pcfg.chunk_size)]
     parts = [parts_dir / f"chunk_{k:06d}_{_digest(chunk)}.parquet" for k, chunk in enumerate(chunks)]
     n_chunks = len(chunks)
-    jobs = [ChunkJob(k, chunks[k], str(pass_dir), str(parts[k]), windows, pcfg.size, png_settings(pcfg))
-            for k in range(shard[0], n_chunks, shard[1]) if not _part_complete(parts[k], pass_dir)]
+    todo = [k for k in range(shard[0], n_chunks, shard[1]) if not _part_complete(parts[k], pass_dir)]
+    stamps = _recorded_stamps(parts_dir) if todo else {}
+    jobs = [ChunkJob(k, chunks[k], str(pass_dir), str(parts[k]), windows, pcfg.size, png_settings(pcfg),
+                     {f: stamps[f] for _, f in chunks[k] if f in stamps}) for k in todo]
     workers = n_workers(cfg.data.workers)
     start = time.perf_counter()
     results = run_pool(process_chunk, jobs, workers, total=sum(len(j.files) for j in jobs), size=lambda r: r[0],
@@ -186,7 +204,7 @@ def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool 
         summary["pending_chunks"] = n_chunks - done
         return summary
     sweep_temp_files(pass_dir)  # every chunk is done: no writer left, so stray temp files are a kill's
-    meta, bad = _merge(cfg, paths, out_dir, parts, labels)
+    meta, bad, same_position = _merge(cfg, paths, out_dir, parts, labels)
     # The table is written last, only when the stage succeeds: a failed run leaves the previous table (or none).
     if len(bad) > pcfg.max_bad_fraction * len(files):
         raise PreprocessError(f"{len(bad)} of {len(files)} files are unusable, more than preprocess.max_bad_fraction="
@@ -196,7 +214,8 @@ def run_preprocess(cfg: Config, shard: tuple[int, int] = (0, 1), progress: bool 
         _stack_neighbours(meta, pass_dir, out_dir, pcfg, workers, progress)
     with atomic_path(paths.metadata) as tmp:
         meta.to_parquet(tmp, index=False)
-    summary.update(complete=True, images=len(meta), bad=len(bad), metadata=str(paths.metadata))
+    summary.update(complete=True, images=len(meta), bad=len(bad), metadata=str(paths.metadata),
+                   same_position=same_position)
     return summary
 
 
@@ -234,11 +253,30 @@ def png_ok(path: Path) -> bool:
 
 
 def _part_complete(part: Path, pass_dir: Path) -> bool:
-    """A finished chunk: its part file exists and every good file's PNG is there and whole."""
+    """A finished chunk: its part file exists, every input is as it was then (size and modification time: a file
+    replaced since is redone), and every good file's PNG is there and whole."""
     if not part.exists():
         return False
-    rows = pd.read_parquet(part, columns=["image_id", "error"])
+    rows = pd.read_parquet(part)
+    if "mtime_ns" not in rows.columns:  # written before inputs were stamped: checked file by file
+        return False
+    for file, size, mtime in zip(rows.file, rows["size"], rows.mtime_ns, strict=True):
+        try:
+            if file_stamp(file) != (size, mtime):
+                return False
+        except OSError:  # removed since
+            return False
     return all(png_ok(pass_dir / f"{i}.png") for i in rows.image_id[rows.error == ""])
+
+
+def _recorded_stamps(parts_dir: Path) -> dict[str, tuple[int, int]]:
+    """Each input's (size, mtime_ns) as the part files of earlier runs recorded it (the newest part wins)."""
+    stamps: dict[str, tuple[int, int]] = {}
+    for part in sorted(parts_dir.glob("chunk_*.parquet"), key=lambda p: p.stat().st_mtime_ns):
+        rows = pd.read_parquet(part)
+        if "mtime_ns" in rows.columns:
+            stamps.update({f: (int(s), int(m)) for f, s, m in zip(rows.file, rows["size"], rows.mtime_ns, strict=True)})
+    return stamps
 
 
 def _read_labels_first(paths: DataPaths, files: list[tuple[str, str]]) -> pd.DataFrame:
@@ -278,6 +316,9 @@ def _merge(cfg: Config, paths: DataPaths, out_dir: Path, part_files: list[Path],
     if dup.any():
         raise PreprocessError(f"{paths.root}: SOPInstanceUID used by more than one file, e.g. {meta.image_id[dup].head(3).tolist()}")
     meta = meta.sort_values(["SeriesInstanceUID", "z", "image_id"], kind="stable")
+    same = meta[meta.duplicated(["SeriesInstanceUID", "z"], keep=False)]
+    with atomic_path(out_dir / "same_position.csv") as tmp:  # kept (each has its labels), but listed and said
+        same[["SeriesInstanceUID", "z", "image_id"]].to_csv(tmp, index=False)
     meta["slice_index"] = meta.groupby("SeriesInstanceUID").cumcount()
     meta["series_length"] = meta.groupby("SeriesInstanceUID")["image_id"].transform("size")
     meta = meta[META_COLUMNS].astype({"rows": "int32", "cols": "int32", "multivalue_window": bool, "fixed_12bit": bool})
@@ -287,7 +328,7 @@ def _merge(cfg: Config, paths: DataPaths, out_dir: Path, part_files: list[Path],
                             ascending=[False, True, True, True, True], kind="stable").reset_index(drop=True)
     with atomic_path(out_dir / "bad_files.csv") as tmp:
         bad.to_csv(tmp, index=False)
-    return meta, bad
+    return meta, bad, len(same)
 
 
 def _stack_job(job) -> tuple[int, int, int]:
@@ -298,8 +339,9 @@ def _stack_job(job) -> tuple[int, int, int]:
         before, after = neighbour_positions(len(ids), -1), neighbour_positions(len(ids), 1)
         for s, image_id in enumerate(ids):
             out = Path(out_dir) / f"{image_id}.png"
-            if png_ok(out):
-                continue
+            sources = [Path(brain_dir) / f"{ids[k]}.png" for k in (before[s], s, after[s])]
+            if png_ok(out) and out.stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in sources):
+                continue  # made from the brain-window PNGs as they are now
             rgb = np.dstack([slices[before[s]], slices[s], slices[after[s]]])
             write_bytes_atomic(out, encode_png(rgb, *png))
             written += 1

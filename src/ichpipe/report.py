@@ -1,7 +1,7 @@
 """The experiment report (``make report``): Figure 1, PR curves at a clinical operating point,
 calibration, per-class table, the Grad-CAM pointing game and training curves, from the OOF predictions of stage 5.
 
-Reads ``runs/<experiment>/oof_predictions.parquet`` (stage 5), the metadata, the PNGs and each
+Reads ``runs/<experiment>/blend/oof_predictions.parquet`` (stage 5), the metadata, the PNGs and each
 fold's TensorBoard log (and LSTM ``history.csv`` where present); for the pointing game, where the data root has
 the synthetic answer key's bleed masks, each fold's embedded checkpoints. Writes
 ``runs/<experiment>/report/``: ``figure1.png``, ``pr_curves.png``, ``calibration.png``,
@@ -32,13 +32,22 @@ from ichpipe.config import Config
 from ichpipe.data import SliceDataset, build_transform, input_channels, normalize, to_input
 from ichpipe.device import default_device
 from ichpipe.folds import check_fold_table
-from ichpipe.io import InputError, atomic_path, read_png, write_text_atomic
+from ichpipe.io import InputError, atomic_path, read_png, write_text_atomic, writer_lock
 from ichpipe.labels import ABBREVIATIONS, ANY_INDEX, LABELS, SUBTYPES
 from ichpipe.localisation import mean_grad_cam, pointing_game, pointing_lines, pointing_summary
 from ichpipe.metrics import OperatingPoint, auc_or_nan, per_class_log_loss, threshold_for_recall, weighted_log_loss
 from ichpipe.metrics import prior as prior_of
 from ichpipe.models import load_checkpoint
-from ichpipe.paths import data_paths, epoch_number, experiment_dir, finished_dirs, output_name, read_metadata, run_dir
+from ichpipe.paths import (
+    blend_dir,
+    data_paths,
+    epoch_number,
+    experiment_dir,
+    finished_dirs,
+    output_name,
+    read_metadata,
+    run_dir,
+)
 from ichpipe.results import PREDICTION_FILES
 
 COLUMNS = (*SUBTYPES, "control")
@@ -335,9 +344,16 @@ def _md_table(frame: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
 
 def run_report(cfg: Config) -> dict:
     """Write every figure and ``report.md`` into ``runs/<experiment>/report/``; returns the numbers."""
-    rcfg = cfg.report
     exp = experiment_dir(cfg)
-    preds_path = exp / PREDICTION_FILES["oof"]
+    if not (blend_dir(cfg) / PREDICTION_FILES["oof"]).exists():
+        raise InputError(f"{blend_dir(cfg) / PREDICTION_FILES['oof']}: not found; run `make submission` first")
+    with writer_lock(exp, f"make report of {cfg.experiment}"):
+        return _report(cfg, exp)
+
+
+def _report(cfg: Config, exp: Path) -> dict:
+    rcfg = cfg.report
+    preds_path = blend_dir(cfg) / PREDICTION_FILES["oof"]
     if not preds_path.exists():
         raise InputError(f"{preds_path}: not found; run `make submission` first")
     preds = pd.read_parquet(preds_path)
@@ -383,7 +399,8 @@ def run_report(cfg: Config) -> dict:
                          "precision": op.precision, "specificity": op.specificity, "TP": op.tp, "FN (missed)": op.fn,
                          "FP": op.fp, "TN": op.tn} for n, op in points.items()]).set_index("class")
     missed = "; ".join(f"{n}: {op.fn} of {op.tp + op.fn} slices" for n, op in points.items())
-    cv_md = (exp / "cv.md").read_text().split("\n", 2)[2] if (exp / "cv.md").exists() else "(no cv.md)\n"
+    cv_path = blend_dir(cfg) / "cv.md"
+    cv_md = cv_path.read_text().split("\n", 2)[2] if cv_path.exists() else "(no cv.md)\n"
     fig1_rows = pd.DataFrame({c: {"images": v["images"], "accuracy": v["accuracy"]} for c, v in fig1.items()}).T
     fig1_rows.index.name = "column"
     lines = [

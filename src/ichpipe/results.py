@@ -4,13 +4,14 @@ the bundle)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import pandas as pd
 
-from ichpipe.config import REPO_ROOT
-from ichpipe.io import InputError, atomic_path
+from ichpipe.config import REPO_ROOT, Config, save_config
+from ichpipe.io import InputError, atomic_dir, atomic_path
 from ichpipe.labels import ABBREVIATIONS, LABELS
 from ichpipe.metrics import per_class_log_loss, weighted_log_loss
 
@@ -79,6 +80,22 @@ def git_state() -> dict:
 
 
 PREDICTION_FILES = {"oof": "oof_predictions.parquet", "test": "test_predictions.parquet"}
+SUBMISSIONS_FILE = "submissions.json"
+
+
+def write_results(folder: Path, cfg: Config, title: str, cv: dict, oof: dict[str, pd.DataFrame],
+                  test: dict[str, pd.DataFrame], submissions: dict[str, dict]) -> None:
+    """Stage 5's (or the ensemble's) results, replaced in ``folder`` as one unit (a kill leaves the former results
+    or the new ones, never a mix): ``cv.md`` (``title`` and the table of ``cv``'s scores), ``cv.json``, the
+    prediction tables, ``submissions.json`` (per model, the submission file it made and its sha256: what `make
+    submit` uploads) and the resolved ``config.yaml``."""
+    scores = {where: rows for where, rows in cv.items() if where in ("oof", "test")}
+    with atomic_dir(folder, what="results folder") as tmp:
+        (tmp / "cv.md").write_text(title + format_table(scores))
+        (tmp / "cv.json").write_text(json.dumps(cv, indent=2) + "\n")
+        write_prediction_tables(tmp, oof, test)
+        (tmp / SUBMISSIONS_FILE).write_text(json.dumps(submissions, indent=1) + "\n")
+        save_config(cfg, tmp / "config.yaml")
 
 
 def write_prediction_tables(folder: Path, oof: dict[str, pd.DataFrame], test: dict[str, pd.DataFrame]) -> None:

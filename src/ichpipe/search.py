@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from ichpipe.config import ConfigError, check_name, get_value, load_config, nest
-from ichpipe.io import InputError, atomic_path, read_yaml_mapping, write_text_atomic
+from ichpipe.io import InputError, atomic_path, quote, read_yaml_mapping, write_text_atomic
 from ichpipe.paths import data_paths
 
 PRUNERS = ("median", "none", "threshold")
@@ -78,9 +78,10 @@ def read_space(path: str | Path) -> dict:
     spec.setdefault("seed", 0)
     spec.setdefault("pruner", {"kind": "median"})
     for key in ("trials", "fold", "seed"):
-        if isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < (1 if key == "trials" else 0):
-            raise InputError(f"{path}: {key} must be a {'positive' if key == 'trials' else 'non-negative'} integer, "
-                             f"got {spec[key]!r}")
+        if isinstance(spec[key], bool) or not isinstance(spec[key], int) or not (
+                (1 if key == "trials" else 0) <= spec[key] < 2**32):  # Optuna's sampler takes a 32-bit seed
+            raise InputError(f"{path}: {key} must be a {'positive' if key == 'trials' else 'non-negative'} integer "
+                             f"below 2**32, got {quote(spec[key])}")
     if not isinstance(spec["pruner"], dict) or spec["pruner"].get("kind", "median") not in PRUNERS:
         raise InputError(f"{path}: pruner must be a mapping whose kind is one of {', '.join(PRUNERS)}")
     try:

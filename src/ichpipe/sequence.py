@@ -43,7 +43,7 @@ from tqdm import tqdm
 from ichpipe.config import Config, LstmConfig, describe_changes, may_replace, save_config
 from ichpipe.device import amp_settings, autocast, default_device
 from ichpipe.folds import assign_folds, check_fold_table
-from ichpipe.io import InputError, atomic_path, save_torch, sweep_temp_files, write_text_atomic
+from ichpipe.io import InputError, atomic_path, save_torch, sweep_temp_files, write_text_atomic, writer_lock
 from ichpipe.labels import LABELS, N_LABELS
 from ichpipe.losses import make_loss
 from ichpipe.metrics import sigmoid, weighted_log_loss
@@ -264,6 +264,11 @@ def train_sequence_fold(cfg: Config, progress: bool = True) -> dict:
         raise InputError(f"{out}/embeddings: no finished embeddings; run `make embed fold={cfg.fold}` first")
     meta = read_metadata(data_paths(cfg))
     check_fold_table(out, meta)
+    with writer_lock(out, f"stage 4 (sequence model) of {cfg.experiment} fold {cfg.fold}"):
+        return _train_sequences(cfg, out, folders, meta, progress)
+
+
+def _train_sequences(cfg: Config, out: Path, folders: list[Path], meta: pd.DataFrame, progress: bool) -> dict:
     results = {}
     for folder in folders:
         target = out / "lstm" / folder.name

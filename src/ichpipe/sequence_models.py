@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ichpipe.config import LstmConfig
 from ichpipe.device import NO_AMP, Amp, autocast
-from ichpipe.io import InputError
+from ichpipe.io import InputError, first_line, load_tensors
 from ichpipe.labels import N_LABELS
 
 KINDS = typing.get_args(LstmConfig.model_fields["kind"].annotation)  # the choices of lstm.kind
@@ -180,13 +180,17 @@ MODEL_KEYS = ("reduce_dim", "hidden", "layers", "dropout", "kind", "heads")  # w
 
 def load_models(path: str | Path, device: torch.device | None = None) -> tuple[list[SequenceModel], np.ndarray, np.ndarray]:
     """The bagged models of a ``models.pt`` (weights only: safe to load from anyone) and their standardisation."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    models = []
-    for weights in state["bag"]:
-        model = SequenceModel(state["emb_dim"], **state["lstm"])
-        model.load_state_dict(weights)
-        models.append(model.to(device or torch.device("cpu")).eval())
-    return models, state["mean"].numpy(), state["std"].numpy()
+    state = load_tensors(path)
+    try:
+        models = []
+        for weights in state["bag"]:
+            model = SequenceModel(state["emb_dim"], **state["lstm"])
+            model.load_state_dict(weights)
+            models.append(model.to(device or torch.device("cpu")).eval())
+        return models, state["mean"].numpy(), state["std"].numpy()
+    except (KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        raise InputError(f"{path}: not the sequence models stage 4 saves ({type(exc).__name__}: "
+                         f"{first_line(exc, 120)})") from None
 
 
 def predict_bag(models: list[SequenceModel], feats: SliceFeatures, mean, std, device=None, amp: Amp = NO_AMP

@@ -5,6 +5,8 @@ made exactly as stage 1 makes its PNGs."""
 from __future__ import annotations
 
 import os
+import shutil
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ import numpy as np
 
 from ichpipe.bundle_format import BundlePreprocess
 from ichpipe.dicom import DicomError, as_dicom_error, quiet_reads, read_dataset, read_header
-from ichpipe.io import InputError, first_line, name_os_errors
+from ichpipe.io import OUTPUT_MARKER, InputError, first_line, name_os_errors
 from ichpipe.paths import neighbour_positions
 from ichpipe.windowing import render_file
 
@@ -29,18 +31,34 @@ class Series:
     z: list[float] = field(default_factory=list)
 
 
-# A member of a zip larger than this, unpacked, is no CT slice (512 x 512 x 2 bytes is 0.5 MiB; a 2048-px
-# multi-frame 8 MiB): it is left out, with a reason, after reading at most this much of it (a zip bomb's
-# members claim small sizes, so the limit is enforced on the bytes actually written).
+# Bounds on a zip of studies, so that unpacking it cannot fill the disk: a member larger than MAX_MEMBER_BYTES unpacked
+# is no CT slice (512 x 512 x 2 bytes is 0.5 MiB; a 2048-px multi-frame 8 MiB) and is left out, with a reason, after
+# reading at most that much of it (a zip bomb's members claim small sizes, so the limits hold on the bytes actually
+# written); a member that unpacks to more than MAX_ZIP_RATIO x its compressed size (DICOM compresses 2-5x) is left
+# out the same way once past 1 MiB; the whole zip may unpack to at most MAX_ZIP_RATIO x its own size, and hold at
+# most MAX_ZIP_MEMBERS members (a CT study is a few hundred files), and must fit the free disk by its own account.
 MAX_MEMBER_BYTES = 64 << 20
+MAX_ZIP_RATIO = 100
+MAX_ZIP_MEMBERS = 200_000
+_RATIO_FROM = 1 << 20  # the per-member ratio is checked past this many bytes (a small file may compress well)
 
 
 def unzip_study(path: Path, workdir: Path, skipped: list[dict]) -> None:
-    """Every member of the zip ``path`` into ``workdir``, one by one, streamed: never outside ``workdir``, never
-    more than :data:`MAX_MEMBER_BYTES` of one member (the rest of such a member is not read; it goes to
-    ``skipped``)."""
+    """Every member of the zip ``path`` into ``workdir``, one by one, streamed, within the bounds above: never outside
+    ``workdir``; a member over a bound is not read further and goes to ``skipped``; a zip over a bound as a whole
+    (members, total, the disk) is a one-line InputError."""
     with zipfile.ZipFile(path) as z:
-        for member in z.infolist():
+        members = z.infolist()
+        if len(members) > MAX_ZIP_MEMBERS:
+            raise InputError(f"{path}: {len(members):,} members, more than {MAX_ZIP_MEMBERS:,}; not a zip of studies")
+        claimed = sum(min(m.file_size, MAX_MEMBER_BYTES) for m in members)
+        workdir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(workdir).free
+        if claimed > free:
+            raise InputError(f"{path}: unpacks to {claimed / 2**20:.0f} MiB, but {workdir.parent} has "
+                             f"{free / 2**20:.0f} MiB free; set TMPDIR to a folder with more room")
+        budget = MAX_ZIP_RATIO * max(path.stat().st_size, 1)
+        for member in members:
             target = (workdir / member.filename).resolve()
             if member.is_dir() or not target.is_relative_to(workdir.resolve()):
                 continue
@@ -49,25 +67,43 @@ def unzip_study(path: Path, workdir: Path, skipped: list[dict]) -> None:
                 skipped.append({"what": what, "reason": f"{member.file_size / 2**20:.0f} MiB unpacked, more than "
                                                         f"{MAX_MEMBER_BYTES >> 20} MiB: not a CT slice"})
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            written = 0
-            try:
-                with z.open(member) as src, open(target, "wb") as dst, name_os_errors(target):
-                    while block := src.read(1 << 20):
-                        written += len(block)
-                        if written > MAX_MEMBER_BYTES:
-                            break
-                        dst.write(block)
-            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
-                # a damaged or encrypted member: that member's failure, not the study's
-                target.unlink(missing_ok=True)
-                skipped.append({"what": what, "reason": f"cannot be unpacked ({type(exc).__name__}: "
-                                                        f"{first_line(exc, 160, '')})"})
-                continue
-            if written > MAX_MEMBER_BYTES:
-                target.unlink(missing_ok=True)
-                skipped.append({"what": what, "reason": f"more than {MAX_MEMBER_BYTES >> 20} MiB unpacked (its header "
-                                                        f"says {member.file_size} bytes): not a CT slice"})
+            written, reason = _unpack_member(z, member, target, budget)
+            budget -= written
+            if reason:
+                skipped.append({"what": what, "reason": reason})
+            if budget < 0:
+                raise InputError(f"{path}: unpacks to more than {MAX_ZIP_RATIO}x its own size; not a zip of studies "
+                                 f"(a zip bomb?)")
+
+
+def _unpack_member(z: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path, budget: int) -> tuple[int, str]:
+    """(bytes written, why it was left out or ""): one member streamed to ``target``, stopped (and removed) past
+    :data:`MAX_MEMBER_BYTES`, past :data:`MAX_ZIP_RATIO` x its compressed size, or past the zip's ``budget``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    limit = min(MAX_MEMBER_BYTES, budget)
+    written, reason = 0, ""
+    try:
+        with z.open(member) as src, open(target, "wb") as dst, name_os_errors(target):
+            while block := src.read(1 << 20):
+                written += len(block)
+                if written > limit:
+                    reason = (f"more than {MAX_MEMBER_BYTES >> 20} MiB unpacked (its header says {member.file_size} "
+                              f"bytes): not a CT slice")
+                elif written > _RATIO_FROM and written > MAX_ZIP_RATIO * max(member.compress_size, 1):
+                    reason = (f"unpacks to more than {MAX_ZIP_RATIO}x its compressed size ({member.compress_size} "
+                              f"bytes): not a CT slice (a zip bomb?)")
+                if reason:
+                    break
+                dst.write(block)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+        # a damaged or encrypted member: that member's failure, not the study's
+        reason = f"cannot be unpacked ({type(exc).__name__}: {first_line(exc, 160, '')})"
+    if reason:
+        target.unlink(missing_ok=True)
+    else:  # the member's own time, as unzip keeps it: what a cache keyed by (size, time) sees on the next unpack
+        stamp = time.mktime((*member.date_time, 0, 0, -1))
+        os.utime(target, (stamp, stamp))
+    return written, reason
 
 
 def study_files(path: Path, workdir: Path, skipped: list[dict]) -> list[Path]:
@@ -78,7 +114,10 @@ def study_files(path: Path, workdir: Path, skipped: list[dict]) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise InputError(f"{path}: not found (give a folder or a zip of DICOM files)")
-    return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    # ichpipe's own outputs inside it (an earlier --out inside the study); the folder given is read whatever it is
+    ours = {m.parent for m in path.rglob(OUTPUT_MARKER)} - {path}
+    return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                  and not ours.intersection(p.parents))
 
 
 def why_not_axial_ct(ds) -> str | None:
@@ -138,16 +177,16 @@ def find_series(path: str | os.PathLike, workdir: Path, min_slices: int = 1) -> 
     return sorted(kept, key=lambda s: (s.study, s.series)), skipped
 
 
-def render_series(s: Series, p: BundlePreprocess) -> tuple[np.ndarray, list[int]]:
+def render_series(s: Series, p: BundlePreprocess) -> tuple[np.ndarray, dict[int, str]]:
     """Stage 1's images of a series, in memory: (N, H, W, 3) uint8, exactly what its PNGs hold; and the
-    positions of slices that could not be read (left out)."""
+    positions of slices that could not be read (left out), with the reason of each."""
     windows = p.windows[:1] if p.mode == "2.5d" else p.windows
-    images, bad = [], []
+    images, bad = [], {}
     for i, f in enumerate(s.files):
         try:
             _, img = render_file(f, windows, p.size)
-        except DicomError:
-            bad.append(i)
+        except DicomError as exc:
+            bad[i] = str(exc)
             continue
         images.append(img)
     if p.mode == "2.5d":  # the brain window of slices s-1, s, s+1, as stage 1 stacks them

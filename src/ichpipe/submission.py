@@ -8,20 +8,24 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from ichpipe.config import REPO_ROOT, Config
-from ichpipe.io import InputError, atomic_path, first_line, read_long_csv, wide_to_long
+from ichpipe.config import Config
+from ichpipe.io import InputError, atomic_path, first_line, name_os_errors, quote, read_long_csv, wide_to_long
 from ichpipe.labels import LABELS
-from ichpipe.paths import work_dir_id
+from ichpipe.paths import blend_dir, data_paths
+from ichpipe.results import SUBMISSIONS_FILE
 
 N_EXAMPLES = 5  # offending IDs named per failure message
 
@@ -78,10 +82,10 @@ def check_submission(path: str | os.PathLike, sample_path: str | os.PathLike) ->
                          f"({first_line(exc)})") from None
     if "ID" not in sample.columns or sample.empty:
         raise InputError(f"{sample_path}: not a sample submission (needs an 'ID' column and rows; found "
-                         f"{','.join(map(str, sample.columns))!r}, {len(sample)} rows)")
+                         f"{quote(','.join(map(str, sample.columns)))}, {len(sample)} rows)")
     problems: list[str] = []
     if list(sub.columns) != ["ID", "Label"]:
-        return [f"header must be 'ID,Label', found {','.join(map(str, sub.columns))!r}"]
+        return [f"header must be 'ID,Label', found {quote(','.join(map(str, sub.columns)))}"]
     dup = sub["ID"][sub["ID"].duplicated()]
     if len(dup):
         problems.append(f"{len(dup)} duplicate IDs: {_examples(dup.unique())}")
@@ -184,11 +188,51 @@ def info_path(submission: str | os.PathLike) -> Path:
 
 
 def submissions_dir(cfg: Config) -> Path:
+    """``blend.out_dir``: relative to the work folder (``data.work_dir``, else the data root) unless absolute."""
     out = Path(cfg.blend.out_dir)
-    return out if out.is_absolute() else REPO_ROOT / out
+    return out if out.is_absolute() else data_paths(cfg).work / out
 
 
-def write_checked(pred: pd.DataFrame, path: Path, sample: Path, info: dict) -> tuple[Path, bool]:
+@dataclass(frozen=True)
+class Written:
+    """A submission that :func:`write_checked` wrote (``new``) or found already written with the same text."""
+
+    path: Path
+    sha256: str  # of the CSV's text (before gzip), as its YAML records it
+    new: bool
+
+
+def text_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a submission's CSV text (gunzipped for ``.gz``), as :func:`write_checked` records it."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with name_os_errors(path), (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        try:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise InputError(f"{path}: not a readable submission ({first_line(exc)})") from None
+    return digest.hexdigest()
+
+
+def check_unchanged(path: str | os.PathLike) -> None:
+    """A one-line InputError when the YAML beside the submission ``path`` records another sha256 than its text has
+    now (edited after stage 5 wrote it); a file without that YAML (the user's own) passes."""
+    path = Path(path)
+    beside = info_path(path)
+    if not beside.exists():
+        return
+    try:
+        info = yaml.safe_load(beside.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise InputError(f"{beside}: not readable YAML ({first_line(exc)})") from None
+    recorded = info.get("sha256") if isinstance(info, dict) else None
+    if recorded and text_sha256(path) != recorded:
+        raise InputError(f"{path}: changed since ichpipe wrote it (its sha256 differs from {beside.name}); run `make "
+                         f"submission` again, or upload your edited file yourself with the kaggle CLI")
+
+
+def write_checked(pred: pd.DataFrame, path: Path, sample: Path, info: dict) -> Written:
     """Write ``pred`` as a submission and ``info`` as the YAML beside it, together or not at all.
 
     Both go to temporary names; the submission must pass validation; then the YAML is renamed into
@@ -196,20 +240,20 @@ def write_checked(pred: pd.DataFrame, path: Path, sample: Path, info: dict) -> t
     submit` only takes a submission whose YAML is there. The YAML records the sha256 of the CSV's
     text: when a complete submission of the same experiment and model with the same text is already
     in the folder (a rerun that changed nothing, the same day or another), that one is kept and returned and
-    nothing is written. Returns (the submission, whether it was written now).
+    nothing is written.
     """
     text = submission_csv(pred)
     digest = hashlib.sha256(text.encode()).hexdigest()
     same = _same_submission(path.parent, info, digest)
     if same is not None:
-        return same, False
+        return Written(same, digest, False)
     with atomic_path(path) as tmp, atomic_path(info_path(path)) as tmp_info:
         write_submission(text, tmp)
         problems = check_submission(tmp, sample)
         if problems:
             raise SubmissionError(path, problems)
         tmp_info.write_text(yaml.safe_dump({**info, "sha256": digest}, sort_keys=False))
-    return path, True
+    return Written(path, digest, True)
 
 
 def completed_submissions(out_dir: Path):
@@ -229,8 +273,8 @@ def _same_submission(out_dir: Path, info: dict, digest: str) -> Path | None:
         return None
     for _, old, sub in completed_submissions(out_dir):
         if (old.get("experiment"), old.get("model"), old.get("work_dir"), old.get("sha256")) == (
-                info["experiment"], info.get("model"), info.get("work_dir"), digest):
-            return sub
+                info["experiment"], info.get("model"), info.get("work_dir"), digest) and text_sha256(sub) == digest:
+            return sub  # the same text, unedited since
     return None
 
 
@@ -255,20 +299,24 @@ def _experiment_of_name(name: str) -> str | None:
     return rest.removesuffix("-cnn")
 
 
-def latest_submission(cfg: Config, model: str = "blend") -> Path:
-    """The newest complete submission of exactly ``cfg.experiment`` (by the YAML beside it), else an error."""
-    out_dir = submissions_dir(cfg)
-    work = work_dir_id(cfg)
-    ours = [(info, sub) for _, info, sub in completed_submissions(out_dir)
-            if info.get("experiment") == cfg.experiment and info.get("model") == model]
-    found = [(str(info.get("created", "")), sub.stat().st_mtime, sub) for info, sub in ours
-             if info.get("work_dir") == work]
-    if not found:
-        others = sorted({str(info.get("work_dir", "an unrecorded data root")) for info, _ in ours})
-        raise InputError(f"{out_dir}: no submission of experiment {cfg.experiment!r} from the data root {work}"
-                         + (f" (only from {', '.join(others)}: give FILE=... to upload one of those)" if others else
-                            "; run `make submission` first"))
-    return max(found)[2]
+def current_submission(cfg: Config, model: str = "blend") -> Path:
+    """The submission of ``model`` that the experiment's current stage-5 results name (``submissions.json`` in its
+    blend folder: the last blend's, whatever the files' dates), checked unchanged since; else a one-line error."""
+    listing = blend_dir(cfg) / SUBMISSIONS_FILE
+    if not listing.exists():
+        raise InputError(f"{listing}: not found; run `make submission` first (experiment {cfg.experiment!r}, data root "
+                         f"{data_paths(cfg).work})")
+    entry = json.loads(listing.read_text()).get(model)
+    if not entry:
+        raise InputError(f"{listing}: names no submission of {model!r}; run `make submission` again")
+    path = Path(entry["file"])
+    if not path.is_file():
+        raise InputError(f"{path}: not found, though the current blend of {cfg.experiment!r} made it; run `make "
+                         f"submission` again")
+    if text_sha256(path) != entry["sha256"]:
+        raise InputError(f"{path}: changed since the current blend wrote it (sha256 differs from {listing}); run `make "
+                         f"submission` again, or upload your edited file yourself with the kaggle CLI")
+    return path
 
 
 def fill_missing(pred: pd.DataFrame, sample_ids: pd.Index, fill: np.ndarray) -> tuple[pd.DataFrame, int]:

@@ -36,7 +36,7 @@ from ichpipe.config import Config, changed_settings, describe_changes, save_conf
 from ichpipe.data import DEFAULT_AUGMENT, SliceDataset, build_transform, input_channels, make_loader, normalize
 from ichpipe.device import Amp, Runtime, amp_settings, autocast, close_runtime, init_runtime, local_main_first
 from ichpipe.folds import record_fold_table
-from ichpipe.io import InputError, atomic_path, first_line, save_torch, sweep_temp_files
+from ichpipe.io import InputError, atomic_path, load_tensors, save_torch, sweep_temp_files, writer_lock
 from ichpipe.labels import LABELS
 from ichpipe.losses import make_loss
 from ichpipe.metrics import auc_or_nan, logit, per_class_log_loss, prior, weighted_log_loss
@@ -193,11 +193,9 @@ def check_resume(cfg: Config, out: Path) -> None:
 
 def _load_state(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line, whatever torch raised
-        reason = first_line(exc, 160)
-        raise InputError(f"{path}: cannot be read as a checkpoint ({reason}); delete it to start the fold again") \
-            from None
+        return load_tensors(path)
+    except InputError as exc:
+        raise InputError(f"{exc}; delete it to start the fold again") from None
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, alpha: float, smoothing: float, rng: np.random.Generator
@@ -277,12 +275,15 @@ class _Run:
     writer: object = None  # TensorBoard, on rank 0
 
 
-def _set_up(cfg: Config, rt: Runtime) -> _Run:
-    """Data, model, optimiser and schedule of ``cfg.fold``; resumed from ``last.pt`` with ``resume=true``."""
+def _set_up(cfg: Config, rt: Runtime, stack: contextlib.ExitStack) -> _Run:
+    """Data, model, optimiser and schedule of ``cfg.fold``; resumed from ``last.pt`` with ``resume=true``. The run
+    folder's write lock is held on rank 0 (the writer) until ``stack`` closes."""
     tcfg = cfg.train
     torch.manual_seed(cfg.seed)
     train_meta, val_meta, png_dir, meta = load_fold(cfg)
     out = run_dir(cfg)
+    if rt.is_main:
+        stack.enter_context(writer_lock(out, f"stage 2 (train) of {cfg.experiment} fold {cfg.fold}"))
     last = out / "last.pt"
     if last.exists() and not cfg.resume:
         raise InputError(f"{out}: a run exists; add resume=true to continue it, or set experiment=<new name>")
@@ -445,7 +446,11 @@ def _save_epoch(run: _Run, epoch: int, metrics: dict, probs: np.ndarray) -> None
 
 
 def _train(cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int = 0, on_epoch=None) -> dict:
-    run = _set_up(cfg, rt)
+    with contextlib.ExitStack() as lock:
+        return _train_run(_set_up(cfg, rt, lock), cfg, rt, progress, stop_after_epochs, on_epoch)
+
+
+def _train_run(run: _Run, cfg: Config, rt: Runtime, progress: bool, stop_after_epochs: int, on_epoch) -> dict:
     metrics: dict = {"epoch": run.start_epoch - 1}
     stop_at = run.start_epoch + stop_after_epochs if stop_after_epochs else cfg.train.epochs
     try:

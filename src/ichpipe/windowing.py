@@ -37,16 +37,24 @@ def window_lut(ds, lo: int, hi: int, windows: Sequence[Sequence[float]]) -> np.n
     return np.stack([apply_window(hu, c, w) for c, w in windows], axis=-1)
 
 
+MAX_LUT_ROWS = 1 << 17  # the stored values of 16-bit pixels, twice over; a wider range is windowed without a table
+
+
 def window_stored(stored: np.ndarray, ds, windows: Sequence[Sequence[float]]) -> np.ndarray:
     """(H, W, n_windows) uint8 image of stored pixels, through the lookup table.
 
     For three windows the table is packed as one uint32 per stored value (R, G, B, 0), so a single
     gather fills every channel, and OpenCV drops the fourth byte (measured: ~3x faster than one
     gather per channel, ~4x faster than indexing an (n, 3) table). Unsigned pixels index a table
-    that starts at 0 and need no offset.
+    that starts at 0 and need no offset. The table is bounded by :data:`MAX_LUT_ROWS` (one 32-bit pixel of 5e7
+    would make it GBs): pixels whose range is wider go through the same formula per pixel (memory bounded by the
+    image, itself bounded by ichpipe.dicom).
     """
-    lo = min(int(stored.min()), 0)
-    lut = window_lut(ds, lo, int(stored.max()), windows)
+    lo, hi = min(int(stored.min()), 0), int(stored.max())
+    if hi - lo + 1 > MAX_LUT_ROWS:
+        hu = hounsfield(stored, ds)
+        return np.stack([apply_window(hu, c, w) for c, w in windows], axis=-1)
+    lut = window_lut(ds, lo, hi, windows)
     idx = stored.astype(np.int32) - lo if lo else stored
     if len(windows) == 3:
         packed = np.zeros((len(lut), 4), dtype=np.uint8)
