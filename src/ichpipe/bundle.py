@@ -78,7 +78,7 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
     folds = sorted(int(k) for k in meta.fold.dropna().unique())
     use_lstm = cfg.blend.lstm_weight > 0
     inputs = [blend_dir(cfg), *(run_dir(cfg, k) for k in folds)]  # what the bundle is made from stays
-    with writer_lock(exp, f"make bundle of {cfg.experiment}"), atomic_dir(out, inputs, "bundle") as tmp:
+    with writer_lock(exp, f"make bundle of {cfg.experiment}"), atomic_dir(out, inputs, "the bundle") as tmp:
         staged = Bundle(tmp, None)  # the bundle's own file names
         (tmp / "cnn").mkdir()
         (tmp / "lstm").mkdir()

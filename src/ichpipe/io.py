@@ -140,9 +140,12 @@ def load_tensors(path: str | os.PathLike) -> dict:
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise InputError(f"{path}: holds pickled Python objects, not only weights; ichpipe never loads those "
-                         f"(they could run code)") from None
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():  # torch refused an object it would have to unpickle
+            raise InputError(f"{path}: holds pickled Python objects, not only weights; ichpipe never loads those "
+                             f"(they could run code)") from None
+        raise InputError(f"{path}: cannot be read as saved weights (UnpicklingError: {first_line(exc, 160)})") \
+            from None
     except OSError:
         raise
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line, whatever torch raised
@@ -216,22 +219,23 @@ def _marker(folder: Path) -> dict | None:
     return data if isinstance(data, dict) and data.get("written_by") == "ichpipe" else None
 
 
-def check_output_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), what: str = "output") -> None:
+def check_output_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), what: str = "the output"
+                     ) -> None:
     """A one-line InputError unless the folder ``path`` may be replaced as a whole: it is not one of ``inputs`` and
     holds none of them, and it is absent, empty or one that ichpipe wrote (its marker file). Nothing a user put
     there, or reads from there, is ever deleted."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise InputError(f"{path}: exists and is not a folder; give the {what} a folder (it is replaced as a whole)")
+        raise InputError(f"{path}: exists and is not a folder; give {what} a folder (it is replaced as a whole)")
     out = path.resolve()
     for source in inputs:
         src = Path(source).resolve()
         if src == out or src.is_relative_to(out):
-            raise InputError(f"{path}: holds the input {source}; give the {what} another folder (it is replaced as "
-                             f"a whole, and the input must stay)")
+            raise InputError(f"{path}: holds the input {source}; give {what} another folder (it is replaced as a "
+                             f"whole, and the input must stay)")
     if path.is_dir() and _marker(path) is None and any(path.iterdir()):
-        raise InputError(f"{path}: holds files ichpipe did not write (no {OUTPUT_MARKER} marker); give the {what} a "
-                         f"new or empty folder: it is replaced as a whole")
+        raise InputError(f"{path}: holds files ichpipe did not write (no {OUTPUT_MARKER} marker); give {what} a new "
+                         f"or empty folder: it is replaced as a whole")
 
 
 def _dead_siblings(path: Path, kind: str) -> list[Path]:
@@ -272,7 +276,7 @@ def _swap_in(staged: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), what: str = "output"
+def atomic_dir(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), what: str = "the output"
                ) -> Iterator[Path]:
     """Yield a staging folder beside ``path``; it takes the place of ``path`` (whole) only if the block succeeds.
 

@@ -80,7 +80,7 @@ def predict(path: str | os.PathLike, bundle_path: str | os.PathLike | Bundle, ou
     out = Path(out)
     # --out is replaced as a whole: never the study, a folder holding it or the bundle, nor a folder of the user's
     inputs = [path] if isinstance(bundle_path, Bundle) else [path, bundle_path]
-    check_output_dir(out, inputs, "--out")
+    check_output_dir(out, inputs, "predict --out")
     with contextlib.ExitStack() as stack:
         bundle = bundle_path if isinstance(bundle_path, Bundle) else stack.enter_context(load_bundle(bundle_path))
         return _predict(path, bundle, out, inputs, min_slices, figures, progress, device, dicom_sc, dicom_sr, start)
@@ -94,7 +94,7 @@ def _predict(path, bundle: Bundle, out: Path, inputs: list, min_slices: int, fig
             reasons = "; ".join(f"{s['what']}: {s['reason']}" for s in skipped[:3]) or "no files"
             raise InputError(f"{path}: no usable CT series ({reasons})")
         predictor = Predictor(bundle, device)
-        with atomic_dir(out, inputs, "--out") as tmp:
+        with atomic_dir(out, inputs, "predict --out") as tmp:
             slice_rows, series_rows = [], []
             for n, s in enumerate(tqdm(series, desc="predict", unit="series", disable=not progress)):
                 result = run_series(predictor, s, skipped)

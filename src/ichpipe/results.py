@@ -90,7 +90,7 @@ def write_results(folder: Path, cfg: Config, title: str, cv: dict, oof: dict[str
     prediction tables, ``submissions.json`` (per model, the submission file it made and its sha256: what `make
     submit` uploads) and the resolved ``config.yaml``."""
     scores = {where: rows for where, rows in cv.items() if where in ("oof", "test")}
-    with atomic_dir(folder, what="results folder") as tmp:
+    with atomic_dir(folder, what="stage 5's results") as tmp:
         (tmp / "cv.md").write_text(title + format_table(scores))
         (tmp / "cv.json").write_text(json.dumps(cv, indent=2) + "\n")
         write_prediction_tables(tmp, oof, test)

@@ -38,7 +38,7 @@ def write_cq500_copy(root: str | os.PathLike, out: str | os.PathLike, disagree: 
         raise InputError(f"{table_path}: the synthetic set has no test studies")
     rng = np.random.default_rng(seed)
     reads = []
-    with atomic_dir(Path(out), [root / "stage_2_test", table_path], "CQ500 copy") as tmp:
+    with atomic_dir(Path(out), [root / "stage_2_test", table_path], "the CQ500 copy") as tmp:
         for n, (_, rows) in enumerate(test.groupby("StudyInstanceUID", sort=True)):
             folder = tmp / f"CQ500CT{n} CQ500CT{n}" / "Unknown Study"
             for k, (_, series) in enumerate(rows.groupby("SeriesInstanceUID", sort=True)):
