@@ -26,11 +26,11 @@ import cv2
 import numpy as np
 import pydicom
 
-from ichpipe.config import load_config
-from ichpipe.dicom import read_slice
-from ichpipe.preprocess import ChunkJob, encode_png, png_settings, process_chunk
+from ichpipe.base.config import load_config
+from ichpipe.imaging.dicom import read_slice
+from ichpipe.imaging.windowing import render_file, resize_to, window_stored
+from ichpipe.stages.preprocess import ChunkJob, encode_png, png_settings, process_chunk
 from ichpipe.synthetic.dataset import generate_dataset
-from ichpipe.windowing import render_file, resize_to, window_stored
 
 WINDOWS = [[40, 80], [80, 200], [40, 380]]
 
@@ -130,7 +130,8 @@ def main() -> None:
         slices = {}
         t_read = timed(lambda f: slices.__setitem__(f, read_slice(f)), sample)
         windowed = {}
-        t_win = timed(lambda f: windowed.__setitem__(f, resize_to(window_stored(slices[f].stored, slices[f].ds, WINDOWS), 512)), sample)
+        t_win = timed(lambda f: windowed.__setitem__(f, resize_to(window_stored(slices[f].stored, slices[f].ds,
+                                                                                WINDOWS), 512)), sample)
         t_float = timed(lambda f: [np.clip((slices[f].hounsfield() - (c - w / 2)) * (255 / w), 0, 255).astype(np.uint8)
                                    for c, w in WINDOWS], sample)
         t_enc = timed(lambda f: encode_png(windowed[f], *png), sample)

@@ -35,10 +35,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ichpipe.config import load_config
-from ichpipe.folds import record_fold_table
-from ichpipe.io import wide_to_long
-from ichpipe.labels import LABELS
+from ichpipe.base.config import load_config
+from ichpipe.base.label_csv import wide_to_long
+from ichpipe.base.labels import LABELS
+from ichpipe.scoring.folds import record_fold_table
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = {"train": 752_803, "test": 121_232, "series": 21_744, "patients": 18_938}  # RSNA_FACTS.md, stage 2
@@ -76,11 +76,13 @@ def build(root: Path, scale: float, dim: int, dtype: str = "float16", seed: int 
     fold_of_patient = {p: i % N_FOLDS for i, p in enumerate(rng.permutation(np.unique(patient[split == "train"])))}
     meta = pd.DataFrame({
         "image_id": [f"ID_{i:09x}" for i in range(n)], "split": split, "PatientID": patient,
-        "StudyInstanceUID": np.char.add("S", series_of.astype(str)), "SeriesInstanceUID": np.char.add("S", series_of.astype(str)),
+        "StudyInstanceUID": np.char.add("S", series_of.astype(str)), "SeriesInstanceUID": np.char.add("S",
+                                                                                                      series_of.astype(str)),
         "slice_index": np.concatenate([np.arange(k) for k in lengths]),
     })
     meta[list(LABELS)] = np.where((split == "train")[:, None], labels, np.nan)
-    meta["fold"] = pd.array([fold_of_patient.get(p) if s == "train" else None for p, s in zip(patient, split, strict=True)],
+    meta["fold"] = pd.array([fold_of_patient.get(p) if s == "train" else None for p, s in zip(patient, split,
+                                                                                              strict=True)],
                             dtype="Int64")
     (root / "processed").mkdir(parents=True, exist_ok=True)
     meta.to_parquet(root / "processed" / "metadata.parquet", index=False)
@@ -123,10 +125,10 @@ def build(root: Path, scale: float, dim: int, dtype: str = "float16", seed: int 
 
 
 def part_lstm(cfg, epochs: int) -> dict:
-    from ichpipe.device import amp_settings, default_device
-    from ichpipe.paths import data_paths, read_metadata, run_dir
-    from ichpipe.sequence import concat_features, fit_predict, inner_groups, load_features
-    from ichpipe.sequence_models import MODEL_KEYS, PREDICT_BATCH, SequenceModel, predict_rows
+    from ichpipe.base.device import amp_settings, default_device
+    from ichpipe.base.paths import data_paths, read_metadata, run_dir
+    from ichpipe.networks.sequence_models import MODEL_KEYS, PREDICT_BATCH, SequenceModel, predict_rows
+    from ichpipe.stages.sequence import concat_features, fit_predict, inner_groups, load_features
 
     schedule = cfg.lstm  # the configured epochs and bagging, for the projection
     lcfg = cfg.lstm.model_copy(update={"epochs": epochs, "bag_last": 1})  # this run: a few epochs only
@@ -188,12 +190,12 @@ def stage3_disk_gb(cfg, dim: int) -> tuple[float, float]:
 
 
 def part_blend(cfg) -> dict:
-    from ichpipe.blend import run_blend
+    from ichpipe.stages.blend import run_blend
 
     start = time.perf_counter()
     result = run_blend(cfg)
     return {"seconds": time.perf_counter() - start, "peak_rss_gb": _rss_gb(),
-            "oof_images": result["scores"]["oof"]["blend"]["n_images"]}
+            "oof_images": result.scores["oof"]["blend"].n_images}
 
 
 def main(argv=None) -> int:
@@ -201,7 +203,7 @@ def main(argv=None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="share of the real slice and series counts")
     parser.add_argument("--dim", type=int, default=DIM, help="embedding width (2048: ResNeXt-101)")
     parser.add_argument("--work", default="/tmp/ichpipe_scale", help="where the fake data root is built (~3 GB)")
-    parser.add_argument("--config", default=str(REPO / "configs" / "cnn" / "resnext101_2nd_place.yaml"))
+    parser.add_argument("--config", default=str(REPO / "configs" / "real" / "resnext101_2nd_place.yaml"))
     parser.add_argument("--lstm-epochs", type=int, default=1)
     parser.add_argument("--part", choices=["all", "lstm", "blend"], default="all")
     parser.add_argument("overrides", nargs="*")
@@ -219,7 +221,8 @@ def main(argv=None) -> int:
     sizes = build(root, args.scale, args.dim, cfg.embed.dtype)
     print(f"inputs: {sizes['train']} train + {sizes['test']} test slices, {sizes['series']} series, "
           f"{sizes['patients']} patients, {sizes['dim']}-d {sizes['dtype']} embeddings (fold 0: {sizes['fold0_oof']} "
-          f"OOF, {sizes['fold0_train']} training slices); built or found in {time.perf_counter() - start:.0f} s under {root}")
+          f"OOF, {sizes['fold0_train']} training slices); built or found in {time.perf_counter() - start:.0f} s under "
+          f"{root}")
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"cuda={torch.cuda.is_available()}")
     results = {}
@@ -233,8 +236,10 @@ def main(argv=None) -> int:
         results[part] = json.loads(res.stdout.strip().splitlines()[-1])
     lstm, blend = results["lstm"], results["blend"]
     gpu = f", peak GPU memory {lstm['peak_gpu_gb']:.2f} GB" if lstm["peak_gpu_gb"] is not None else ""
-    print(f"lstm ({lstm['device']}, {cfg.lstm.kind} {cfg.lstm.layers} x {cfg.lstm.hidden}, reduce {cfg.lstm.reduce_dim}, "
-          f"{lstm['parameters'] / 1e6:.1f}M parameters, batch {cfg.lstm.batch_size} series, train_on={cfg.lstm.train_on}): "
+    print(f"lstm ({lstm['device']}, {cfg.lstm.kind} {cfg.lstm.layers} x {cfg.lstm.hidden}, reduce "
+          f"{cfg.lstm.reduce_dim}, "
+          f"{lstm['parameters'] / 1e6:.1f}M parameters, batch {cfg.lstm.batch_size} series, "
+          f"train_on={cfg.lstm.train_on}): "
           f"load {lstm['load_s']:.1f} s; one epoch over {lstm['train_slices']} slices {lstm['epoch_s']:.1f} s; "
           f"predict held-out {lstm['predict_val_s']:.1f} s, test {lstm['predict_test_s']:.1f} s; "
           f"peak RSS {lstm['peak_rss_gb']:.2f} GB{gpu}")

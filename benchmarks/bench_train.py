@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput: synthetic tensors on the device vs the real PNG loader, fp32 vs AMP.
 
-    python benchmarks/bench_train.py [--config configs/cnn/cpu_small.yaml] [--steps 20] [key=value ...]
+    python benchmarks/bench_train.py [--config configs/demo/cpu_small.yaml] [--steps 20] [key=value ...]
 
 (a) images already on the device (the model's own speed) and (b) the real loader from the
 preprocessed PNGs (decode with OpenCV in worker processes, the config's crop and augmentation, pinned
@@ -21,13 +21,20 @@ import time
 
 import torch
 
-from ichpipe.config import Config, load_config
-from ichpipe.data import DEFAULT_AUGMENT, SliceDataset, build_transform, input_channels, make_loader, normalize
-from ichpipe.device import Amp, autocast, init_runtime
-from ichpipe.losses import make_loss
-from ichpipe.models import create_model
-from ichpipe.optim import make_optimizer
-from ichpipe.train import EpochDataset, EpochSampler, OptimizerStep, load_fold
+from ichpipe.base.config import Config, load_config
+from ichpipe.base.device import Amp, autocast, init_runtime
+from ichpipe.networks.dataset import (
+    DEFAULT_AUGMENT,
+    SliceDataset,
+    build_transform,
+    input_channels,
+    make_loader,
+    normalize,
+)
+from ichpipe.networks.losses import make_loss
+from ichpipe.networks.models import create_model
+from ichpipe.networks.optim import make_optimizer
+from ichpipe.stages.train import EpochDataset, EpochSampler, OptimizerStep, load_fold
 
 
 def measure(model, batches, device, amp_dtype, steps: int, optimizer: str = "adamw", warmup: int = 3) -> float:
@@ -77,7 +84,8 @@ def throughput(cfg: Config, steps: int, device: torch.device, precisions: dict[s
     rows = []
     for label, dtype in precisions.items():
         torch.manual_seed(0)
-        model = create_model(cfg.model.backbone, pretrained=False, in_chans=channels, kwargs=cfg.model.kwargs).to(device)
+        model = create_model(cfg.model.backbone, pretrained=False, in_chans=channels,
+                             kwargs=cfg.model.kwargs).to(device)
         model = model.to(memory_format=torch.channels_last)
         x = torch.randint(0, 256, (bs, channels, size, size), dtype=torch.uint8, device=device)
         y = (torch.rand(bs, 6, device=device) < 0.1).float()
@@ -99,7 +107,7 @@ def throughput(cfg: Config, steps: int, device: torch.device, precisions: dict[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/cnn/cpu_small.yaml")
+    parser.add_argument("--config", default="configs/demo/cpu_small.yaml")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads for (a) and (b); default: cores left beside the loader workers")
@@ -112,8 +120,10 @@ def main() -> None:
     torch.set_num_threads(threads)
     device = init_runtime(cfg.train.cudnn_benchmark).device
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"\n{cfg.model.backbone} at {cfg.train.image_size}px, batch {cfg.train.batch_size}, {args.steps} timed steps, "
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU {platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"\n{cfg.model.backbone} at {cfg.train.image_size}px, batch {cfg.train.batch_size}, {args.steps} timed "
+          "steps, "
           f"{name}, loader workers {cfg.train.loader_workers}\n")
     rows = throughput(cfg, args.steps, device, {"fp32": None, "AMP " + str(amp_dtype).split(".")[-1]: amp_dtype})
     print("| precision | (a) tensors on device img/s | (b) PNG loader img/s | loader overhead | peak GPU memory |")

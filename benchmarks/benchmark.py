@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """`make benchmark`: one table that can tell a better recipe from a worse one, with its noise.
 
-    python benchmarks/benchmark.py [--spec configs/benchmark/cpu.yaml] [--root data/benchmark] [--options "mixup no_crop"]
+    python benchmarks/benchmark.py [--spec configs/benchmark/cpu.yaml] [--root data/benchmark]
+                                   [--options "mixup no_crop"]
 
 On a synthetic set of its own (``synthetic`` in the spec: 150 patients on the CPU), every experiment of the
 spec runs through the pipeline's own stages (2 train, 3 embed, 4 sequence model, 5 blend, the ensemble):
@@ -43,12 +44,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 REPO = Path(__file__).resolve().parents[1]
 
-from ichpipe.config import Config, load_config  # noqa: E402
-from ichpipe.io import InputError, atomic_path, first_line, write_text_atomic  # noqa: E402
-from ichpipe.labels import ABBREVIATIONS, LABELS, SUBTYPES  # noqa: E402
-from ichpipe.localisation import pointing_lines  # noqa: E402
-from ichpipe.metrics import auc_or_nan  # noqa: E402
-from ichpipe.paths import blend_dir, read_metadata, run_dir  # noqa: E402
+from ichpipe.base.config import Config, load_config  # noqa: E402
+from ichpipe.base.errors import InputError, first_line  # noqa: E402
+from ichpipe.base.files import atomic_path, write_text_atomic  # noqa: E402
+from ichpipe.base.labels import ABBREVIATIONS, LABELS, SUBTYPES  # noqa: E402
+from ichpipe.base.paths import read_metadata, run_dir  # noqa: E402
+from ichpipe.scoring.localisation import pointing_lines  # noqa: E402
+from ichpipe.scoring.metrics import auc_or_nan  # noqa: E402
+from ichpipe.scoring.results import Scores  # noqa: E402
 
 
 class Noise(BaseModel):
@@ -112,9 +115,10 @@ class Bench:
     def data(self) -> None:
         """The benchmark's own synthetic set (written once; a set of other settings there is refused: the runs
         beside it were made on it) and stage 1."""
-        from ichpipe.config import save_config
-        from ichpipe.preprocess import run_preprocess
-        from ichpipe.synthetic.dataset import SET_CONFIG, existing_set, generate_dataset
+        from ichpipe.base.config import save_config
+        from ichpipe.base.paths import DataPaths
+        from ichpipe.stages.preprocess import run_preprocess
+        from ichpipe.synthetic.dataset import existing_set, generate_dataset
 
         cfg = self.config(next(iter(self.spec.families)), "data",
                           [f"synthetic.{k}={v}" for k, v in self.spec.synthetic.items()])
@@ -125,17 +129,17 @@ class Bench:
         if why:
             self.log(f"synthetic set: {cfg.synthetic.n_patients} patients (seed {cfg.synthetic.seed}) -> {self.root}")
             generate_dataset(cfg.synthetic, self.root, workers=cfg.data.workers, progress=True)
-            save_config(cfg, self.root / SET_CONFIG)
+            save_config(cfg, DataPaths(self.root).synthetic_config)
         self.log("preprocess")
         run_preprocess(cfg, progress=True)
 
-    def run(self, cfg: Config, shared_cnn: str | None = None) -> dict:
-        """Stages 2-5 of one experiment (2-3 from ``shared_cnn``'s folders when given); returns its cv.json."""
-        from ichpipe.blend import run_blend
-        from ichpipe.cli import table_folds
-        from ichpipe.embed import embed_fold
-        from ichpipe.sequence import train_sequence_fold
-        from ichpipe.train import train_fold
+    def run(self, cfg: Config, shared_cnn: str | None = None) -> Scores:
+        """Stages 2-5 of one experiment (2-3 from ``shared_cnn``'s folders when given); returns its CV scores."""
+        from ichpipe.base.cli import table_folds
+        from ichpipe.stages.blend import run_blend
+        from ichpipe.stages.embed import embed_fold
+        from ichpipe.stages.sequence import train_sequence_fold
+        from ichpipe.stages.train import train_fold
 
         for k in table_folds(cfg):
             cfg_k = copy.deepcopy(cfg)
@@ -144,31 +148,29 @@ class Bench:
                 _share_cnn(run_dir(cfg_k).parent.parent / shared_cnn / f"fold{k}", run_dir(cfg_k))
             else:
                 m = train_fold(cfg_k, progress=False)
-                val = m["val_loss"] if "val_loss" in m else pd.read_csv(run_dir(cfg_k) / "history.csv").val_loss.iloc[-1]
-                self.log(f"{cfg.experiment} fold {k}: CNN validation {val:.4f} (prior {m['prior_loss']:.4f})")
+                val = m.val_loss if m.last else pd.read_csv(run_dir(cfg_k) / "history.csv").val_loss.iloc[-1]
+                self.log(f"{cfg.experiment} fold {k}: CNN validation {val:.4f} (prior {m.prior_loss:.4f})")
                 embed_fold(cfg_k, progress=False)
             results = train_sequence_fold(cfg_k, progress=False)
             last = results[sorted(results)[-1]]
-            self.log(f"{cfg.experiment} fold {k}: sequence model {last['cnn']:.4f} -> {last['lstm']:.4f}")
+            self.log(f"{cfg.experiment} fold {k}: sequence model {last.cnn:.4f} -> {last.lstm:.4f}")
         with contextlib.redirect_stdout(io.StringIO()):
-            run_blend(cfg)
-        return json.loads((blend_dir(cfg) / "cv.json").read_text())
+            return run_blend(cfg).scores
 
     def report(self, cfg: Config) -> pd.DataFrame | None:
         """``make report`` of one experiment (under its runs/<experiment>/report/); returns its pointing game."""
-        from ichpipe.report import run_report
+        from ichpipe.stages.report import run_report
 
         with contextlib.redirect_stdout(io.StringIO()):
-            return run_report(cfg)["pointing_game"]
+            return run_report(cfg).pointing_game
 
-    def ensemble(self, members: list[str], name: str) -> dict:
-        from ichpipe.ensemble import run_ensemble
+    def ensemble(self, members: list[str], name: str):  # -> ichpipe.stages.ensemble.EnsembleResult
+        from ichpipe.stages.ensemble import run_ensemble
 
         cfg = self.config(next(iter(self.spec.families)), name, [f"ensemble.name={name}",
                                                                  f"ensemble.members=[{','.join(members)}]"])
         with contextlib.redirect_stdout(io.StringIO()):
-            run_ensemble(cfg)
-        return json.loads((blend_dir(cfg, name) / "cv.json").read_text())
+            return run_ensemble(cfg)
 
 
 def _share_cnn(source: Path, target: Path) -> None:
@@ -189,10 +191,11 @@ def aucs(root: Path, experiment: str, model: str) -> dict[str, float]:
     return {c: auc_or_nan(y[:, i], oof[c].to_numpy()) for i, c in enumerate(LABELS)}
 
 
-def row(name: str, cv: dict, model: str, root: Path, experiment: str, group: str) -> dict:
+def row(name: str, cv: Scores, model: str, root: Path, experiment: str, group: str) -> dict:
+    test = cv.get("test", {}).get(model)
     out = {"row": name, "group": group, "experiment": experiment, "model": model,
-           "oof": cv["oof"][model]["weighted"], "test": cv.get("test", {}).get(model, {}).get("weighted", math.nan)}
-    out.update({f"oof_{c}": cv["oof"][model][c] for c in LABELS})
+           "oof": cv["oof"][model].weighted, "test": test.weighted if test else math.nan}
+    out.update({f"oof_{c}": cv["oof"][model].per_class[c] for c in LABELS})
     out.update({f"auc_{c}": v for c, v in aucs(root, experiment, model).items()})
     return out
 
@@ -226,7 +229,8 @@ def targets(table: list[dict], spec: Spec, sd: float) -> list[tuple[str, bool | 
         out.append((f"{family}: final blend <= 0.60 x the prior OOF", blend <= 0.60 * prior,
                     f"{blend:.4f} = {blend / prior:.2f} x {prior:.4f}"))
         cnn, seq = by[f"{family}: CNN, bag of epochs"]["oof"], by[f"{family}: + sequence model"]["oof"]
-        out.append((f"{family}: sequence model <= 0.90 x its CNN", seq <= 0.90 * cnn, f"{seq:.4f} = {seq / cnn:.2f} x {cnn:.4f}"))
+        out.append((f"{family}: sequence model <= 0.90 x its CNN", seq <= 0.90 * cnn, f"{seq:.4f} = {seq / cnn:.2f} x "
+                                                                                      f"{cnn:.4f}"))
     final = by.get("ensemble: final")
     if final:
         low = {c: final[f"auc_{c}"] for c in SUBTYPES}
@@ -238,12 +242,14 @@ def targets(table: list[dict], spec: Spec, sd: float) -> list[tuple[str, bool | 
         gain = min(members) - best_combiner
         out.append(("best ensemble <= 0.95 x its best member, by more than 2 x the seed noise",
                     best_combiner <= 0.95 * min(members) and gain > 2 * sd,
-                    f"{best_combiner:.4f} = {best_combiner / min(members):.3f} x {min(members):.4f}; gain {gain:.4f} vs "
+                    f"{best_combiner:.4f} = {best_combiner / min(members):.3f} x {min(members):.4f}; gain {gain:.4f} "
+                    "vs "
                     f"2 sd {2 * sd:.4f}"))
     for r in table:
         if r["group"] == "option":
             out.append((r["row"], None, f"{r['verdict']} ({r['delta']:+.4f} vs the baseline's run with the same seed, "
-                        f"{r.get('delta_mean', math.nan):+.4f} vs its mean; 2 x sqrt(2) sd {2 * math.sqrt(2) * sd:.4f})"))
+                        f"{r.get('delta_mean', math.nan):+.4f} vs its mean; 2 x sqrt(2) sd "
+                        f"{2 * math.sqrt(2) * sd:.4f})"))
     return out
 
 
@@ -261,7 +267,8 @@ def write(out: Path, table: list[dict], checks, header: list[str], looks: dict |
                          and c in ("oof", "test") else f"{v:.3f}" if c.startswith("auc") else f"{v:.4f}")
         lines.append(f"| {r['row']} | " + " | ".join(cells) + " |")
     lines += ["", "Targets (issue 24):", ""]
-    lines += [f"- {'met' if ok else 'MISSED' if ok is False else '·'}: {what}: {figures}" for what, ok, figures in checks]
+    lines += [f"- {'met' if ok else 'MISSED' if ok is False else '·'}: {what}: {figures}" for what, ok,
+              figures in checks]
     looks = {name: game for name, game in (looks or {}).items() if game is not None}
     for name, game in looks.items():
         lines += ["", f"Where `{name}` looks: the Grad-CAM pointing game of its report (runs/{name}/report/; the OOF "
@@ -307,7 +314,8 @@ def plot(path: Path, table: list[dict]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", default="auto", help="configs/benchmark/<name>.yaml; auto: gpu.yaml with a GPU, else cpu.yaml")
+    parser.add_argument("--spec", default="auto", help="configs/benchmark/<name>.yaml; auto: gpu.yaml with a GPU, else "
+                                                       "cpu.yaml")
     parser.add_argument("--root", default=str(REPO / "data" / "benchmark"), help="where its data and runs go")
     parser.add_argument("--options", default="", help="space-separated option names of the spec")
     parser.add_argument("--seeds", default="", help="space-separated model seeds of the noise family, instead of "
@@ -350,7 +358,8 @@ def benchmark(bench: Bench, options: list[str], spec_path: Path) -> int:
             name = f"{family}_s{seed}"
             cvs[name] = bench.run(bench.config(family, name, [f"seed={seed}"]))
             per_seed.append([row(f"{family}: {label}", cvs[name], model, root, name, "family")
-                             for label, model in (("CNN, last epoch", "cnn_single"), ("CNN, bag of epochs", "cnn_bagged"),
+                             for label, model in (("CNN, last epoch", "cnn_single"), ("CNN, bag of epochs",
+                                                                                      "cnn_bagged"),
                                                   ("+ sequence model", "lstm"), ("final blend", "blend"))])
         if not table:
             table.append(row("prior", cvs[f"{family}_s{seeds[0]}"], "prior", root, f"{family}_s{seeds[0]}", "prior"))
@@ -363,16 +372,17 @@ def benchmark(bench: Bench, options: list[str], spec_path: Path) -> int:
         name = f"{first}_s0_{variant}"
         cv = bench.run(bench.config(first, name, ["seed=" + str(spec.noise.seeds[0]), *overrides]),
                        shared_cnn=f"{first}_s{spec.noise.seeds[0]}")
-        table.append(row(f"{first}: sequence model {variant} ({' '.join(overrides)})", cv, "lstm", root, name, "sequence"))
+        table.append(row(f"{first}: sequence model {variant} ({' '.join(overrides)})", cv, "lstm", root, name,
+                         "sequence"))
     members = [f"{f}_s{spec.noise.seeds[0]}" for f in spec.families]
     if len(members) > 1:
         ens = bench.ensemble(members, "ensemble")
-        bench.log(f"ensemble of {' + '.join(members)}: final = {ens['final']}")
+        bench.log(f"ensemble of {' + '.join(members)}: final = {ens.final}")
         for model in ("mean", "weights", "stacker", "final"):
-            table.append({**row(f"ensemble: {model}", ens, model, root, "ensemble", "ensemble"), "chosen": ens["final"],
-                          "members_oof": [ens["oof"][m]["weighted"] for m in members]})
+            table.append({**row(f"ensemble: {model}", ens.scores, model, root, "ensemble", "ensemble"),
+                          "chosen": ens.final, "members_oof": [ens.scores["oof"][m].weighted for m in members]})
     baseline = next(r for r in table if r["row"] == f"{first}: final blend")  # the mean over the seeds
-    same_seed = cvs[f"{first}_s{spec.noise.seeds[0]}"]["oof"]["blend"]["weighted"]
+    same_seed = cvs[f"{first}_s{spec.noise.seeds[0]}"]["oof"]["blend"].weighted
     for option in options:
         name = f"{first}_s{spec.noise.seeds[0]}_{option}"
         cv = bench.run(bench.config(first, name, [f"seed={spec.noise.seeds[0]}", *spec.options[option]]))
@@ -389,16 +399,19 @@ def benchmark(bench: Bench, options: list[str], spec_path: Path) -> int:
         looks[name] = bench.report(bench.config(family, name, [f"seed={spec.noise.seeds[0]}"]))
     bench.log("reports done")
     runs = bench.seconds()
-    took = f"{sum(runs) / 60:.0f} min" + (f" over {len(runs)} invocations ({', '.join(f'{s / 60:.1f}' for s in runs)} min: "
+    took = f"{sum(runs) / 60:.0f} min" + (f" over {len(runs)} invocations ({', '.join(f'{s / 60:.1f}' for s in runs)} "
+                                          "min: "
                                           "resumed)" if len(runs) > 1 else "")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip()
     meta = read_metadata(root)
     header = [f"# Benchmark `{spec.name}` ({spec_path.name}), {time.strftime('%Y-%m-%d')}, commit {commit or '?'}",
               "", f"{meta.fold.notna().sum():,} labelled + {(meta.split == 'test').sum():,} test slices of "
                   f"{meta.PatientID.nunique()} patients, {meta.fold.nunique()} folds; families: "
                   + ", ".join(f"{f} ({Path(c).name})" for f, c in spec.families.items())
               + f"; ± = sd over {len(spec.noise.seeds)} model seeds of {spec.noise.family}; {took} on "
-                f"{platform.machine()}, {os.cpu_count()} CPUs ({'options: ' + ' '.join(options) if options else 'core table'})."]
+                f"{platform.machine()}, {os.cpu_count()} CPUs "
+                f"({'options: ' + ' '.join(options) if options else 'core table'})."]
     checks = targets(table, spec, sd)
     write(root, table, checks, header, looks)
     print((root / "benchmark.md").read_text())

@@ -10,7 +10,7 @@ small synthetic set it generates, it measures and checks, each part timed and re
 fails:
 
 1. the machine: GPU, memory, torch/CUDA/cuDNN versions, bf16 support;
-2. training img/s of every GPU config in configs/cnn/: tensors on the device vs the PNG loader, fp32 vs AMP
+2. training img/s of every GPU config in configs/real/: tensors on the device vs the PNG loader, fp32 vs AMP
    (and bf16 where supported), cudnn.benchmark on, peak memory at the config's batch (64 for the ResNeXt);
 3. a 3-epoch run killed (SIGKILL) after its first epoch and resumed, against an uninterrupted run;
 4. ``train.compile=true``: seconds to the first step and a step after;
@@ -45,16 +45,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train beside t
 
 from bench_train import throughput  # noqa: E402
 
-from ichpipe.config import load_config  # noqa: E402
-from ichpipe.device import default_device  # noqa: E402
+from ichpipe.base.config import load_config  # noqa: E402
+from ichpipe.base.device import default_device  # noqa: E402
 
 START, END = "<!-- gpu-check:start -->", "<!-- gpu-check:end -->"
 TINY = os.environ.get("GPU_CHECK_TINY", "") not in ("", "0")
 # The real check: every GPU config; the tiny one: the CPU test model at 32 px (same code, seconds).
-GPU_CONFIGS = sorted(p for p in (REPO / "configs" / "cnn").glob("*.yaml") if not p.stem.startswith(("cpu_", "bench_")))
+GPU_CONFIGS = sorted((REPO / "configs" / "real").glob("*.yaml"))
 TINY_MODEL = ["model.backbone=test_resnet", "train.image_size=32", "train.batch_size=4", "embed.batch_size=8",
               "train.loader_workers=0"]
-RECIPE = REPO / "configs" / "cnn" / "resnext101_2nd_place.yaml"
+RECIPE = REPO / "configs" / "real" / "resnext101_2nd_place.yaml"
 
 
 class Check:
@@ -106,7 +106,8 @@ def machine(device: torch.device) -> tuple[str, dict]:
          "cpus": os.cpu_count(), "device": str(device)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        f.update(gpu=props.name, memory_gb=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}",
+        f.update(gpu=props.name, memory_gb=round(props.total_memory / 2**30, 1),
+                 capability=f"{props.major}.{props.minor}",
                  cudnn=torch.backends.cudnn.version(), bf16=torch.cuda.is_bf16_supported(including_emulation=False))
     else:
         f.update(gpu="none (CPU)", bf16=False)
@@ -117,7 +118,7 @@ FOLDS = 2 if TINY else 3
 
 
 def make_data(root: Path, patients: int) -> tuple[str, dict]:
-    from ichpipe.preprocess import run_preprocess
+    from ichpipe.stages.preprocess import run_preprocess
     from ichpipe.synthetic.dataset import generate_dataset
 
     cfg = load_config(overrides=[f"data.root={root}", f"synthetic.n_patients={patients}", "synthetic.slices_min=12",
@@ -160,7 +161,7 @@ def _weights(root: Path, experiment: str) -> dict:
 
 
 def kill_and_resume(root: Path, extra: list[str]) -> tuple[str, dict]:
-    from ichpipe.train import train_fold
+    from ichpipe.stages.train import train_fold
 
     t = time.perf_counter()  # the uninterrupted run in this process; the killed one as `make train` runs it
     cmd = _train_cmd(root, "gc_straight", extra)
@@ -187,16 +188,17 @@ def kill_and_resume(root: Path, extra: list[str]) -> tuple[str, dict]:
                            f"run's {h1.epoch.tolist()}")
     gap = float((h1.val_loss - h2.val_loss).abs().max())
     return (f"resnext101_2nd_place recipe ({'tiny model' if TINY else 'ResNeXt-101 at 224 px'}), 3 epochs: "
-            f"uninterrupted {straight_s:.0f} s; killed with SIGKILL after {len(done)} checkpoint(s) ({', '.join(done)}), "
+            f"uninterrupted {straight_s:.0f} s; killed with SIGKILL after {len(done)} checkpoint(s) "
+            f"({', '.join(done)}), "
             f"resumed: largest weight difference after epoch 3 {diff:.2e}, validation losses differ by at most "
             f"{gap:.2e} ({h1.val_loss.iloc[-1]:.4f} vs {h2.val_loss.iloc[-1]:.4f})"), \
         {"max_weight_diff": diff, "max_val_loss_gap": gap, "straight_s": straight_s}
 
 
 def compile_time(device: torch.device) -> tuple[str, dict]:
-    from ichpipe.data import normalize
-    from ichpipe.losses import make_loss
-    from ichpipe.models import create_model
+    from ichpipe.networks.dataset import normalize
+    from ichpipe.networks.losses import make_loss
+    from ichpipe.networks.models import create_model
 
     cfg = load_config(RECIPE, ["model.pretrained=false", *(TINY_MODEL if TINY else ["train.batch_size=32"])])
     model = create_model(cfg.model.backbone, pretrained=False, kwargs=cfg.model.kwargs).to(device)
@@ -223,8 +225,8 @@ def compile_time(device: torch.device) -> tuple[str, dict]:
 
 
 def stages(root: Path, extra: list[str]) -> tuple[str, dict]:
-    from ichpipe.embed import embed_fold
-    from ichpipe.sequence import train_sequence_fold
+    from ichpipe.stages.embed import embed_fold
+    from ichpipe.stages.sequence import train_sequence_fold
 
     base = [f"data.root={root}", "experiment=gc_killed", "model.pretrained=false", "train.epochs=3", "fold=0",
             "embed.epochs=[2]", *extra]
@@ -240,7 +242,7 @@ def stages(root: Path, extra: list[str]) -> tuple[str, dict]:
         result = train_sequence_fold(cfg, progress=False)["epoch02"]
         rows.append({"stage": f"4: {cfg.lstm.kind} {cfg.lstm.layers} x {cfg.lstm.hidden}, train_on={train_on}, "
                               f"{cfg.lstm.epochs} epochs", "seconds": time.perf_counter() - t,
-                     "oof": f"CNN {result['cnn']:.4f} -> {result['lstm']:.4f}"})
+                     "oof": f"CNN {result.cnn:.4f} -> {result.lstm:.4f}"})
     return _table(rows, {"stage": "stage (fold 0, last checkpoint)", "seconds": "seconds", "oof": "OOF loss"}), \
         {"rows": rows}
 
@@ -273,8 +275,8 @@ def test_suite(left_s: float) -> tuple[str, dict]:
     summary = tail[-1] if tail else res.stdout.strip().splitlines()[-1:]
     if res.returncode:
         raise RuntimeError(f"{summary}; " + "; ".join(failed[:5]))
-    return f"`pytest {'-n ' + str(workers) if has_xdist else ''}` on the GPU: {summary} in {time.perf_counter() - t:.0f} s", \
-        {"summary": summary}
+    runner = f"pytest -n {workers}" if has_xdist else "pytest"
+    return f"`{runner}` on the GPU: {summary} in {time.perf_counter() - t:.0f} s", {"summary": summary}
 
 
 def record(path: Path, markdown: str) -> None:
@@ -314,7 +316,8 @@ def main(argv=None) -> int:
     else:
         check.run("The test suite", lambda: test_suite(check.left()))
     stamp = time.strftime("%Y-%m-%d %H:%M")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip()
     header = (f"### `make gpu-check`, {stamp}, commit {commit or '?'}{' (tiny mode)' if TINY else ''}: "
               f"{sum(p['ok'] for p in check.parts)} of {len(check.parts)} parts ok, "
               f"{time.perf_counter() - check.start:.0f} s")

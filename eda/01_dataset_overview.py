@@ -17,10 +17,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ichpipe.cli import stage_main
-from ichpipe.io import read_png, write_text_atomic
-from ichpipe.labels import ABBREVIATIONS, LABELS, SUBTYPES
-from ichpipe.paths import data_paths, output_name, read_metadata
+from ichpipe.base.cli import stage_main
+from ichpipe.base.files import write_text_atomic
+from ichpipe.base.labels import ABBREVIATIONS, LABELS, SUBTYPES
+from ichpipe.base.paths import data_paths, read_metadata
+from ichpipe.imaging.png import read_png
 
 N_EXAMPLES = 4  # rows of the example grid
 
@@ -98,7 +99,7 @@ def example_grid(train: pd.DataFrame, png_dir, path, seed: int = 0) -> None:
 def run(cfg, args):
     paths = data_paths(cfg)
     meta = read_metadata(paths)
-    png_dir = paths.processed / output_name(cfg.preprocess)
+    png_dir = paths.pngs(cfg.preprocess)
     out = paths.eda
     out.mkdir(parents=True, exist_ok=True)
     train = meta[meta.split == "train"]

@@ -18,12 +18,13 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from ichpipe.cli import stage_main
-from ichpipe.dicom import DicomError, read_slice
-from ichpipe.io import atomic_path, read_labels, write_text_atomic
-from ichpipe.labels import LABELS
-from ichpipe.parallel import n_workers, run_pool
-from ichpipe.paths import data_paths
+from ichpipe.base.cli import stage_main
+from ichpipe.base.files import atomic_path, write_text_atomic
+from ichpipe.base.label_csv import read_labels
+from ichpipe.base.labels import LABELS
+from ichpipe.base.parallel import n_workers, run_pool
+from ichpipe.base.paths import data_paths
+from ichpipe.imaging.dicom import DicomError, read_slice
 from ichpipe.synthetic.realism import SHORTCUT_HU, shortcut_score
 
 

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 import pydicom
 
-from ichpipe.cli import stage_main
-from ichpipe.dicom import hounsfield, read_slice
-from ichpipe.paths import data_paths
+from ichpipe.base.cli import stage_main
+from ichpipe.base.paths import data_paths
+from ichpipe.imaging.dicom import hounsfield, read_slice
 from ichpipe.synthetic.realism import slice_measures
 
 WINDOWS = {"brain 40/80": (40, 80), "bone 600/2800": (600, 2800)}
@@ -34,7 +34,8 @@ def real_slices() -> list[tuple[str, np.ndarray, float]]:
     from pydicom.data import get_testdata_file
 
     out = []
-    for name, title in (("693_UNCR.dcm", "real: mid-level"), ("J2K_pixelrep_mismatch.dcm", "real: skull base (tilted)")):
+    for name, title in (("693_UNCR.dcm", "real: mid-level"), ("J2K_pixelrep_mismatch.dcm",
+                                                              "real: skull base (tilted)")):
         ds = pydicom.dcmread(get_testdata_file(name))
         out.append((title, hounsfield(ds.pixel_array, ds).astype(np.float32), float(ds.PixelSpacing[0])))
     return out
@@ -42,7 +43,7 @@ def real_slices() -> list[tuple[str, np.ndarray, float]]:
 
 def synthetic_slices(cfg) -> list[tuple[str, np.ndarray, float]]:
     paths = data_paths(cfg)
-    table = pd.read_csv(paths.root / "synthetic_slices.csv")
+    table = pd.read_csv(paths.synthetic_table)
     train = table[(table.split == "train") & ~table.truncated]
     ok = train[(train.tilt_deg == 0) & ~train.motion]  # an untilted, still series if there is one
     ok = ok if len(ok) else train

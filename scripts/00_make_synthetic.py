@@ -1,22 +1,23 @@
 #!/usr/bin/env python
 """Write the synthetic RSNA-format dataset under the data root.
 
-    python scripts/00_make_synthetic.py [--config configs/cnn/cpu_small.yaml] [synthetic.n_patients=200] [data.root=data]
+    python scripts/00_make_synthetic.py [--config configs/demo/cpu_small.yaml] [synthetic.n_patients=200]
+                                        [data.root=data]
 """
 
 import sys
 import time
-from pathlib import Path
 
-from ichpipe.cli import stage_main
-from ichpipe.config import save_config
-from ichpipe.labels import LABELS
-from ichpipe.synthetic.dataset import SET_CONFIG, existing_set, generate_dataset
+from ichpipe.base.cli import stage_main
+from ichpipe.base.config import save_config
+from ichpipe.base.labels import LABELS
+from ichpipe.base.paths import data_paths
+from ichpipe.synthetic.dataset import existing_set, generate_dataset
 from ichpipe.synthetic.realism import format_summary, set_summary
 
 
 def run(cfg, args):
-    done = Path(cfg.data.root) / SET_CONFIG
+    done = data_paths(cfg).synthetic_config
     why = existing_set(cfg.data.root, cfg.synthetic)
     if why is None:
         print(f"{cfg.data.root}: the synthetic set of this config is already there (delete {done} to write it again)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Stage 3: per-slice embeddings and logits of the fold's OOF and test slices, per epoch checkpoint.
 
-    python scripts/03_embed.py --config configs/cnn/cpu_small.yaml fold=0 [embed.tta=[none,hflip]]
+    python scripts/03_embed.py --config configs/demo/cpu_small.yaml fold=0 [embed.tta=[none,hflip]]
 
 Writes runs/<experiment>/fold<k>/embeddings/epoch<NN>/ (see src/ichpipe/embed.py); finished
 checkpoints are skipped on a rerun.
@@ -9,11 +9,11 @@ checkpoints are skipped on a rerun.
 
 import sys
 
-from ichpipe.cli import stage_main
+from ichpipe.base.cli import stage_main
 
 
 def run(cfg, args):
-    from ichpipe.embed import embed_fold  # torch & co. load after the config is read: a bad one fails at once
+    from ichpipe.stages.embed import embed_fold  # torch & co. load after the config is read: a bad one fails at once
 
     folders = embed_fold(cfg)
     print(f"fold {cfg.fold}: embedded {len(folders)} checkpoint(s) with TTA {'+'.join(cfg.embed.tta)}"

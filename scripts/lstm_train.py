@@ -1,25 +1,13 @@
 #!/usr/bin/env python
-"""Stage 4: a bidirectional LSTM over each series' slices, on one fold's CNN embeddings.
+"""Stage 4 under the name users know: the same as scripts/04_lstm_train.py (same arguments, same outputs).
 
-    python scripts/lstm_train.py --config configs/cnn/cpu_small.yaml fold=0 [lstm.epochs=20]
-
-Trains nested-CV LSTMs (see src/ichpipe/sequence.py for how leakage is avoided) on every embedded
-checkpoint of the fold and writes runs/<experiment>/fold<k>/lstm/epoch<NN>/; finished checkpoints
-are skipped on a rerun.
+    python scripts/lstm_train.py [--config configs/demo/cpu_small.yaml] fold=0 [lstm.epochs=20]
 """
 
+import runpy
 import sys
-
-from ichpipe.cli import stage_main
-
-
-def run(cfg, args):
-    from ichpipe.sequence import train_sequence_fold  # torch loads after the config is read
-
-    results = train_sequence_fold(cfg)
-    for name, r in results.items():
-        print(f"fold {cfg.fold} {name}: OOF weighted log loss  CNN {r['cnn']:.4f}  ->  LSTM {r['lstm']:.4f}")
-
+from pathlib import Path
 
 if __name__ == "__main__":
-    sys.exit(stage_main(__doc__, run, per_fold=True))
+    sys.argv[0] = str(Path(__file__).with_name("04_lstm_train.py"))
+    runpy.run_path(sys.argv[0], run_name="__main__")

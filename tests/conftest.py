@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from ichpipe.config import load_config
-from ichpipe.preprocess import run_preprocess
+from ichpipe.base.config import load_config
+from ichpipe.stages.preprocess import run_preprocess
 from ichpipe.synthetic.dataset import generate_dataset
+
+REPO = Path(__file__).resolve().parents[1]  # the repository
 
 # The suite runs on the CPU wherever it runs, so that a machine with a GPU gives CI's results; `ICHPIPE_DEVICE=auto
 # make test` (as `make gpu-check` does) runs it on the GPU, where the tests compare with tolerances what is only
@@ -57,3 +60,16 @@ def processed(tiny_data):
     root, _ = tiny_data
     summary = run_preprocess(_cfg(root), progress=False)
     return root, summary, pd.read_parquet(root / "processed" / "metadata.parquet")
+
+
+def experiment_configs(*folders: str) -> list[Path]:
+    """The experiment configs in configs/<folder>/ for each folder (default demo, benchmark, real, ensemble): the
+    YAML files that are a Config (a benchmark spec, which names its families, is not one)."""
+    import yaml
+
+    paths = []
+    for folder in folders or ("demo", "benchmark", "real", "ensemble"):
+        for path in sorted((REPO / "configs" / folder).glob("*.yaml")):
+            if "families" not in (yaml.safe_load(path.read_text()) or {}):
+                paths.append(path)
+    return paths

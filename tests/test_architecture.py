@@ -1,9 +1,11 @@
-"""The shape of the package (issue 21): stages stand on a shared core and never on each other (import-linter's
-contracts in pyproject.toml), and no module imports another's private name."""
+"""The shape of the package: the layers are folders, each imports only the folders below it and the stages never
+import each other (import-linter's contracts in pyproject.toml); no module imports another's private name; no
+function is over 80 lines."""
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,17 @@ def test_the_import_contracts_hold():
     assert "Contracts: 3 kept, 0 broken." in res.stdout
 
 
+LAYERS = ("base", "imaging", "networks", "scoring", "clinical", "synthetic", "stages")  # bottom to top
+
+
+def test_every_module_lives_in_a_layer_folder_and_the_contracts_name_folders():
+    assert sorted(p.name for p in SRC.glob("*.py")) == ["__init__.py", "__main__.py"]
+    assert sorted(p.name for p in SRC.iterdir() if p.is_dir() and not p.name.startswith("__")) == sorted(LAYERS)
+    contracts = (REPO / "pyproject.toml").read_text().split("[tool.importlinter]")[1]
+    named = {name.split(".")[1] for name in re.findall(r"ichpipe\.[a-z_]+[.a-z_*]*", contracts)}
+    assert named <= set(LAYERS)  # folders, never a list of modules to keep in step
+
+
 def private_imports(root: Path) -> list[str]:
     """``module -> other: _name`` for every private name one module of ``root`` imports from another."""
     found = []
@@ -33,8 +46,8 @@ def private_imports(root: Path) -> list[str]:
 
 def test_no_module_imports_a_private_name_of_another(tmp_path):
     assert private_imports(SRC) == []
-    (tmp_path / "a.py").write_text("from ichpipe.dicom import _hidden, public\n")  # the check itself can fail
-    assert private_imports(tmp_path) == ["a.py -> ichpipe.dicom: _hidden"]
+    (tmp_path / "a.py").write_text("from ichpipe.imaging.dicom import _hidden, public\n")  # the check itself can fail
+    assert private_imports(tmp_path) == ["a.py -> ichpipe.imaging.dicom: _hidden"]
 
 
 def long_functions(root: Path, limit: int = 80) -> list[str]:

@@ -1,13 +1,13 @@
-"""``python -m ichpipe predict ...``: run a model bundle on new studies (ichpipe.predict); ``python -m ichpipe
-evaluate ...``: a bundle on labelled studies (ichpipe.evaluate)."""
+"""The ``python -m ichpipe`` commands: ``predict`` (a model bundle on new studies, ichpipe.stages.predict),
+``evaluate`` (a bundle on labelled studies, ichpipe.stages.evaluate), ``score`` (any predictions file against
+labels) and ``validate`` (a submission against the sample submission)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from ichpipe.cli import report_errors
+from ichpipe.base.cli import report_errors
 
 
 def at_least_one(text: str) -> int:
@@ -21,9 +21,43 @@ def at_least_one(text: str) -> int:
     return value
 
 
+def score(args) -> int:
+    """``python -m ichpipe score PRED.csv --labels stage_2_train.csv``: the weighted log loss of any predictions."""
+    import json
+
+    from ichpipe.scoring.metrics import format_scores, score_files
+
+    result = score_files(args.pred, args.labels, args.eps)
+    print(json.dumps(result, indent=2) if args.json else format_scores(result))
+    return 0
+
+
+def validate(args) -> int:
+    """``python -m ichpipe validate FILE --sample ...``: every reason Kaggle would reject a submission (exit 1)."""
+    from ichpipe.scoring.submission import check_submission
+
+    problems = check_submission(args.file, args.sample)
+    for line in problems:
+        print(f"invalid: {args.file}: {line}", file=sys.stderr)
+    if not problems:
+        print(f"valid: {args.file}")
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ichpipe", description="ichpipe commands")
+    from ichpipe.scoring.metrics import EPS
+
+    parser = argparse.ArgumentParser(prog="python -m ichpipe", description="ichpipe commands: predict, evaluate, "
+                                     "score (a predictions file), validate (a submission file)")
     sub = parser.add_subparsers(dest="command", required=True)
+    sc = sub.add_parser("score", help="the weighted log loss (any x2) and per-class losses of an ID,Label file")
+    sc.add_argument("pred")
+    sc.add_argument("--labels", required=True, help="ID,Label truth file (stage_2_train.csv works as is)")
+    sc.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    sc.add_argument("--eps", type=float, default=EPS, help="clip predictions to [eps, 1-eps]")
+    va = sub.add_parser("validate", help="check a submission CSV against the sample submission")
+    va.add_argument("file")
+    va.add_argument("--sample", required=True, help="stage_2_sample_submission.csv")
     p = sub.add_parser("predict", help="run a model bundle on a folder or zip of DICOMs",
                        description="Research tool, not a medical device: not for diagnosis.")
     p.add_argument("path", nargs="?", help="a folder (searched recursively) or a zip of DICOM files")
@@ -47,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     for q in (p, e):
         q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = parser.parse_args(argv)
+    if args.command in ("score", "validate"):
+        return report_errors(lambda: (score if args.command == "score" else validate)(args))
     import torch
 
     device = None if args.device == "auto" else torch.device(args.device)
     if args.command == "evaluate":
         return report_errors(lambda: _evaluate(args, device))
-    from ichpipe.predict import predict, predict_kaggle
+    from ichpipe.stages.predict import predict, predict_kaggle
 
     if not args.kaggle and not args.path:
         parser.error("give PATH (a folder or zip of DICOMs), or --kaggle DATA_DIR")
@@ -60,16 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         if args.kaggle:
             r = predict_kaggle(args.kaggle, args.bundle, args.out)
-            print(f"submission for {r['slices']} test slices written and validated: {r['file']}"
-                  + (f" ({r['filled']} images without a prediction got the prior)" if r["filled"] else ""))
+            print(f"submission for {r.prediction.slices} test slices written and validated: {r.file}"
+                  + (f" ({r.filled} images without a prediction got the prior)" if r.filled else ""))
             return 0
         r = predict(args.path, args.bundle, args.out, args.min_slices, not args.no_figures, device=device,
                     dicom_sc=args.dicom_sc, dicom_sr=args.dicom_sr)
-        for s in r["skipped"]:
+        for s in r.skipped:
             print(f"skipped {s['what']}: {s['reason']}")
-        for line in r["warnings"]:
+        for line in r.warnings:
             print(f"warning: {line}")
-        print(f"{r['series']} series, {r['slices']} slices in {r['seconds']:.1f} s -> {r['out']}/slices.csv, "
+        print(f"{r.series} series, {r.slices} slices in {r.seconds:.1f} s -> {r.out}/slices.csv, "
               "series.csv (research tool, not for diagnosis)")
         return 0
 
@@ -77,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args, device) -> int:
-    from ichpipe.evaluate import evaluate
+    from ichpipe.stages.evaluate import evaluate
 
     r = evaluate(args.path, args.bundle, args.labels, args.out, masks=args.masks, n_boot=args.bootstrap, device=device)
-    print((Path(r["out"]) / "report.md").read_text())
-    print(f"{r['studies']} studies in {r['seconds']:.0f} s -> {r['out']}/report.md, metrics.json, roc.png, misses/ "
+    print((r.out / "report.md").read_text())
+    print(f"{r.studies} studies in {r.seconds:.0f} s -> {r.out}/report.md, metrics.json, roc.png, misses/ "
           "(research tool, not for diagnosis)")
     return 0
 

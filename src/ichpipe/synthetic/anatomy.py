@@ -117,7 +117,8 @@ def sample_patient(rng: np.random.Generator) -> Patient:
     for side in (-1, 1):
         vent.append(Ellipsoid((side * 8.0 * (1 + 0.2 * atrophy), -24.0, 0.08 * c),  # frontal horns
                               (rng.uniform(2.5, 4.5) * grow, 11.0, 9.0), side * 0.35))
-        vent.append(Ellipsoid((side * 15.0, 26.0, 0.06 * c), (rng.uniform(3, 5) * grow, 12.0, 8.0), side * 0.3))  # atria
+        # atria
+        vent.append(Ellipsoid((side * 15.0, 26.0, 0.06 * c), (rng.uniform(3, 5) * grow, 12.0, 8.0), side * 0.3))
         vent.append(Ellipsoid((side * 29.0, -6.0, -0.24 * c), (1.8 * grow, 11.0, 3.5), -side * 0.25))  # temporal horns
     vent.append(Ellipsoid((0.0, 3.0, -0.03 * c), (1.2 + 2.5 * atrophy, 12.0, 8.0)))  # third
     vent.append(Ellipsoid((0.0, 0.27 * b, -0.45 * c), (5.0, 3.5, 7.0)))  # fourth
@@ -134,7 +135,8 @@ def sample_patient(rng: np.random.Generator) -> Patient:
             calcs.append(Calcification(Ellipsoid((side * 15.0, 28.0 + rng.uniform(-3, 3), 0.08 * c),
                                                  tuple(rng.uniform(1.8, 4.0, 3)), 0.0), rng.uniform(90, 350), True))
     if rng.random() < 0.25 + 0.5 * old:  # pineal
-        calcs.append(Calcification(Ellipsoid((0.0, 17.0, 0.0), tuple(rng.uniform(1.5, 3.5, 3))), rng.uniform(100, 400), True))
+        calcs.append(Calcification(Ellipsoid((0.0, 17.0, 0.0), tuple(rng.uniform(1.5, 3.5, 3))), rng.uniform(100, 400),
+                                   True))
     if rng.random() < 0.12 * (0.5 + old):  # globus pallidus, both sides
         for side in (-1, 1):
             calcs.append(Calcification(Ellipsoid((side * 19.0, -3.0, 0.0), tuple(rng.uniform(1.5, 3.0, 3))),
@@ -142,7 +144,8 @@ def sample_patient(rng: np.random.Generator) -> Patient:
     if rng.random() < 0.15 + 0.2 * old:  # falx plaques
         for _ in range(int(rng.integers(1, 3))):
             calcs.append(Calcification(Ellipsoid((0.0, rng.uniform(-0.6, 0.6) * b, rng.uniform(0.2, 0.6) * c),
-                                                 (1.2, rng.uniform(3, 9), rng.uniform(2, 6))), rng.uniform(150, 600), True))
+                                                 (1.2, rng.uniform(3, 9), rng.uniform(2, 6))), rng.uniform(150, 600),
+                                                 True))
     if rng.random() < 0.1 + 0.5 * old:  # calcified carotid siphons / vertebral arteries
         for side in (-1, 1):
             calcs.append(Calcification(Ellipsoid((side * rng.uniform(14, 18), -0.12 * b, -0.38 * c),
@@ -180,7 +183,8 @@ class MassEffect:
     pushes: list[tuple[float, float]] = field(default_factory=list)  # (side x mm of midline shift, the bleed's w)
     effacing: list[tuple[float, float, float, float]] = field(default_factory=list)  # (phi, half_angle, zc,
     # half_height) of each large extra-axial collection: the sulci beneath it are effaced
-    squeeze: dict[int, float] = field(default_factory=lambda: {-1: 1.0, 1: 1.0})  # lateral ventricle width factor by side
+    # lateral ventricle width factor by side
+    squeeze: dict[int, float] = field(default_factory=lambda: {-1: 1.0, 1: 1.0})
 
 
 @dataclass
@@ -437,9 +441,11 @@ def _skull_base(pl: Plane, pat: Patient, intra, head, t, s, grain) -> np.ndarray
         globe = pl.value(Ellipsoid((side * 0.44 * a, -0.8 * b, -0.45 * c), (11.5, 11.5, 11.5)))
         pl.paint(orb & (globe < 1.0), 40.0, SCALP)
         pl.paint(orb & (globe < 0.82), 8.0, CSF)
-        pl.paint(orb & pl.inside(Ellipsoid((side * 0.44 * a, -0.8 * b - 8.5, -0.45 * c), (4.0, 1.8, 4.0))), 110.0, SCALP)
+        pl.paint(orb & pl.inside(Ellipsoid((side * 0.44 * a, -0.8 * b - 8.5, -0.45 * c), (4.0, 1.8, 4.0))), 110.0,
+                 SCALP)
         for du in (-9.0, 9.0):
-            pl.paint(orb & pl.inside(Ellipsoid((side * 0.44 * a + du, -0.64 * b, -0.45 * c), (2.0, 13.0, 3.0))), 50.0, SCALP)
+            pl.paint(orb & pl.inside(Ellipsoid((side * 0.44 * a + du, -0.64 * b, -0.45 * c), (2.0, 13.0, 3.0))), 50.0,
+                     SCALP)
     cliv = base & (au < 0.12 * a) & (np.abs(v + 0.06 * b) < 6) & (t < -0.36)
     pl.paint(cliv, 1100 + 100 * grain, BONE)
     return base

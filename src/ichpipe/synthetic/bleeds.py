@@ -26,7 +26,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from ichpipe.labels import SUBTYPES
+from ichpipe.base.labels import SUBTYPES
 from ichpipe.synthetic.anatomy import MassEffect, Patient, PlaneContext, eval_harmonics, harmonics, section_scale
 from ichpipe.synthetic.geometry import BLOOD, BONE, BRAIN, CSF, OEDEMA, SCALP, Plane, angle_diff
 
@@ -275,7 +275,8 @@ class Intraparenchymal(Bleed):
         else:
             center = _lobar_centre(rng, patient)
         r = float(np.exp(rng.uniform(np.log(4), np.log(20))))
-        bleed = cls(center=center, radii=(r * rng.uniform(0.7, 1.3), r * rng.uniform(0.7, 1.3), r * rng.uniform(0.8, 1.4)),
+        bleed = cls(center=center, radii=(r * rng.uniform(0.7, 1.3), r * rng.uniform(0.7, 1.3), r * rng.uniform(0.8,
+                                                                                                                1.4)),
                     angle=rng.uniform(0, np.pi), edge=harmonics(rng, 0.45),
                     oedema_mm=float(rng.uniform(0, 8)) if rng.random() < 0.75 else 0.0,
                     oedema_hu=float(rng.uniform(3, 12)), level=bool(rng.random() < 0.15), **common)

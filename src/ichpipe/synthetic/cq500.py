@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ichpipe.io import InputError, atomic_dir
-from ichpipe.labels import CQ500_FINDINGS
+from ichpipe.base.errors import InputError
+from ichpipe.base.files import atomic_dir
+from ichpipe.base.labels import CQ500_FINDINGS
+from ichpipe.base.paths import DataPaths
 
 READERS = ("R1", "R2", "R3")
 
@@ -27,7 +29,7 @@ READERS = ("R1", "R2", "R3")
 def write_cq500_copy(root: str | os.PathLike, out: str | os.PathLike, disagree: float = 0.1, seed: int = 0) -> dict:
     """The synthetic test set under ``root`` as CQ500 under ``out`` (replaced as a whole); returns counts."""
     root = Path(root)
-    table_path = root / "synthetic_slices.csv"
+    table_path = DataPaths(root).synthetic_table
     if not table_path.exists():
         raise InputError(f"{table_path}: not found; the CQ500 copy is made from a synthetic set (make synthetic)")
     if not 0 <= disagree < 0.5:

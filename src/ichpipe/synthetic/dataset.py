@@ -26,19 +26,20 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from ichpipe.config import SyntheticConfig
-from ichpipe.dicom import slice_position
-from ichpipe.io import atomic_path, wide_to_long, write_mask
-from ichpipe.labels import LABELS, SUBTYPES
-from ichpipe.parallel import n_workers, run_pool
-from ichpipe.paths import DataPaths
+from ichpipe.base.config import SyntheticConfig
+from ichpipe.base.files import atomic_path
+from ichpipe.base.label_csv import wide_to_long
+from ichpipe.base.labels import LABELS, SUBTYPES
+from ichpipe.base.parallel import n_workers, run_pool
+from ichpipe.base.paths import DataPaths, png_path
+from ichpipe.imaging.dicom import slice_position
+from ichpipe.imaging.png import write_mask
 from ichpipe.synthetic.anatomy import Patient, sample_patient
 from ichpipe.synthetic.bleeds import Bleed, sample_bleed
 from ichpipe.synthetic.geometry import SliceGeometry
 from ichpipe.synthetic.phantom import render_slice
 from ichpipe.synthetic.realism import shortcut_score, slice_measures
 
-EXAMPLE_STUDY = "synthetic_example_study.zip"  # one test study's DICOMs, to try `python -m ichpipe predict` on
 _ID_BITS = {"image": 36, "patient": 32, "study": 40, "series": 40}  # 9, 8, 10, 10 hex digits as Kaggle's
 _ID_SALT = {"image": 0x9E3779B1, "patient": 0x85EBCA77, "study": 0xC2B2AE3D, "series": 0x27D4EB2F}
 
@@ -188,7 +189,8 @@ def _make_dicom(pixels: np.ndarray, spec: SeriesSpec, ids: dict[str, str], z_pat
     digits = 6 if spec.tilt else 4  # tilted: enough digits that the projection on the normal is z to 1e-5
     ds.ImagePositionPatient = [f"{-half:.4f}", f"{-half * ct + z_patient * st:.{digits}f}",
                                f"{half * st + z_patient * ct:.{digits}f}"]
-    ds.ImageOrientationPatient = ["1", "0", "0", "0", f"{ct:.6f}", f"{-st:.6f}"] if spec.tilt else ["1", "0", "0", "0", "1", "0"]
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", f"{ct:.6f}", f"{-st:.6f}"] if spec.tilt else ["1", "0", "0", "0",
+                                                                                                    "1", "0"]
     ds.SliceThickness = f"{spec.thickness:.2f}"
     if spec.tilt:
         ds.GantryDetectorTilt = f"{np.degrees(spec.tilt):.1f}"
@@ -235,7 +237,7 @@ def _write_series(spec: SeriesSpec, train_dir: str, test_dir: str, min_area_mm2:
         labels["any"] = int(any(labels.values()))
         image_id = synthetic_id("image", spec.key * 256 + i, seed)
         if labels["any"]:
-            write_mask(Path(masks_dir) / f"{image_id}.png", masks, labels)
+            write_mask(png_path(Path(masks_dir), image_id), masks, labels)
         ds = make_dicom(encode_pixels(hu, spec.storage), spec, {**ids, "image": image_id}, table_z + z)
         path = out_dir / f"{image_id}.dcm"
         with atomic_path(path) as tmp:
@@ -279,20 +281,19 @@ def generate_dataset(cfg: SyntheticConfig, root: str | os.PathLike, workers: int
     return table
 
 
-SET_CONFIG = "synthetic_config.yaml"  # written last, with the resolved config of the set
 
 
 def existing_set(root: str | os.PathLike, cfg: SyntheticConfig) -> str | None:
     """Why the synthetic set of ``cfg`` is not (whole) under ``root``, or None when it is: the set's
     ``synthetic_config.yaml`` is written last, so a set without it, of other settings or with files missing
     is not the one asked for."""
-    from ichpipe.config import load_config
+    from ichpipe.base.config import load_config
 
-    done = Path(root) / SET_CONFIG
+    done = DataPaths(root).synthetic_config
     if not done.exists():
-        return f"no {SET_CONFIG}"
+        return f"no {done.name}"
     if load_config(done).synthetic != cfg:
-        return f"its {SET_CONFIG} holds other synthetic settings"
+        return f"its {done.name} holds other synthetic settings"
     missing = missing_files(root)
     return f"{len(missing)} files missing, e.g. {missing[0]}" if missing else None
 
@@ -312,13 +313,14 @@ def _write_csvs(table: pd.DataFrame, paths: DataPaths, cfg: SyntheticConfig) -> 
         test_long.to_csv(tmp, index=False)
     with atomic_path(paths.sample_submission_csv) as tmp:
         test_long.assign(Label=0.5).to_csv(tmp, index=False)
-    with atomic_path(paths.root / "synthetic_slices.csv") as tmp:
+    with atomic_path(paths.synthetic_table) as tmp:
         table.to_csv(tmp, index=False)
     if len(test):  # one test study as a zip of its DICOMs: what `make demo` gives `predict` to read
         study = test.StudyInstanceUID.min()
-        with atomic_path(paths.root / EXAMPLE_STUDY) as tmp, zipfile.ZipFile(tmp, "w") as z:
+        with atomic_path(paths.example_study) as tmp, zipfile.ZipFile(tmp, "w") as z:
             for image_id in sorted(test.index[test.StudyInstanceUID == study]):
-                info = zipfile.ZipInfo(f"{study}/{image_id}.dcm", date_time=(2019, 9, 1, 0, 0, 0))  # same bytes every run
+                # same bytes every run
+                info = zipfile.ZipInfo(f"{study}/{image_id}.dcm", date_time=(2019, 9, 1, 0, 0, 0))
                 z.writestr(info, (paths.test_dir / f"{image_id}.dcm").read_bytes(), zipfile.ZIP_DEFLATED)
 
 
@@ -326,15 +328,15 @@ def missing_files(root: str | os.PathLike) -> list[str]:
     """What a finished synthetic set lacks: its CSVs, every DICOM its per-file table lists and the bleed mask of every
     slice with blood (empty = complete)."""
     paths = DataPaths(root)
-    table_path = paths.root / "synthetic_slices.csv"
+    table_path = paths.synthetic_table
     csvs = [paths.train_csv, paths.test_labels_csv, paths.sample_submission_csv, table_path]
     missing = [str(p) for p in csvs if not p.exists()]
     if missing:
         return missing
     table = pd.read_csv(table_path, usecols=["image_id", "split", "any"])
-    if (table.split == "test").any() and not (paths.root / EXAMPLE_STUDY).exists():
-        return [str(paths.root / EXAMPLE_STUDY)]
+    if (table.split == "test").any() and not paths.example_study.exists():
+        return [str(paths.example_study)]
     folder = np.where(table.split == "train", str(paths.train_dir), str(paths.test_dir))
     files = [Path(d) / f"{i}.dcm" for d, i in zip(folder, table.image_id, strict=True)]
-    files += [paths.masks_dir / f"{i}.png" for i in table.image_id[table["any"] == 1]]  # sets before 2026-12-06 lack them
+    files += [paths.mask(i) for i in table.image_id[table["any"] == 1]]  # sets before 2026-12-06 lack them
     return [str(f) for f in files if not f.is_file() or f.stat().st_size == 0]

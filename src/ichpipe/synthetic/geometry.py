@@ -118,7 +118,8 @@ class Plane:
         cz, rz = ell.center[2], ell.radii[2] * 1.8
         if cz + rz < self.w_range[0] or cz - rz > self.w_range[1]:
             return out
-        win = self.window(ell.center[0], ell.center[1], max(ell.radii[:2]) * 1.8 + margin + (15 if np.ndim(shift) else 0))
+        win = self.window(ell.center[0], ell.center[1],
+                          max(ell.radii[:2]) * 1.8 + margin + (15 if np.ndim(shift) else 0))
         sh = shift[win] if np.ndim(shift) else shift
         out[win] = ell.value(self.u[win], self.v[win], self.w[win], sh)
         return out

@@ -1,4 +1,4 @@
-"""BLAST-CT v1 as an independent judge of the synthetic set (``scripts/09_judge.py``, ``make judge``).
+"""BLAST-CT v1 as an independent judge of the synthetic set (``scripts/14_judge.py``, ``make judge``).
 
 The pure parts (which series, per-slice calls, the table) run in the main venv and are tested there;
 the volume writer and the segmentation import SimpleITK and BLAST-CT lazily, which only the judge's
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ichpipe.dicom import read_slice
-from ichpipe.io import atomic_path, write_text_atomic
-from ichpipe.labels import SUBTYPES
+from ichpipe.base.files import atomic_path, write_text_atomic
+from ichpipe.base.labels import SUBTYPES
+from ichpipe.imaging.dicom import read_slice
 
 CLASSES = {1: "IPH", 2: "extra-axial", 4: "IVH"}  # BLAST-CT's bleed labels (3 = oedema)
 OUTPUT_TILE = 120  # voxels of output per side: large tiles are several times faster on a CPU than the default
@@ -118,7 +118,8 @@ def slice_calls(seg: np.ndarray, pixel_mm: float, min_area_mm2: float) -> list[s
 def summarise(judged: pd.DataFrame) -> list[str]:
     """The judge's table: per subtype, slices found (all, and in series whose bleeds are all acute), the
     class called; then specificity on the slices without a bleed."""
-    lines = ["| subtype | slices | found | sensitivity | acute series: found / slices | called IPH | called extra-axial "
+    lines = ["| subtype | slices | found | sensitivity | acute series: found / slices | called IPH | called "
+             "extra-axial "
              "| called IVH |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in SUBTYPES:
         pos = judged[judged[name] == 1]

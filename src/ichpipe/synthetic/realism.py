@@ -1,7 +1,7 @@
 """How much a head-CT slice looks like real CT: the measures the synthetic set is held to.
 
 Every function takes a slice in Hounsfield units (and its pixel size), so the same code measures a
-synthetic slice and a real one (``tests/test_synthetic.py`` compares them with pydicom-data's real
+synthetic slice and a real one (``tests/synthetic/test_synthetic.py`` compares them with pydicom-data's real
 head slices; ``make synthetic`` prints them for the set it wrote):
 
 - ``shortcut_score``: the share of head pixels at 55-90 HU, a one-line "bleed detector". On a set
@@ -138,7 +138,7 @@ MEASURES = ("brain_20_50", "bone_300", "hyperdense_non_blood", "noise_correlatio
 def set_summary(table) -> dict[str, float]:
     """The set's figures against ``TARGETS``: the 55-90 HU rule's AUC for ``any`` on the train slices,
     and the median of each measure over the series' mid slices (columns written by the generator)."""
-    from ichpipe.metrics import auc_or_nan  # here: the generator's workers need no scikit-learn
+    from ichpipe.scoring.metrics import auc_or_nan  # here: the generator's workers need no scikit-learn
 
     train = table[table.split == "train"]
     out = {"shortcut_auc_any": auc_or_nan(train["any"].to_numpy(), train["shortcut_score"].to_numpy())}

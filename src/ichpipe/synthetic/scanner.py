@@ -31,8 +31,9 @@ def beam_hardening(pl: Plane, pat: Patient, intra: np.ndarray, t) -> None:
 
 def acquire(hu: np.ndarray, tissue: np.ndarray, patient: Patient, geo: SliceGeometry, rng: np.random.Generator,
             noise_hu: float, fov_padding: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The slice as the scanner reconstructs it from the painted head at the output size: blurred by the point-spread function, with noise, motion and, if ``fov_padding``, the padding outside
-    the reconstruction circle (in ``tissue`` too)."""
+    """The slice as the scanner reconstructs it from the painted head at the output size: blurred by the
+    point-spread function, with noise, motion and, if ``fov_padding``, the padding outside the reconstruction circle
+    (in ``tissue`` too)."""
     hu = cv2.GaussianBlur(hu, (0, 0), PSF_SIGMA_MM / geo.pixel_mm)
     # Noise: filtered (correlated) like a filtered back-projection, stronger low in the head.
     t_mid = geo.z * float(np.cos(geo.tilt)) / patient.semi_axes[2]

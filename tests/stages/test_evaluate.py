@@ -1,0 +1,66 @@
+"""evaluate's parts that need no bundle: the reference read from CQ500's reads.csv, the bootstrap CI, the pointing
+game's measure, the CQ500-layout copy of the synthetic test set (the whole command runs in test_pipeline.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from ichpipe.base.errors import InputError
+from ichpipe.base.labels import CQ500_FINDINGS, LABELS
+from ichpipe.stages.evaluate import bootstrap_auc, read_reference, study_key
+from ichpipe.synthetic.cq500 import write_cq500_copy
+
+
+def test_the_reference_is_the_readers_majority(tmp_path):
+    calls = {f"R{r}:{k}": 0 for r in (1, 2, 3) for k in CQ500_FINDINGS}
+    rows = [{"name": "CQ500-CT-1", "Category": "B1", **calls, "R1:SDH": 1, "R2:SDH": 1, "R3:EDH": 1, "R1:ICH": 1,
+             "R2:ICH": 1},
+            {"name": "CQ500-CT-22", "Category": "B2", **calls}]
+    pd.DataFrame(rows).to_csv(tmp_path / "reads.csv", index=False)
+    ref = read_reference(tmp_path / "reads.csv")
+    assert ref.kind == "reads" and list(ref.studies.index) == ["CQ500CT1", "CQ500CT22"]
+    assert ref.studies.loc["CQ500CT1"].to_dict() == {c: int(c in ("subdural", "any")) for c in LABELS}  # 2 of 3
+    assert ref.studies.loc["CQ500CT22"].sum() == 0
+    assert study_key("CQ500CT22 CQ500CT22".split()[0]) == study_key("CQ500-CT-22")
+    pd.DataFrame([{**rows[0], "R2:SAH": 2}]).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(InputError, match="must be 0 or 1"):
+        read_reference(tmp_path / "bad.csv")
+    pd.DataFrame([{"name": "x", "R1:ICH": 1}]).to_csv(tmp_path / "short.csv", index=False)
+    with pytest.raises(InputError, match=r"reader column\(s\) R1:IPH"):
+        read_reference(tmp_path / "short.csv")
+
+
+def test_the_bootstrap_ci_holds_the_auc_and_narrows_with_more_studies():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (40, 400):
+        y = rng.integers(0, 2, n)
+        p = y * 0.3 + rng.random(n)
+        auc, lo, hi = bootstrap_auc(y, p, 300)
+        assert auc == pytest.approx(roc_auc_score(y, p)) and lo < auc < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2  # ~1/sqrt(n)
+    assert np.isnan(bootstrap_auc(np.zeros(5), np.arange(5.0), 10)[0])  # one class: no AUC
+
+
+def test_the_cq500_copy(tiny_data, tmp_path):
+    root, table = tiny_data
+    r = write_cq500_copy(root, tmp_path / "cq", disagree=0.0)
+    test = table[table.split == "test"]
+    assert r["studies"] == test.StudyInstanceUID.nunique() and r["slices"] == len(test)
+    reads = pd.read_csv(tmp_path / "cq" / "reads.csv")
+    folders = sorted(p.name for p in (tmp_path / "cq").iterdir() if p.is_dir())
+    assert sorted(f"CQ500CT{n} CQ500CT{n}" for n in range(len(reads))) == folders
+    assert len(list((tmp_path / "cq").rglob("CT*.dcm"))) == len(test)
+    truth = test.groupby("StudyInstanceUID")["any"].max().sort_index().to_numpy()
+    assert (reads["R1:ICH"].to_numpy() == truth).all() and (reads["R3:ICH"] == reads["R2:ICH"]).all()  # no errors
+    write_cq500_copy(root, tmp_path / "cq2", disagree=0.45, seed=1)
+    noisy = pd.read_csv(tmp_path / "cq2" / "reads.csv")
+    calls = noisy[[c for c in noisy.columns if c.startswith("R")]].to_numpy()
+    exact = reads[[c for c in reads.columns if c.startswith("R")]].to_numpy()
+    assert 0.2 < (calls != exact).mean() < 0.7  # the readers err at about the rate asked
+    with pytest.raises(InputError, match="readers' error rate"):
+        write_cq500_copy(root, tmp_path / "cq3", disagree=0.6)
