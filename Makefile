@@ -240,7 +240,7 @@ gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),setup)
 # ...), at this venv's versions, for its Python 3.12: into .whl/ (git-ignored), to copy there with the project.
 GPU_WHEELS = albumentations albucore stringzilla simsimd pydantic pydantic-core annotated-types typing-inspection \
 	pydicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pydicom-data highdicom pyjpegls optuna sqlalchemy alembic \
-	colorlog mako kaggle python-slugify text-unidecode bleach webencodings
+	colorlog mako kaggle python-slugify text-unidecode bleach webencodings lightgbm narwhals
 gpu-wheels: setup
 	mkdir -p .whl
 	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -127,8 +127,8 @@ def build(root: Path, scale: float, dim: int, dtype: str = "float16", seed: int 
 def part_lstm(cfg, epochs: int) -> dict:
     from ichpipe.base.device import amp_settings, default_device
     from ichpipe.base.paths import data_paths, read_metadata, run_dir
+    from ichpipe.fitting.sequence_fit import concat_features, fit_predict, inner_groups, load_features
     from ichpipe.networks.sequence_models import MODEL_KEYS, PREDICT_BATCH, SequenceModel, predict_rows
-    from ichpipe.stages.sequence import concat_features, fit_predict, inner_groups, load_features
 
     schedule = cfg.lstm  # the configured epochs and bagging, for the projection
     lcfg = cfg.lstm.model_copy(update={"epochs": epochs, "bag_last": 1})  # this run: a few epochs only

@@ -10,7 +10,7 @@ Default DIR: <work dir>/runs/<experiment>/bundle. Run it on a new study with
 import sys
 
 from ichpipe.base.cli import stage_main
-from ichpipe.base.paths import experiment_dir
+from ichpipe.base.paths import bag_dir
 from ichpipe.stages.bundle import make_bundle
 
 
@@ -21,7 +21,7 @@ def add_arguments(parser):
 
 
 def run(cfg, args):
-    out = make_bundle(cfg, args.out or experiment_dir(cfg) / "bundle", fp16=args.fp16, archive=args.archive)
+    out = make_bundle(cfg, args.out or bag_dir(cfg) / "bundle", fp16=args.fp16, archive=args.archive)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     print(f"bundle of {cfg.experiment}: {out} ({size:.1f} MB)" + (f", archive {out}.tar.gz" if args.archive else ""))
 

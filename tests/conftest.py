@@ -73,3 +73,24 @@ def experiment_configs(*folders: str) -> list[Path]:
             if "families" not in (yaml.safe_load(path.read_text()) or {}):
                 paths.append(path)
     return paths
+
+
+def write_pseudo_source(root, name, meta, values=None, models=("blend",)):
+    """A finished experiment as a pseudo-label source: ``runs/<name>/blend/test_by_fold.parquet`` with each fold's
+    test probabilities (by default fold k's are 0.1 + 0.2 k: every fold's its own) and its folds.json."""
+    import numpy as np
+
+    from ichpipe.base.labels import LABELS
+    from ichpipe.scoring.folds import record_fold_table
+
+    folder = Path(root) / "runs" / name / "blend"
+    folder.mkdir(parents=True, exist_ok=True)
+    test_ids = meta.loc[meta.split == "test", "image_id"].to_numpy()
+    frames = []
+    for k in sorted(int(f) for f in meta.fold.dropna().unique()):
+        probs = np.full((len(test_ids), len(LABELS)), 0.1 + 0.2 * k) if values is None else values(k, len(test_ids))
+        for model in models:
+            frames.append(pd.DataFrame(probs, columns=list(LABELS)).assign(image_id=test_ids, fold=k, model=model))
+    pd.concat(frames)[["image_id", "fold", "model", *LABELS]].to_parquet(folder / "test_by_fold.parquet", index=False)
+    record_fold_table(folder, meta)
+    return folder

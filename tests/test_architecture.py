@@ -22,7 +22,7 @@ def test_the_import_contracts_hold():
     assert "Contracts: 3 kept, 0 broken." in res.stdout
 
 
-LAYERS = ("base", "imaging", "networks", "scoring", "clinical", "synthetic", "stages")  # bottom to top
+LAYERS = ("base", "imaging", "networks", "scoring", "clinical", "synthetic", "fitting", "stages")  # bottom to top
 
 
 def test_every_module_lives_in_a_layer_folder_and_the_contracts_name_folders():

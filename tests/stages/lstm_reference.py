@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from ichpipe.base.config import LstmConfig
+from ichpipe.fitting.sequence_fit import fit_predict
 from ichpipe.networks.sequence_models import SliceFeatures
-from ichpipe.stages.sequence import fit_predict
 
 REFERENCE = Path(__file__).parent / "data" / "lstm_cpu_reference.npz"
 CFG = LstmConfig(reduce_dim=8, hidden=8, layers=2, dropout=0.2, epochs=3, bag_last=2, batch_size=3)

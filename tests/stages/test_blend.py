@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from ichpipe.base.config import load_config, save_config
 from ichpipe.base.errors import InputError
 from ichpipe.base.label_csv import wide_to_long
 from ichpipe.base.labels import LABELS
+from ichpipe.base.paths import run_dir
 from ichpipe.scoring.folds import record_fold_table
 from ichpipe.scoring.metrics import weighted_log_loss
 from ichpipe.scoring.results import weighted_mean
@@ -50,8 +52,9 @@ def _frame(ids, values):
     return pd.DataFrame(values, index=pd.Index(ids, name="image_id"), columns=L)
 
 
-def _experiment(root: Path, rng, n_folds=2, epochs=(0, 1), lstm=True, extra_sample_ids=()):
-    """A fake experiment: metadata, per-fold CNN logits and LSTM probabilities with known values."""
+def _experiment(root: Path, rng, n_folds=2, epochs=(0, 1), lstm=True, extra_sample_ids=(), seeds=()):
+    """A fake experiment: metadata, per-fold CNN logits and LSTM probabilities with known values (``seeds``: a bag,
+    each seed's runs under runs/exp/seed<s>/; ``known`` then keyed by seed first)."""
     rows = []
     for p in range(8):
         split = "test" if p >= 6 else "train"
@@ -69,10 +72,18 @@ def _experiment(root: Path, rng, n_folds=2, epochs=(0, 1), lstm=True, extra_samp
     sample = wide_to_long(_frame([*test_ids, *extra_sample_ids], 0.5))
     sample.to_csv(root / "stage_2_sample_submission.csv", index=False)
     cfg = load_config(overrides=[f"data.root={root}", "experiment=exp", f"blend.out_dir={root / 'subs'}",
-                                 f"blend.lstm_weight={1 if lstm else 0}"])
+                                 f"blend.lstm_weight={1 if lstm else 0}", f"seeds=[{','.join(map(str, seeds))}]"])
+    if seeds:
+        bag = {s: _runs(root / "runs" / "exp" / f"seed{s}", cfg, meta, test_ids, rng, n_folds, epochs, lstm)
+               for s in seeds}
+        return cfg, meta, truth, bag
+    return cfg, meta, truth, _runs(root / "runs" / "exp", cfg, meta, test_ids, rng, n_folds, epochs, lstm)
+
+
+def _runs(experiment: Path, cfg, meta, test_ids, rng, n_folds, epochs, lstm) -> dict:
     known = {"cnn": {}, "lstm": {}}
     for k in range(n_folds):
-        run = root / "runs" / "exp" / f"fold{k}"
+        run = experiment / f"fold{k}"
         run.mkdir(parents=True)
         cfg.fold = k
         save_config(cfg, run / "config.yaml")
@@ -97,7 +108,42 @@ def _experiment(root: Path, rng, n_folds=2, epochs=(0, 1), lstm=True, extra_samp
                 save_config(cfg, folder / "config.yaml")
                 (folder / "done").write_text("2 inner folds\n")
     cfg.fold = 0
-    return cfg, meta, truth, known
+    return known
+
+
+def test_a_bag_of_seeds_blends_the_mean_of_its_seeds(tmp_path):
+    rng = np.random.default_rng(7)
+    cfg, meta, truth, bag = _experiment(tmp_path, rng, lstm=False, seeds=(3, 5))
+    cfg.blend.clip = 0
+    result = run_blend(cfg, today=dt.date(2026, 12, 7))
+    out = tmp_path / "runs" / "exp" / "blend"
+    assert result.cv_dir == out and not (tmp_path / "runs" / "exp" / "seed3" / "blend").exists()
+    oof = pd.read_parquet(out / "oof_predictions.parquet")
+    labelled = meta[meta.fold.notna()]
+
+    def seed_oof(s):  # each seed's bag of epochs, fold by fold
+        return pd.concat([(bag[s]["cnn"][k, 0, "oof"] + bag[s]["cnn"][k, 1, "oof"]) / 2 for k in (0, 1)])
+
+    want = (seed_oof(3) + seed_oof(5).loc[seed_oof(3).index]) / 2
+    got = oof[oof.model == "blend"].set_index("image_id").loc[want.index, L]
+    np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-6)
+    for s in (3, 5):  # each seed's own final blend beside the bag's, to see the seeds' spread
+        one = oof[oof.model == f"blend_seed{s}"].set_index("image_id").loc[want.index, L]
+        np.testing.assert_allclose(one.to_numpy(), seed_oof(s).loc[want.index].to_numpy(), rtol=1e-6)
+    assert set(result.scores["oof"]) >= {"blend", "blend_seed3", "blend_seed5"}
+    assert result.scores["oof"]["blend"].n_images == len(labelled)
+    # each fold's test predictions, averaged over the seeds, for a pseudo-label round
+    by_fold = pd.read_parquet(out / "test_by_fold.parquet")
+    fold1 = by_fold[(by_fold.model == "blend") & (by_fold.fold == 1)].set_index("image_id")[L]
+    want1 = (bag[3]["cnn"][1, 0, "test"] + bag[3]["cnn"][1, 1, "test"] + bag[5]["cnn"][1, 0, "test"]
+             + bag[5]["cnn"][1, 1, "test"]) / 4
+    np.testing.assert_allclose(fold1.loc[want1.index].to_numpy(), want1.to_numpy(), rtol=1e-6)
+    # a seed of the bag without its run: a one-line error naming it
+    shutil.rmtree(tmp_path / "runs" / "exp" / "seed5")
+    with pytest.raises(InputError, match=r"runs/exp/seed5: seed 5 of the bag \[3, 5\] has no run"):
+        run_blend(cfg)
+    with pytest.raises(InputError, match=r"seed=4: not one of seeds \[3, 5\]"):
+        run_dir(cfg.model_copy(update={"seed": 4}))
 
 
 def test_weighted_mean_aligns_rows_by_image_id():

@@ -15,10 +15,11 @@ from ichpipe.base.config import ConfigError, load_config
 from ichpipe.base.errors import InputError
 from ichpipe.base.label_csv import wide_to_long
 from ichpipe.base.labels import LABELS
+from ichpipe.fitting.stackers import fit_weights, neighbour_features
 from ichpipe.scoring.folds import record_fold_table
 from ichpipe.scoring.metrics import weighted_log_loss
 from ichpipe.scoring.submission import current_submission, info_path
-from ichpipe.stages.ensemble import fit_weights, neighbour_features, run_ensemble
+from ichpipe.stages.ensemble import run_ensemble
 
 REPO = Path(__file__).resolve().parents[2]
 L = list(LABELS)
@@ -53,9 +54,10 @@ def _dataset(root: Path, rng, n_train=24, n_test=6, slices=12, n_folds=4):
     return meta  # with the test set's true labels, to make members from
 
 
-def _member(root: Path, name: str, meta: pd.DataFrame, probs: pd.DataFrame, fold_meta: pd.DataFrame | None = None):
+def _member(root: Path, name: str, meta: pd.DataFrame, probs: pd.DataFrame, fold_meta: pd.DataFrame | None = None,
+            skip_runs: bool = False):
     """An experiment after stage 5: fold folders with folds.json and the two prediction tables."""
-    for k in sorted(meta.fold.dropna().unique()):
+    for k in [] if skip_runs else sorted(meta.fold.dropna().unique()):
         run = root / "runs" / name / f"fold{k}"
         run.mkdir(parents=True)
         record_fold_table(run, meta if fold_meta is None else fold_meta)
@@ -195,4 +197,106 @@ def test_ensemble_script_takes_members_on_the_command_line(tmp_path):
                           "ensemble.combiners=[median]", "--members", "a", "b"], capture_output=True, text=True,
                          cwd=REPO)
     assert bad.returncode == 2
-    assert bad.stderr == "error: ensemble.combiners[0]: one of mean, weights, stacker, got 'median'\n"
+    assert bad.stderr == ("error: ensemble.combiners[0]: one of mean, weights, stacker, context, sequence, got "
+                          "'median'\n")
+
+
+def _embedded_member(root: Path, name: str, meta: pd.DataFrame, rng, width: int, seeds=(None,), train=True):
+    """A member after stage 3 (and 5): per fold (and seed), embeddings whose first columns carry the slice's labels
+    with noise, of the fold's held-out patients, the CNN's training patients and the test set."""
+    truth = meta.set_index("image_id")
+    folds = sorted(int(k) for k in meta.fold.dropna().unique())
+    for seed in seeds:
+        base = root / "runs" / name / (f"seed{seed}" if seed is not None else "")
+        for k in folds:
+            run = base / f"fold{k}"
+            folder = run / "embeddings" / "epoch00"
+            folder.mkdir(parents=True)
+            record_fold_table(run, meta)
+            sets = {"oof": meta[meta.fold == k], "test": meta[meta.split == "test"]}
+            if train:
+                sets["train"] = meta[meta.fold.notna() & (meta.fold != k)]
+            for where, rows in sets.items():
+                y = truth.loc[rows.image_id, L].to_numpy(float)
+                emb = rng.normal(0, 1, (len(rows), width)).astype(np.float32)
+                emb[:, :6] += 2 * y
+                pd.DataFrame({"image_id": rows.image_id}).to_csv(folder / f"{where}_ids.csv", index=False)
+                np.save(folder / f"{where}_emb.npy", emb.astype(np.float16))
+                logits = 2 * (2 * y - 1) + rng.normal(0, 2, y.shape)
+                np.save(folder / f"{where}_logits.npy", logits.astype(np.float32))
+            (folder / "done").write_text("none\n")
+    _member(root, name, meta, _probs(meta, rng, noise=2.0), skip_runs=True)
+
+
+def test_the_sequence_combiner_reads_each_folds_cnns_and_never_the_predicted_patients_labels(tmp_path, monkeypatch):
+    from ichpipe.fitting import sequence_fit
+
+    rng = np.random.default_rng(4)
+    meta = _dataset(tmp_path, rng, n_train=16, n_test=4, n_folds=2)
+    _embedded_member(tmp_path, "a", meta, rng, 12)
+    _embedded_member(tmp_path, "b", meta, rng, 8, seeds=(0, 1))  # a bag of seeds: one block per seed
+    calls, reads = [], []
+    real_fit, real_features = sequence_fit.fit_predict, sequence_fit.member_features
+
+    def fit_spy(feats, train_series, targets, lcfg, seed, **kw):
+        target, series = targets[0]
+        calls.append(({feats.patients[feats.series[i][0]] for i in train_series},
+                      {target.patients[target.series[i][0]] for i in series}, target.labels is not None))
+        return real_fit(feats, train_series, targets, lcfg, seed, **kw)
+
+    def features_spy(folders, name, meta_):
+        reads.append(([str(f) for f in folders], name))
+        return real_features(folders, name, meta_)
+
+    monkeypatch.setattr(sequence_fit, "fit_predict", fit_spy)
+    monkeypatch.setattr(sequence_fit, "member_features", features_spy)
+    seq = ["ensemble.combiners=[mean, sequence]", "ensemble.sequence.hidden=8", "ensemble.sequence.reduce_dim=8",
+           "ensemble.sequence.epochs=8", "ensemble.sequence.bag_last=2", "ensemble.sequence.inner_folds=2",
+           "ensemble.sequence.train_on=train_and_oof", "ensemble.sequence.lr=1e-2"]
+    result = run_ensemble(_cfg(tmp_path, "ensemble.members=[a, b]", "ensemble.name=ab", *seq), progress=False)
+    # per fold: 2 inner models + the refit; fold k's features are fold k's CNNs' (a, b seed 0, b seed 1), nothing else
+    assert len(calls) == 6 and len(reads) == 6
+    for folders, _ in reads:
+        fold = folders[0].split("/fold")[1][0]
+        assert len(folders) == 3 and all(f"/fold{fold}/embeddings/" in f for f in folders)
+        assert sum("/b/seed" in f for f in folders) == 2
+    labelled = meta[meta.fold.notna()]
+    for trained, predicted, on_labelled in calls:
+        if on_labelled:  # an inner model: it predicts patients it never trained on
+            assert predicted and not trained & predicted
+            assert len({int(f) for f in labelled[labelled.PatientID.isin(predicted)].fold}) == 1
+    oof = result.scores["oof"]
+    assert oof["sequence"].n_images == len(labelled)
+    # it starts from the CNNs' mean logits and learns from the embeddings, which carry the labels
+    start = []
+    for k in (0, 1):
+        folders = [tmp_path / "runs" / m / f"fold{k}" / "embeddings" / "epoch00" for m in ("a", "b/seed0", "b/seed1")]
+        ids = pd.read_csv(folders[0] / "oof_ids.csv").image_id
+        start.append(pd.DataFrame(_sigmoid(np.mean([np.load(f / "oof_logits.npy") for f in folders], axis=0)),
+                                  index=ids, columns=L))
+    start = pd.concat(start)
+    assert oof["sequence"].weighted < 0.8 * weighted_log_loss(meta.set_index("image_id").loc[start.index, L].to_numpy(
+        float), start.to_numpy())
+    assert (tmp_path / "runs" / "ab" / "fold0" / "sequence" / "done").exists()
+    calls.clear()
+    again = run_ensemble(_cfg(tmp_path, "ensemble.members=[a, b]", "ensemble.name=ab", *seq), progress=False)
+    assert calls == [] and again.scores["oof"]["sequence"].weighted == pytest.approx(oof["sequence"].weighted)
+    with pytest.raises(ConfigError, match=r"sequence models made with other settings \(ensemble.sequence.hidden=8 "
+                                          r"\(now 6\)\)"):
+        run_ensemble(_cfg(tmp_path, "ensemble.members=[a, b]", "ensemble.name=ab", *seq, "ensemble.sequence.hidden=6"))
+
+
+def test_the_sequence_combiner_refuses_members_without_what_it_reads(tmp_path):
+    rng = np.random.default_rng(5)
+    meta = _dataset(tmp_path, rng, n_train=8, n_test=2, n_folds=2)
+    _embedded_member(tmp_path, "a", meta, rng, 6)
+    _embedded_member(tmp_path, "notrain", meta, rng, 6, train=False)
+    _member(tmp_path, "noemb", meta, _probs(meta, rng))
+    seq = ["ensemble.combiners=[sequence]", "ensemble.sequence.epochs=1", "ensemble.sequence.bag_last=1"]
+    with pytest.raises(InputError, match=r"runs/noemb/fold0/embeddings: no finished embeddings of member noemb; .*"
+                                         r"`make embed experiment=noemb fold=0`"):
+        run_ensemble(_cfg(tmp_path, "ensemble.members=[a, noemb]", *seq), progress=False)
+    with pytest.raises(InputError, match=r"notrain/fold0/embeddings/epoch00: no training-patient embeddings; "
+                                         r"ensemble.sequence.train_on=train needs every member embedded"):
+        run_ensemble(_cfg(tmp_path, "ensemble.members=[a, notrain]", *seq, "ensemble.sequence.train_on=train"),
+                     progress=False)

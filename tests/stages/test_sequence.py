@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,12 +14,13 @@ from ichpipe.base.config import ConfigError, LstmConfig
 from ichpipe.base.device import amp_settings, default_device
 from ichpipe.base.errors import InputError
 from ichpipe.base.labels import LABELS
+from ichpipe.fitting import sequence_fit
+from ichpipe.fitting.sequence_fit import fit_predict, load_features
 from ichpipe.networks import sequence_models
 from ichpipe.networks.sequence_models import SequenceModel, SliceFeatures
 from ichpipe.scoring.metrics import weighted_log_loss
-from ichpipe.stages import sequence
 from ichpipe.stages.embed import embed_fold
-from ichpipe.stages.sequence import fit_predict, load_features, train_sequence_fold
+from ichpipe.stages.sequence import train_sequence_fold
 from ichpipe.stages.train import train_fold
 from tests.conftest import _train_cfg
 
@@ -139,7 +142,7 @@ def test_features_are_series_in_z_order(embedded):
 def test_nested_folds_never_train_on_the_predicted_patient(embedded, monkeypatch):
     root, meta, cfg = embedded
     calls = []
-    real = sequence.fit_predict
+    real = sequence_fit.fit_predict
 
     def spy(feats, train_series, targets, lcfg, seed, **kw):
         train_patients = {feats.patients[feats.series[i][0]] for i in train_series}
@@ -148,7 +151,7 @@ def test_nested_folds_never_train_on_the_predicted_patient(embedded, monkeypatch
         calls.append((train_patients, predicted, target.labels is None))
         return real(feats, train_series, targets, lcfg, seed, **kw)
 
-    monkeypatch.setattr(sequence, "fit_predict", spy)
+    monkeypatch.setattr(sequence_fit, "fit_predict", spy)
     results = train_sequence_fold(cfg, progress=False)
     fold_patients = set(meta[meta.fold == cfg.fold].PatientID)
     assert len(calls) == 3  # two inner folds, then the refit for the test set
@@ -195,7 +198,7 @@ def test_train_and_oof_adds_the_cnn_training_patients_but_never_the_predicted_on
     assert sorted(pd.read_csv(folder / "train_ids.csv").image_id) == sorted(cnn_train.image_id)
     assert np.load(folder / "train_emb.npy").shape[0] == len(cnn_train)
     calls = []
-    real = sequence.fit_predict
+    real = sequence_fit.fit_predict
 
     def spy(feats, train_series, targets, lcfg, seed, **kw):
         target, series = targets[0]
@@ -203,7 +206,7 @@ def test_train_and_oof_adds_the_cnn_training_patients_but_never_the_predicted_on
                       {target.patients[target.series[i][0]] for i in series}))
         return real(feats, train_series, targets, lcfg, seed, **kw)
 
-    monkeypatch.setattr(sequence, "fit_predict", spy)
+    monkeypatch.setattr(sequence_fit, "fit_predict", spy)
     train_sequence_fold(cfg, progress=False)
     fold_patients, train_patients = set(meta[meta.fold == fold].PatientID), set(cnn_train.PatientID)
     assert len(calls) == 3
@@ -356,8 +359,44 @@ def test_the_standardisation_of_a_memory_mapped_float16_array_is_numpy_s(tmp_pat
     emb = np.lib.format.open_memmap(tmp_path / "emb.npy", mode="w+", dtype=np.float16, shape=(1000, 7))
     emb[:] = rng.gamma(2.0, 0.3, (1000, 7))
     rows = rng.permutation(1000)[:600]
-    mean, std = sequence.standardisation(emb, rows, chunk=128)
+    mean, std = sequence_fit.standardisation(emb, rows, chunk=128)
     want = emb[rows].astype(np.float64)
     assert mean.dtype == std.dtype == np.float32
     np.testing.assert_allclose(mean, want.mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(std, want.std(axis=0) + 1e-6, rtol=1e-5)
+
+
+def test_pseudo_labelled_test_series_join_every_models_training_but_never_a_predicted_patient(embedded, monkeypatch):
+    from tests.conftest import write_pseudo_source
+
+    root, meta, cfg = embedded
+    write_pseudo_source(root, "lstm_source", meta)
+    calls = []
+    real = sequence_fit.fit_predict
+
+    def spy(feats, train_series, targets, lcfg, seed, **kw):
+        target, series = targets[0]
+        trained = {feats.patients[feats.series[i][0]]: feats.labels[feats.series[i]] for i in train_series}
+        calls.append((trained, {target.patients[target.series[i][0]] for i in series}))
+        return real(feats, train_series, targets, lcfg, seed, **kw)
+
+    monkeypatch.setattr(sequence_fit, "fit_predict", spy)
+    pcfg = _train_cfg(root, "lstm", "train.epochs=1", "embed.tta=[none]", "lstm.epochs=3", "lstm.bag_last=2",
+                      "lstm.inner_folds=2", f"fold={cfg.fold}", "pseudo.source=lstm_source", "replace=true")
+    train_sequence_fold(pcfg, progress=False)
+    test_patients = set(meta[meta.split == "test"].PatientID)
+    fold_patients = set(meta[meta.fold == cfg.fold].PatientID)
+    assert len(calls) == 3
+    for trained, predicted in calls[:2]:  # inner models: the other inner group + the pseudo-labelled test series
+        assert test_patients <= set(trained) and not set(trained) & predicted and predicted <= fold_patients
+        for patient in test_patients:  # with fold k's pseudo-labels (0.1 + 0.2 k)
+            np.testing.assert_allclose(trained[patient], 0.1 + 0.2 * cfg.fold, rtol=1e-6)
+    assert set(calls[2][0]) == fold_patients | test_patients  # the refit
+    out = root / "runs" / "lstm" / f"fold{cfg.fold}" / "lstm" / "epoch00"
+    assert json.loads((out / "pseudo.json").read_text())["slices"] == int((meta.split == "test").sum())
+    calls.clear()
+    train_sequence_fold(pcfg.model_copy(update={"replace": False}), progress=False)
+    assert calls == []  # finished with these labels: kept
+    write_pseudo_source(root, "lstm_source", meta, values=lambda k, n: np.full((n, 6), 0.3))
+    train_sequence_fold(pcfg.model_copy(update={"replace": False}), progress=False)
+    assert len(calls) == 3  # the source's labels changed: redone

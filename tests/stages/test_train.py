@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -332,7 +333,41 @@ def test_every_resume_key_names_a_setting():
     from ichpipe.stages.train import RESUME_KEYS
 
     cfg = Config()
-    for key in RESUME_KEYS:
-        get_value(cfg, key)  # AttributeError for a key the schema does not have (a typo would never be checked)
+    for key in RESUME_KEYS:  # a key ending in '.' names a whole section
+        get_value(cfg, key.rstrip("."))  # AttributeError for a key the schema does not have (a typo: never checked)
     with pytest.raises(AttributeError):  # the check itself can fail
         get_value(cfg, "train.lrr")
+
+
+def test_a_pseudo_label_round_trains_on_its_folds_test_labels_only(processed, monkeypatch):
+    from ichpipe.base.paths import run_dir
+    from ichpipe.stages import train as train_stage
+    from tests.conftest import write_pseudo_source
+
+    root, _, meta = processed
+    write_pseudo_source(root, "pl_source", meta)  # fold k's test labels: 0.1 + 0.2 k everywhere
+    seen = {}
+
+    class Spy(train_stage.SliceDataset):
+        def __init__(self, rows, *args, targets=None, **kwargs):
+            super().__init__(rows, *args, targets=targets, **kwargs)
+            if targets is not None:
+                seen["labels"] = pd.DataFrame(self.labels, index=self.ids, columns=list(LABELS))
+
+    monkeypatch.setattr(train_stage, "SliceDataset", Spy)
+    fold = int(meta.fold.dropna().max())
+    cfg = _train_cfg(root, "pl_round", "train.epochs=1", f"fold={fold}", "pseudo.source=pl_source")
+    train_fold(cfg, progress=False)
+    labels = seen["labels"]
+    test_ids = meta.image_id[meta.split == "test"]
+    train_rows = meta[meta.fold.notna() & (meta.fold != fold)].set_index("image_id")
+    assert sorted(labels.index) == sorted([*train_rows.index, *test_ids])  # never a slice of the validated fold
+    np.testing.assert_allclose(labels.loc[test_ids].to_numpy(), 0.1 + 0.2 * fold, rtol=1e-6)  # its own fold's
+    np.testing.assert_array_equal(labels.loc[train_rows.index].to_numpy(), train_rows[list(LABELS)].to_numpy())
+    record = json.loads((run_dir(cfg) / "pseudo.json").read_text())
+    assert record["slices"] == len(test_ids) and record["source"].endswith("pl_source/blend/test_by_fold.parquet")
+    # the source made again with other labels: its finished epochs learnt the former ones, a resume is refused
+    write_pseudo_source(root, "pl_source", meta, values=lambda k, n: np.full((n, 6), 0.5))
+    with pytest.raises(InputError, match="trained on other pseudo-labels than those of .*pl_source.*experiment=<new "
+                                         "name>"):
+        train_fold(cfg.model_copy(update={"resume": True}), progress=False)

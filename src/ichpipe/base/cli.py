@@ -20,7 +20,8 @@ def stage_main(description: str, run: Callable[[Config, argparse.Namespace], int
     """Parse ``[--config FILE] [key=value ...]``, load the config and call ``run(cfg, args)``.
 
     ``per_fold`` stages also take ``--all-folds``: ``run`` for every fold of the metadata table in
-    turn, in this one process (one start-up instead of one per fold). Bad configs and bad input
+    turn, in this one process (one start-up instead of one per fold); and in a bag of seeds (``seeds``) they run
+    every seed in turn (each its own run folder), unless ``seed=<s>`` names one. Bad configs and bad input
     files end the program with a one-line ``error:`` message and exit code 2, not a traceback.
     """
     parser = argparse.ArgumentParser(description=description)
@@ -35,14 +36,18 @@ def stage_main(description: str, run: Callable[[Config, argparse.Namespace], int
 
     def main() -> int:
         cfg = load_config(args.config, args.overrides)
-        if not getattr(args, "all_folds", False):
+        if not per_fold:
             return run(cfg, args) or 0
-        for k in table_folds(cfg):
-            cfg_k = copy.deepcopy(cfg)
-            cfg_k.fold = k
-            code = run(cfg_k, args) or 0
-            if code:
-                return code
+        from ichpipe.base.paths import seed_configs
+
+        one_seed = any(o.startswith("seed=") for o in args.overrides)
+        for seed_cfg in [cfg] if one_seed else seed_configs(cfg):
+            for k in table_folds(seed_cfg) if args.all_folds else [seed_cfg.fold]:
+                cfg_k = copy.deepcopy(seed_cfg)
+                cfg_k.fold = k
+                code = run(cfg_k, args) or 0
+                if code:
+                    return code
         return 0
 
     return report_errors(main)

@@ -258,6 +258,10 @@ class LstmConfig(_Section):
     # the lr is multiplied by this after every epoch (StepLR; the 2nd place: 0.95); 1 = constant
     lr_gamma: Annotated[Float, Field(ge=0.0, le=1.0)] = 1.0
     weight_decay: Annotated[Float, Field(ge=0.0)] = 1e-2  # the sequence model's (AdamW decoupled, Adam L2)
+    # augmentation as the 1st place's: each training series cut to a random window of this many slices (0: whole)
+    window: Annotated[Int, Field(ge=0)] = 0
+    reverse: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.0  # chance that a training series is read backward
+    reverse_tta: Bool = False  # predict each series forward and backward, and average (the 1st place's test view)
 
 
 class BlendConfig(_Section):
@@ -288,19 +292,60 @@ class StackerConfig(_Section):
     l2_regularization: Float = 5.0  # hgb: L2 on the leaf values
 
 
+class ContextConfig(_Section):
+    """The context stacker (combiner ``context``, the 3rd and 11th places'): LightGBM per class over every member's
+    probabilities at the slice and its neighbours, boosted from the members' mean (src/ichpipe/fitting/stackers.py)."""
+
+    neighbours: Annotated[Int, Field(ge=0, le=20)] = 5  # the slices at z ± 1..this (the 3rd place: 20)
+    inner_folds: Annotated[Int, Field(ge=2)] = 3  # inner patient groups: early stopping on each, their models averaged
+    learning_rate: Annotated[Float, Field(gt=0.0)] = 0.05
+    num_leaves: Annotated[Int, Field(ge=2)] = 7  # leaves per tree
+    min_data_in_leaf: Annotated[Int, Field(ge=1)] = 50  # slices per leaf at least
+    feature_fraction: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.5  # features drawn per tree
+    bagging_fraction: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.8  # slices drawn per tree
+    lambda_l2: Annotated[Float, Field(ge=0.0)] = 5.0  # L2 on the leaf values
+    max_rounds: Annotated[Int, Field(ge=1)] = 500  # boosting rounds at most
+    early_stopping: Annotated[Int, Field(ge=1)] = 30  # rounds without a better inner-validation loss before stopping
+
+
+def _ensemble_sequence() -> LstmConfig:
+    """The ensemble's sequence model (combiner ``sequence``): each member's embedding projected to 32 on its own,
+    the 1st place's augmentations (series read backward at random) and their test view (forward and backward)."""
+    return LstmConfig(reduce_dim=32, reverse=0.5, reverse_tta=True)
+
+
 class EnsembleConfig(_Section):
     """Experiments combined into one submission (``scripts/06_ensemble.py``, ``make ensemble``)."""
 
     name: Name = "ensemble"  # its folder under runs/ and its submissions' name
     members: list[Name] = Field(default_factory=list)  # experiment names; EXPERIMENTS="a b" on make
     member_model: Str = "blend"  # which of each member's stage-5 models: blend | cnn_bagged | lstm | ...
-    # scored out of fold on the same folds: mean, per-class weights, a stacker
-    combiners: list[Literal["mean", "weights", "stacker"]] = Field(
+    # scored out of fold on the same folds: mean | weights (per class) | stacker (logistic, z ± 2) | context
+    # (LightGBM over z ± k, boosted from the mean) | sequence (a sequence model over the members' embeddings)
+    combiners: list[Literal["mean", "weights", "stacker", "context", "sequence"]] = Field(
         default_factory=lambda: ["mean", "weights", "stacker"])
     # per-class weights on probabilities (prob), logits (logit) or by CV (auto)
     weight_space: Literal["auto", "prob", "logit"] = "auto"
     final: Str = "auto"  # the submitted combiner or member; auto = the lowest OOF loss of all of them
     stacker: StackerConfig = Field(default_factory=StackerConfig)
+    context: ContextConfig = Field(default_factory=ContextConfig)
+    # the sequence model over the members' per-slice embeddings and logits (stage 4's settings; its train_on needs
+    # every member embedded with embed.train=true for train / train_and_oof)
+    sequence: LstmConfig = Field(default_factory=_ensemble_sequence)
+
+
+class PseudoConfig(_Section):
+    """Pseudo-labels (src/ichpipe/fitting/pseudo.py): a finished model's test predictions, fold by fold, as the
+    labels of the test slices that stage 2 and stage 4 of this experiment also train on."""
+
+    # the experiment (or ensemble) whose stage 5 wrote runs/<source>/blend/test_by_fold.parquet; empty: off
+    source: OptionalName = ""
+    model: Str = "blend"  # which of its models: blend | lstm | cnn_bagged (an ensemble: a combiner, or final)
+    # soft: the probabilities as targets, every test slice | hard: rounded, confident slices only
+    labels: Literal["soft", "hard"] = "soft"
+    # hard: keep a slice when every class is below this or above 1 - this
+    confidence: Annotated[Float, Field(ge=0.0, le=0.5)] = 0.1
+    stages: list[Literal["train", "lstm"]] = Field(default_factory=lambda: ["train", "lstm"])  # which stages use them
 
 
 class ReportConfig(_Section):
@@ -322,6 +367,9 @@ class Config(_Section):
     # the fold that stages 2-4 run (make train fold=0); --all-folds runs each in turn
     fold: Annotated[Int, Field(ge=0)] = 0
     seed: Seed = 42  # model seed: initial weights, data order, augmentation, sequence models (the folds have their own)
+    # a bag of seeds: each a full run under runs/<experiment>/seed<s>/ (stages 2-4 run every seed in turn, each
+    # resumes on its own), averaged by stage 5; empty: one run with ``seed``
+    seeds: list[Seed] = Field(default_factory=list)
     resume: Bool = False  # continue the fold's run from its last checkpoint
     # redo a finished result (embeddings, sequence models) that was made with other settings; without it such a
     # result is kept and the stage stops, naming the settings that differ
@@ -335,20 +383,29 @@ class Config(_Section):
     lstm: LstmConfig = Field(default_factory=LstmConfig)
     blend: BlendConfig = Field(default_factory=BlendConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    pseudo: PseudoConfig = Field(default_factory=PseudoConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
     @model_validator(mode="after")
     def _across_settings(self) -> Config:
         """The checks that involve two settings (one line each, naming both)."""
-        if self.lstm.bag_last > self.lstm.epochs:
-            raise ValueError(f"lstm.bag_last={self.lstm.bag_last}: must not exceed lstm.epochs={self.lstm.epochs}")
+        for key, lstm in (("lstm", self.lstm), ("ensemble.sequence", self.ensemble.sequence)):
+            if lstm.bag_last > lstm.epochs:
+                raise ValueError(f"{key}.bag_last={lstm.bag_last}: must not exceed {key}.epochs={lstm.epochs}")
+        if not self.ensemble.sequence.reduce_dim:
+            raise ValueError("ensemble.sequence.reduce_dim: each member's embedding is projected first; give a width "
+                             "above 0")
         for key in ("epoch_weights", "fold_weights"):
             for k, w in getattr(self.blend, key).items():
                 if k < 0 or w < 0:
                     raise ValueError(f"blend.{key}.{k}: epochs, folds and weights are not negative, got {k}: {w}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: each seed once, got {self.seeds}")
+        if self.pseudo.source and self.pseudo.source == self.experiment:
+            raise ValueError(f"pseudo.source={self.pseudo.source}: the experiment itself; name a finished one")
         e = self.ensemble
         if not e.combiners:
-            raise ValueError("ensemble.combiners: name at least one of mean, weights, stacker")
+            raise ValueError("ensemble.combiners: name at least one of mean, weights, stacker, context, sequence")
         if e.final not in ("auto", *e.combiners, *e.members):
             raise ValueError(f"ensemble.final={e.final!r}: auto, one of ensemble.combiners {e.combiners} or a "
                              f"member {list(e.members)}")

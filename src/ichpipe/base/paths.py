@@ -184,14 +184,31 @@ def finished_dirs(folder: str | os.PathLike) -> list[Path]:
 
 def experiment_dir(cfg: Config) -> Path:
     """``<work dir>/runs/<experiment>``: the folds' run folders, stage 5's CV table and prediction tables, the
-    report and the bundle (``cfg``: a Config)."""
+    report and the bundle (``cfg``: a Config). In a bag of seeds (``seeds``), the run of ``cfg.seed``:
+    ``runs/<experiment>/seed<s>`` (:func:`bag_dir` is the bag's own folder)."""
+    if cfg.seeds:
+        if cfg.seed not in cfg.seeds:
+            raise InputError(f"seed={cfg.seed}: not one of seeds {list(cfg.seeds)}; in a bag of seeds every stage "
+                             f"runs each of them (or give seed=<one of them>)")
+        return bag_dir(cfg) / f"seed{cfg.seed}"
+    return bag_dir(cfg)
+
+
+def bag_dir(cfg: Config) -> Path:
+    """``<work dir>/runs/<experiment>``: the experiment's folder; for a bag of seeds, the folder of its seeds' runs
+    and of stage 5's results, which average them."""
     return data_paths(cfg).runs / cfg.experiment
 
 
+def seed_configs(cfg: Config) -> list[Config]:
+    """The configs of the runs an experiment is made of: itself, or one per seed of its bag (``seeds``)."""
+    return [cfg] if not cfg.seeds else [cfg.model_copy(update={"seed": s}) for s in cfg.seeds]
+
+
 def blend_dir(cfg: Config, experiment: str | None = None) -> Path:
-    """``<work dir>/runs/<experiment>/blend``: stage 5's results of an experiment (or ``make ensemble``'s, under its
-    name), replaced as one folder: the CV table (cv.md, cv.json), the prediction tables, the submissions it made
-    (submissions.json) and its config."""
+    """``<work dir>/runs/<experiment>/blend``: stage 5's results of an experiment (of a bag of seeds: the bag's; or
+    ``make ensemble``'s, under its name), replaced as one folder: the CV table (cv.md, cv.json), the prediction
+    tables, the submissions it made (submissions.json) and its config."""
     return data_paths(cfg).runs / (experiment or cfg.experiment) / "blend"
 
 
@@ -216,8 +233,8 @@ def named_path(cfg: Config, name: str) -> Path:
     NAME``, so that it spells no path of its own and honours ``data.work_dir``)."""
     paths = data_paths(cfg)
     named = {
-        "work": paths.work, "processed": paths.processed, "runs": paths.runs, "experiment": experiment_dir(cfg),
-        "bundle": experiment_dir(cfg) / "bundle", "predict_example": experiment_dir(cfg) / "predict_example",
+        "work": paths.work, "processed": paths.processed, "runs": paths.runs, "experiment": bag_dir(cfg),
+        "bundle": bag_dir(cfg) / "bundle", "predict_example": bag_dir(cfg) / "predict_example",
         "example_study": paths.example_study, "cq500_copy": paths.cq500_copy, "masks": paths.masks_dir,
         "evaluation": paths.evaluation, "benchmark": paths.benchmark, "gpu_check": paths.gpu_check,
         "judge": paths.judge,

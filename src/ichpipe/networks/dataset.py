@@ -173,15 +173,24 @@ class SliceDataset(Dataset):
     """(uint8 CHW image, six labels, row index) per metadata row, from ``png_dir/<image_id>.png``.
 
     ``labelled``: the rows must carry six labels in {0, 1} (training, validation); otherwise (test
-    images) the labels are zeros. ``channels=9``: the image is stacked with its series neighbours'
+    images) the labels are zeros. ``targets``: (N, 6) training targets in [0, 1] instead (the labelled rows'
+    labels, then pseudo-labels). ``channels=9``: the image is stacked with its series neighbours'
     (previous, itself, next: 9 channels, augmented alike).
     """
 
     def __init__(self, meta: pd.DataFrame, png_dir: str | Path, transform: A.Compose, seed: int = 0,
-                 crop_margin: float | None = None, labelled: bool = False, channels: int = 3):
+                 crop_margin: float | None = None, labelled: bool = False, channels: int = 3,
+                 targets: np.ndarray | None = None):
         self.ids = meta.image_id.to_numpy()
         self.neighbours = neighbour_ids(meta) if channels == 9 else None
-        self.labels = checked_labels(meta) if labelled else np.zeros((len(meta), len(LABELS)), np.float32)
+        if targets is not None:
+            targets = np.asarray(targets, np.float32)
+            if targets.shape != (len(meta), len(LABELS)) or not ((targets >= 0) & (targets <= 1)).all():
+                raise InputError(f"training targets: need ({len(meta)}, {len(LABELS)}) values in [0, 1], got "
+                                 f"{targets.shape}")
+            self.labels = targets
+        else:
+            self.labels = checked_labels(meta) if labelled else np.zeros((len(meta), len(LABELS)), np.float32)
         self.png_dir = Path(png_dir)
         self.transform = transform
         self.seed = seed

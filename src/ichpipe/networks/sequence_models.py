@@ -49,16 +49,28 @@ class SequenceModel(nn.Module):
     input [e, e - prev, e - next] only, two single-layer BiLSTMs (``layers`` of them) whose outputs, a
     ReLU-linear map of each and the embedding (tiled to their width) are summed before the head, which
     starts as PyTorch initialises it. Padding is packed away (recurrent kinds) or masked (attention).
+
+    ``blocks``: the widths of several CNNs' features side by side in ``emb`` (the ensemble's sequence model, the 1st
+    place's: each CNN's embedding projected on its own to ``reduce_dim`` by Linear+ReLU, then concatenated).
     """
 
     def __init__(self, emb_dim: int, reduce_dim: int = 64, hidden: int = 64, layers: int = 2, dropout: float = 0.2,
-                 kind: str = "lstm", heads: int = 4):
+                 kind: str = "lstm", heads: int = 4, blocks: tuple[int, ...] = ()):
         super().__init__()
         if kind not in KINDS:
             raise InputError(f"lstm.kind={kind!r}: one of {', '.join(KINDS)}")
         self.kind = kind
-        self.reduce = nn.Sequential(nn.Linear(emb_dim, reduce_dim), nn.ReLU()) if reduce_dim else nn.Identity()
-        d = reduce_dim or emb_dim
+        self.reverse_view = False  # predict_bag: also read each series backward (lstm.reverse_tta), set on loading
+        self.blocks = tuple(int(b) for b in blocks)
+        if self.blocks:
+            if sum(self.blocks) != emb_dim or not reduce_dim:
+                raise InputError(f"feature blocks {self.blocks} must add up to the width {emb_dim} and be projected "
+                                 f"(reduce_dim > 0, got {reduce_dim})")
+            self.reduces = nn.ModuleList(nn.Sequential(nn.Linear(b, reduce_dim), nn.ReLU()) for b in self.blocks)
+            d = reduce_dim * len(self.blocks)
+        else:
+            self.reduce = nn.Sequential(nn.Linear(emb_dim, reduce_dim), nn.ReLU()) if reduce_dim else nn.Identity()
+            d = reduce_dim or emb_dim
         width = 3 * d + N_LABELS
         if kind == "lstm_2nd_place":
             self.lstms = nn.ModuleList(nn.LSTM(3 * d if i == 0 else 2 * hidden, hidden, batch_first=True,
@@ -86,7 +98,10 @@ class SequenceModel(nn.Module):
                 z: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, D) embeddings, (B, T, 6) CNN logits, (B,) lengths, (B, T) slice positions in mm from the
         series' first slice (transformer only; default 5 mm apart) → (B, T, 6) logits (padding: 0)."""
-        e = self.reduce(emb)
+        if self.blocks:
+            e = torch.cat([f(x) for f, x in zip(self.reduces, emb.split(self.blocks, dim=-1), strict=True)], dim=-1)
+        else:
+            e = self.reduce(emb)
         b, t, d = e.shape
         steps = torch.arange(t, device=e.device).expand(b, t)
         last = (lengths.to(e.device) - 1).clamp(min=0)[:, None]
@@ -125,12 +140,16 @@ class SliceFeatures:
     patients: np.ndarray  # (N,) PatientID
     series: list[np.ndarray]  # row indices of each series, in z order
     z: np.ndarray | None = None  # (N,) slice position in mm (metadata ``z``); None: 5 mm apart
+    blocks: tuple[int, ...] = ()  # several CNNs' embeddings side by side in ``emb``: their widths (SequenceModel's)
 
     def batch(self, which: list[int], mean: np.ndarray, std: np.ndarray):
         """Padded tensors of the series ``which``: emb, logits, labels (or None), lengths, row indices, and z
         (mm from each series' first slice). One gather per array (a memory-mapped or float16 ``emb`` is read
         once, as float32), no loop over slices; padding is zero."""
-        rows = [self.series[i] for i in which]
+        return self.batch_rows([self.series[i] for i in which], mean, std)
+
+    def batch_rows(self, rows: list[np.ndarray], mean: np.ndarray, std: np.ndarray):
+        """:meth:`batch` of explicit row sequences (a series, a window of one, or one reversed)."""
         lengths = np.array([len(r) for r in rows])
         t = int(lengths.max())
         valid = np.arange(t)[None, :] < lengths[:, None]  # (B, T)
@@ -163,18 +182,23 @@ PREDICT_BATCH = 64  # series per prediction batch (no gradients: larger than the
 
 
 def predict_rows(model: SequenceModel, feats: SliceFeatures, series: list[int], mean, std, batch_size: int,
-             device: torch.device, amp: Amp = NO_AMP) -> np.ndarray:
-    """(N, 6) probabilities for the rows of ``series`` (others stay NaN)."""
+                 device: torch.device, amp: Amp = NO_AMP, reverse_view: bool = False) -> np.ndarray:
+    """(N, 6) probabilities for the rows of ``series`` (others stay NaN); with ``reverse_view`` the mean of the
+    series read forward and read backward (the 1st place's test view)."""
     out = np.full((len(feats.ids), N_LABELS), np.nan, np.float32)
     model.eval()
+    views = (False, True) if reverse_view else (False,)
     with torch.no_grad():
         for i in range(0, len(series), batch_size):
-            emb, logits, _, lengths, rows, z = feats.batch(series[i:i + batch_size], mean, std)
-            with autocast(device, amp):
-                lg = model(to_device(emb, device), to_device(logits, device), lengths, to_device(z, device))
-            probs = torch.sigmoid(lg.float()).cpu().numpy()
-            valid = np.arange(probs.shape[1])[None, :] < lengths.numpy()[:, None]
-            out[np.concatenate(rows)] = probs[valid]
+            for backward in views:
+                rows = [feats.series[j][::-1] if backward else feats.series[j] for j in series[i:i + batch_size]]
+                emb, logits, _, lengths, rows, z = feats.batch_rows(rows, mean, std)
+                with autocast(device, amp):
+                    lg = model(to_device(emb, device), to_device(logits, device), lengths, to_device(z, device))
+                probs = torch.sigmoid(lg.float()).cpu().numpy()
+                valid = np.arange(probs.shape[1])[None, :] < lengths.numpy()[:, None]
+                flat = np.concatenate(rows)
+                out[flat] = probs[valid] / len(views) if not backward else out[flat] + probs[valid] / len(views)
     return out
 
 
@@ -188,8 +212,9 @@ def load_models(path: str | Path, device: torch.device | None = None) -> tuple[l
     try:
         models = []
         for weights in state["bag"]:
-            model = SequenceModel(state["emb_dim"], **state["lstm"])
+            model = SequenceModel(state["emb_dim"], **state["lstm"], blocks=tuple(state.get("blocks", ())))
             model.load_state_dict(weights)
+            model.reverse_view = bool(state.get("reverse_view", False))
             models.append(model.to(device or torch.device("cpu")).eval())
         return models, state["mean"].numpy(), state["std"].numpy()
     except (KeyError, TypeError, AttributeError, RuntimeError) as exc:
@@ -199,7 +224,28 @@ def load_models(path: str | Path, device: torch.device | None = None) -> tuple[l
 
 def predict_bag(models: list[SequenceModel], feats: SliceFeatures, mean, std, device=None, amp: Amp = NO_AMP
                 ) -> np.ndarray:
-    """(N, 6) mean probability of the bagged models over every series of ``feats`` (``amp``: as stage 4 ran)."""
+    """(N, 6) mean probability of the bagged models over every series of ``feats`` (``amp``: as stage 4 ran; each
+    series also read backward where the models were saved with ``lstm.reverse_tta``)."""
     series = list(range(len(feats.series)))
-    return np.mean([predict_rows(m, feats, series, mean, std, PREDICT_BATCH, device or torch.device("cpu"), amp)
-                    for m in models], axis=0)
+    return np.mean([predict_rows(m, feats, series, mean, std, PREDICT_BATCH, device or torch.device("cpu"), amp,
+                                 m.reverse_view) for m in models], axis=0)
+
+
+class ConcatColumns:
+    """Several CNNs' per-slice arrays side by side, read lazily: row ``r`` is ``[a[maps[0][r]], a2[maps[1][r]], ...]``
+    (each array in its own row order, often memory-mapped; never copied whole). What :class:`SliceFeatures` needs of
+    an ``emb``: ``shape``, ``dtype`` and row indexing."""
+
+    def __init__(self, arrays: list[np.ndarray], maps: list[np.ndarray]):
+        self.arrays, self.maps = arrays, [np.asarray(m) for m in maps]
+        self.widths = tuple(int(a.shape[1]) for a in arrays)
+        self.shape = (len(self.maps[0]), sum(self.widths))
+        self.dtype = np.result_type(*(a.dtype for a in arrays))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.arange(self.shape[0])[rows] if isinstance(rows, slice) else np.asarray(rows)
+        return np.concatenate([np.asarray(a[m[rows]], np.float32) for a, m in zip(self.arrays, self.maps,
+                                                                                 strict=True)], axis=1)

@@ -15,6 +15,7 @@ from ichpipe.base.config import REPO_ROOT, Config, save_config
 from ichpipe.base.errors import InputError
 from ichpipe.base.files import atomic_dir, atomic_path
 from ichpipe.base.labels import ABBREVIATIONS, LABELS
+from ichpipe.scoring.folds import record_fold_table
 from ichpipe.scoring.metrics import per_class_log_loss, weighted_log_loss
 
 
@@ -114,19 +115,28 @@ def git_state() -> dict:
 
 
 PREDICTION_FILES = {"oof": "oof_predictions.parquet", "test": "test_predictions.parquet"}
+BY_FOLD_FILE = "test_by_fold.parquet"  # each fold's models' test predictions: image_id, fold, model, six columns
 SUBMISSIONS_FILE = "submissions.json"
 
 
 def write_results(folder: Path, cfg: Config, title: str, scores: Scores, extra: dict, oof: dict[str, pd.DataFrame],
-                  test: dict[str, pd.DataFrame], submissions: dict[str, dict]) -> None:
+                  test: dict[str, pd.DataFrame], submissions: dict[str, dict],
+                  by_fold: dict[str, dict[int, pd.DataFrame]] | None = None, meta: pd.DataFrame | None = None) -> None:
     """Stage 5's (or the ensemble's) results, replaced in ``folder`` as one unit (a kill leaves the former results
     or the new ones, never a mix): ``cv.md`` (``title`` and the table of ``scores``), ``cv.json`` (the scores and
     ``extra``), the prediction tables, ``submissions.json`` (per model, the submission file it made and its sha256:
-    what `make submit` uploads) and the resolved ``config.yaml``."""
+    what `make submit` uploads) and the resolved ``config.yaml``. With ``by_fold`` and ``meta``: each fold's test
+    predictions (``test_by_fold.parquet``, what a pseudo-label round of fold k trains on) and the fold table they
+    were made on (``folds.json``)."""
     with atomic_dir(folder, what="stage 5's results") as tmp:
         (tmp / "cv.md").write_text(title + format_table(scores))
         (tmp / "cv.json").write_text(json.dumps({**scores_json(scores), **extra}, indent=2) + "\n")
         write_prediction_tables(tmp, oof, test)
+        if by_fold and meta is not None:
+            pd.concat([f.assign(model=m, fold=k) for m, per in by_fold.items() for k, f in per.items()]).rename_axis(
+                "image_id").reset_index()[["image_id", "fold", "model", *LABELS]].to_parquet(
+                tmp / BY_FOLD_FILE, index=False)
+            record_fold_table(tmp, meta)
         (tmp / SUBMISSIONS_FILE).write_text(json.dumps(submissions, indent=1) + "\n")
         save_config(cfg, tmp / "config.yaml")
 

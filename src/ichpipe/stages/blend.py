@@ -37,6 +37,7 @@ from ichpipe.base.files import writer_lock
 from ichpipe.base.label_csv import long_to_wide, read_long_csv
 from ichpipe.base.labels import LABELS
 from ichpipe.base.paths import (
+    bag_dir,
     blend_dir,
     data_paths,
     epoch_number,
@@ -44,6 +45,7 @@ from ichpipe.base.paths import (
     finished_dirs,
     read_metadata,
     run_dir,
+    seed_configs,
     work_dir_id,
 )
 from ichpipe.scoring.folds import check_fold_table
@@ -55,12 +57,17 @@ from ichpipe.scoring.submission import fill_missing, sample_image_ids, submissio
 MODELS = ("prior", "cnn_single", "cnn_bagged", "lstm", "blend")
 
 
+BY_FOLD_MODELS = ("cnn_bagged", "lstm", "blend")  # the models whose per-fold test predictions are kept (pseudo-labels)
+
+
 @dataclass
 class Predictions:
-    """OOF and test probabilities (image_id index, six label columns) of each model."""
+    """OOF and test probabilities (image_id index, six label columns) of each model, and the test probabilities of
+    each fold's models alone (``by_fold``: model -> fold -> frame; what a pseudo-label round of fold k reads)."""
 
     oof: dict[str, pd.DataFrame] = field(default_factory=dict)
     test: dict[str, pd.DataFrame] = field(default_factory=dict)
+    by_fold: dict[str, dict[int, pd.DataFrame]] = field(default_factory=dict)
 
 
 def _cnn_probs(folder: Path, name: str) -> pd.DataFrame:
@@ -157,11 +164,51 @@ def collect(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
     for m in models:
         preds.oof[m] = pd.concat(per_fold[m])
         preds.test[m] = weighted_mean(tests[m], fold_w)
+        if m in BY_FOLD_MODELS:
+            preds.by_fold[m] = dict(zip(folds, tests[m], strict=True))
+    preds.by_fold["blend"] = {k: final_blend(preds.by_fold["cnn_bagged"][k], preds.by_fold.get("lstm", {}).get(k),
+                                             bcfg.lstm_weight) for k in folds}
     for where in (preds.oof, preds.test):
         where["blend"] = final_blend(where["cnn_bagged"], where.get("lstm"), bcfg.lstm_weight)
         for m in where:
             where[m] = where[m].clip(bcfg.clip, 1 - bcfg.clip)
+    preds.by_fold = {m: {k: f.clip(bcfg.clip, 1 - bcfg.clip) for k, f in per.items()}
+                     for m, per in preds.by_fold.items()}
     return preds, used
+
+
+def _mean_frames(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    return weighted_mean(frames, [1.0] * len(frames))
+
+
+def collect_bag(cfg: Config, meta: pd.DataFrame) -> tuple[Predictions, dict]:
+    """:func:`collect` of every seed of a bag (``seeds``), averaged model by model (OOF: each row from its own fold
+    in every seed; test and per fold alike), plus each seed's final blend as ``blend_seed<s>``. Without a bag, the
+    run of ``cfg`` itself."""
+    runs = seed_configs(cfg)
+    if not cfg.seeds:
+        return collect(cfg, meta)
+    parts = {}
+    for run in runs:
+        if not any(run_dir(run, k).exists() for k in sorted(int(f) for f in meta.fold.dropna().unique())):
+            raise InputError(f"{experiment_dir(run)}: seed {run.seed} of the bag {list(cfg.seeds)} has no run; train "
+                             f"it (`make train` runs every seed of the bag) or take it out of seeds")
+        parts[run.seed] = collect(run, meta)
+    first = parts[cfg.seeds[0]]
+    bag = Predictions()
+    for m in first[0].oof:
+        bag.oof[m] = _mean_frames([p.oof[m] for p, _ in parts.values()])
+        bag.test[m] = _mean_frames([p.test[m] for p, _ in parts.values()])
+    for m, per in first[0].by_fold.items():
+        bag.by_fold[m] = {k: _mean_frames([p.by_fold[m][k] for p, _ in parts.values()]) for k in per}
+    for s, (p, _) in parts.items():
+        bag.oof[f"blend_seed{s}"], bag.test[f"blend_seed{s}"] = p.oof["blend"], p.test["blend"]
+    return bag, {"seeds": {int(s): used for s, (_, used) in parts.items()}}
+
+
+def _folds(used: dict) -> list[int]:
+    """The folds a blend used (of a bag: of its first seed; every seed has the same, checked by the fold table)."""
+    return used["folds"] if "folds" in used else next(iter(used["seeds"].values()))["folds"]
 
 
 def _run_configs(cfg: Config, folds: list[int]) -> dict:
@@ -207,8 +254,8 @@ def run_blend(cfg: Config, today: dt.date | None = None) -> BlendResult:
     """Blend, score, write the CV table and both submissions."""
     paths = data_paths(cfg)
     meta = read_metadata(paths)
-    with writer_lock(experiment_dir(cfg), f"stage 5 (blend) of {cfg.experiment}"):
-        preds, used = collect(cfg, meta)
+    with writer_lock(bag_dir(cfg), f"stage 5 (blend) of {cfg.experiment}"):
+        preds, used = collect_bag(cfg, meta)
         truth_oof = meta[meta.fold.notna()].set_index("image_id")[list(LABELS)]
         scores = {"oof": score(preds.oof, truth_oof)}
         if paths.test_labels_csv.exists():  # the synthetic set's answer key
@@ -216,8 +263,10 @@ def run_blend(cfg: Config, today: dt.date | None = None) -> BlendResult:
             scores["test"] = score(preds.test, truth_test, complete=False)
         # the submissions first: the results folder names them, and replaces the former results as one unit
         written = _write_submissions(cfg, preds, scores, used, prior_of(truth_oof), today)
-        write_results(blend_dir(cfg), cfg, f"# CV: {cfg.experiment}\n\n", scores, {"used": used}, preds.oof,
-                      preds.test, {m: {"file": str(w.path), "sha256": w.sha256} for m, w in written.items()})
+        title = f"# CV: {cfg.experiment}" + (f" (the mean of seeds {list(cfg.seeds)})" if cfg.seeds else "")
+        write_results(blend_dir(cfg), cfg, title + "\n\n", scores, {"used": used}, preds.oof, preds.test,
+                      {m: {"file": str(w.path), "sha256": w.sha256} for m, w in written.items()},
+                      by_fold=preds.by_fold, meta=meta)
     return BlendResult(scores, written, format_table(scores), blend_dir(cfg))
 
 
@@ -244,7 +293,7 @@ def _write_submissions(cfg: Config, preds: Predictions, scores: Scores, used: di
                 "cv": {w: s[model].to_json() for w, s in scores.items()},
                 "cv_table": {w: {m: s[m].weighted for m in s} for w, s in scores.items()},
                 "images_filled_with_prior": filled, "used": used,
-                "configs": {"blend": to_dict(cfg), **_run_configs(cfg, used["folds"])}}
+                "configs": {"blend": to_dict(cfg), **_run_configs(seed_configs(cfg)[0], _folds(used))}}
         sub = write_checked(test, path, paths.sample_submission_csv, info)
         written[model] = MadeSubmission(sub.path, sub.sha256, sub.new, cv, filled)
     return written

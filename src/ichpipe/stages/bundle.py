@@ -69,6 +69,9 @@ def _series_calibration(oof: pd.DataFrame, meta: pd.DataFrame) -> dict:
 
 def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive: bool = False) -> Path:
     """Pack the finished experiment of ``cfg`` into the directory ``out`` (and ``out.tar.gz`` with ``archive``)."""
+    if cfg.seeds:
+        raise InputError(f"{cfg.experiment}: a bag of seeds {list(cfg.seeds)}; a bundle holds one run: bundle one seed "
+                         f"as its own experiment (train it without seeds), or bundle each seed with seed=<s> seeds=[]")
     out = Path(out)
     paths = data_paths(cfg)
     meta = read_metadata(paths)

@@ -1,33 +1,41 @@
 """Ensembles of experiments: several model families, one submission (``scripts/06_ensemble.py``).
 
-Each member is an experiment whose stage 5 has run: ``runs/<member>/blend/oof_predictions.parquet`` and
-``test_predictions.parquet`` hold its models' probabilities (``ensemble.member_model`` picks which,
-``blend`` by default). Members must have been trained on the fold table of today's metadata (every
-fold's ``folds.json``; refused otherwise: their OOF rows would not be out-of-fold for each other),
-and must hold a prediction for every labelled image (aligned by image id, never by row order).
+Each member is an experiment whose stage 5 has run (a bag of seeds included):
+``runs/<member>/blend/oof_predictions.parquet`` and ``test_predictions.parquet`` hold its models' probabilities
+(``ensemble.member_model`` picks which, ``blend`` by default). Members must have been trained on the fold table of
+today's metadata (every run folder's ``folds.json``; refused otherwise: their OOF rows would not be out-of-fold for
+each other), and must hold a prediction for every labelled image (aligned by image id, never by row order).
 
-Combiners, each scored out of fold on the same folds:
+Combiners, each scored out of fold on the same folds, each fitted on the other folds' rows only for fold k
+(src/ichpipe/fitting/stackers.py):
 
 ``mean``
     the members' probabilities averaged.
 ``weights``
-    per-class non-negative weights summing to 1 (scipy's SLSQP on the class's log loss), in
-    probability or logit space. Cross-fitted: fold k's predictions use weights fitted on the other
-    folds only, so its CV is not the in-sample optimum. The space is picked by that CV; the test set
-    uses weights fitted on every fold.
+    per-class non-negative weights summing to 1, in probability or logit space (``ensemble.weight_space``; auto:
+    the space of the lower CV). The test set uses weights fitted on every fold.
 ``stacker``
-    a second-level model per class (``ensemble.stacker.model``: scikit-learn's L2 logistic regression,
-    the default, or ``HistGradientBoostingClassifier`` for large sets) on each member's six logits for the slice,
-    for its neighbours at z±1 and z±2 in the series (the edge slice repeated), and the series' max and mean. Fold
-    k's predictions come from a stacker trained on the other folds; the test set gets the mean of those fold
-    stackers.
+    a logistic regression (or HistGradientBoosting) per class on each member's six logits for the slice, its
+    neighbours at ``ensemble.stacker.neighbours`` and the series' max and mean.
+``context``
+    the 3rd and 11th places' context stacker: LightGBM per class over every member's probabilities at z±1..k
+    (``ensemble.context.neighbours``), the slice's position and the series length, boosted from the members' mean
+    and stopped early on inner patient groups.
+``sequence``
+    the 1st place's: a sequence model (stage 4's, ``ensemble.sequence``) over every member's per-slice embeddings
+    (each projected on its own) and logits side by side, trained fold by fold with stage 4's discipline: fold k's
+    model sees only the members' fold-k CNNs (whose embeddings of fold k's patients are out of fold) and never fold
+    k's labels. A bag member gives one block per seed. Written per fold to ``runs/<name>/fold<k>/sequence/``
+    (resumable: a finished fold is kept unless its settings or its members' embeddings changed).
 
 The final model is ``ensemble.final`` (``auto``: the lowest OOF loss among the combiners and the
 members, so an ensemble never submits something worse out of fold than its best member). Writes::
 
     runs/<ensemble.name>/blend/             replaced as one folder: cv.md, cv.json (the CV table: every member,
                                              every combiner, the final), oof_ and test_predictions.parquet,
-                                             submissions.json, config.yaml
+                                             test_by_fold.parquet (each fold's combiners on the members' fold-k
+                                             test predictions, when every member has them), submissions.json,
+                                             config.yaml
     submissions/<date>_<ensemble.name>_cv<oof>.csv.gz   validated; the YAML beside it names the
                                              members, their weights and the combiner
 """
@@ -35,28 +43,41 @@ members, so an ensemble never submits something worse out of fold than its best 
 from __future__ import annotations
 
 import datetime as dt
-import warnings
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import minimize
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
 
-from ichpipe.base.config import Config, to_dict
+from ichpipe.base.config import Config, describe_changes, may_replace, save_config, to_dict
 from ichpipe.base.errors import InputError
-from ichpipe.base.files import writer_lock
+from ichpipe.base.files import atomic_path, save_torch, sweep_temp_files, write_text_atomic, writer_lock
 from ichpipe.base.label_csv import long_to_wide, read_long_csv
 from ichpipe.base.labels import LABELS
-from ichpipe.base.paths import blend_dir, data_paths, neighbour_positions, read_metadata, work_dir_id, z_order
-from ichpipe.scoring.folds import check_fold_table
-from ichpipe.scoring.metrics import EPS, log_loss_1d, logit, sigmoid
+from ichpipe.base.paths import blend_dir, data_paths, finished_dirs, read_metadata, work_dir_id
+from ichpipe.fitting import sequence_fit
+from ichpipe.fitting.stackers import (
+    Fitted,
+    context_features,
+    cross_fit_weights,
+    fit_context,
+    fit_stacker,
+    neighbour_features,
+)
+from ichpipe.scoring.folds import check_fold_table, fold_table_id
+from ichpipe.scoring.metrics import EPS, logit
 from ichpipe.scoring.metrics import prior as prior_of
-from ichpipe.scoring.results import PREDICTION_FILES, Scores, format_table, git_state, score, write_results
+from ichpipe.scoring.results import (
+    BY_FOLD_FILE,
+    PREDICTION_FILES,
+    Scores,
+    format_table,
+    git_state,
+    score,
+    write_results,
+)
 from ichpipe.scoring.submission import fill_missing, sample_image_ids, submissions_dir, sweep_leftovers, write_checked
 
 
@@ -75,6 +96,17 @@ def load_member(cfg: Config, member: str, model: str, where: str) -> pd.DataFram
     return frame
 
 
+def member_by_fold(cfg: Config, member: str, model: str) -> dict[int, pd.DataFrame] | None:
+    """Each fold's test probabilities of a member's ``model`` (its stage 5's ``test_by_fold.parquet``), or None when
+    its stage 5 did not write them."""
+    path = blend_dir(cfg, member) / BY_FOLD_FILE
+    if not path.exists():
+        return None
+    table = pd.read_parquet(path)
+    table = table[table.model == model]
+    return {int(k): g.set_index("image_id")[list(LABELS)].astype(np.float64) for k, g in table.groupby("fold")}
+
+
 def aligned(frames: dict[str, pd.DataFrame], index: pd.Index, where: str) -> np.ndarray:
     """(members, N, 6) probabilities in the row order of ``index``; a member missing an image is an error."""
     out = []
@@ -87,86 +119,9 @@ def aligned(frames: dict[str, pd.DataFrame], index: pd.Index, where: str) -> np.
     return np.stack(out)
 
 
-def _combine(members: np.ndarray, w: np.ndarray, space: str) -> np.ndarray:
-    """(M, N) probabilities of one class, weights (M,) → (N,) combined probabilities."""
-    if space == "logit":
-        return sigmoid(np.tensordot(w, logit(np.clip(members, EPS, 1 - EPS)), axes=1))
-    return np.tensordot(w, members, axes=1)
-
-
-def fit_weights(members: np.ndarray, y: np.ndarray, space: str) -> np.ndarray:
-    """(M, N, 6) member probabilities, (N, 6) labels → (M, 6) per-class weights, ≥ 0 and summing to 1."""
-    m = members.shape[0]
-    out = np.empty((m, len(LABELS)))
-    for c in range(len(LABELS)):
-        start = np.full(m, 1.0 / m)
-        result = minimize(lambda w, c=c: log_loss_1d(y[:, c], _combine(members[:, :, c], w, space)), start,
-                          method="SLSQP", bounds=[(0.0, 1.0)] * m,
-                          constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0},))
-        w = np.clip(result.x if result.success else start, 0.0, None)
-        out[:, c] = w / w.sum()
-    return out
-
-
-def apply_weights(members: np.ndarray, weights: np.ndarray, space: str) -> np.ndarray:
-    return np.stack([_combine(members[:, :, c], weights[:, c], space) for c in range(len(LABELS))], axis=1)
-
-
-def neighbour_features(probs: np.ndarray, rows: pd.DataFrame, offsets: list[int]) -> np.ndarray:
-    """Stacker features of each row: per member, the six logits of the slice, of its neighbours at each
-    offset (± along z, the series' edge slice repeated) and the series' max and mean.
-
-    ``probs``: (M, N, 6); ``rows``: N metadata rows (series keys, ``slice_index``) in the same order.
-    """
-    lg = logit(np.clip(probs, EPS, 1 - EPS))  # (M, N, 6)
-    sorted_rows, first, last = z_order(rows)
-    starts = np.unique(first)
-    ends = np.r_[starts[1:], len(sorted_rows)]
-    blocks = [lg[:, sorted_rows]]
-    for d in offsets:
-        for s in (-d, d):
-            blocks.append(lg[:, sorted_rows[neighbour_positions(len(sorted_rows), s, first, last)]])
-    for reduce in (np.maximum, np.add):
-        agg = reduce.reduceat(lg[:, sorted_rows], starts, axis=1)
-        if reduce is np.add:
-            agg = agg / (ends - starts)[None, :, None]
-        blocks.append(np.repeat(agg, ends - starts, axis=1))
-    feats = np.concatenate(blocks, axis=2)  # (M, N sorted, 6 x blocks)
-    feats = np.transpose(feats, (1, 0, 2)).reshape(len(rows), -1)
-    out = np.empty_like(feats)
-    out[sorted_rows] = feats
-    return out
-
-
-def _stacker(cfg, seed: int):
-    s = cfg.ensemble.stacker
-    if s.model == "logistic":
-        return make_pipeline(StandardScaler(), LogisticRegression(C=s.c, max_iter=2000))
-    if s.model == "hgb":
-        return HistGradientBoostingClassifier(max_iter=s.max_iter, learning_rate=s.learning_rate,
-                                              max_leaf_nodes=s.max_leaf_nodes, min_samples_leaf=s.min_samples_leaf,
-                                              l2_regularization=s.l2_regularization, early_stopping=False,
-                                              random_state=seed)
-    raise InputError(f"ensemble.stacker.model={s.model!r}: logistic or hgb")
-
-
-def fit_stacker(cfg: Config, x: np.ndarray, y: np.ndarray, folds: np.ndarray, x_test: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Cross-fitted OOF (each fold from stackers trained on the others) and test (their mean) probabilities."""
-    oof = np.full(y.shape, np.nan)
-    test = np.zeros((len(x_test), len(LABELS)))
-    fold_values = np.unique(folds)
-    for c in range(len(LABELS)):
-        for k in fold_values:
-            train = folds != k
-            if y[train, c].min() == y[train, c].max():  # one class only: the training prevalence
-                oof[folds == k, c] = y[train, c].mean()
-                test[:, c] += y[train, c].mean() / len(fold_values)
-                continue
-            model = _stacker(cfg, cfg.seed + int(k)).fit(x[train], y[train, c])
-            oof[folds == k, c] = model.predict_proba(x[folds == k])[:, 1]
-            test[:, c] += model.predict_proba(x_test)[:, 1] / len(fold_values)
-    return oof, test
+def member_runs(runs: Path, member: str) -> list[Path]:
+    """A member's run folders (``fold<k>``), per seed for a bag of seeds (``seed<s>/fold<k>``)."""
+    return sorted([*(runs / member).glob("fold*/"), *(runs / member).glob("seed*/fold*/")])
 
 
 @dataclass
@@ -174,20 +129,22 @@ class _Members:
     """The members' predictions, aligned: (members, rows, 6) arrays over the labelled and the test images."""
 
     names: list[str]
+    meta: pd.DataFrame  # today's metadata
     labelled: pd.DataFrame  # the metadata's labelled rows, indexed by image id
     test_rows: pd.DataFrame  # the metadata's rows of the test images, in test_index order
     oof: np.ndarray
     test: np.ndarray
     test_index: pd.Index
+    by_fold: dict[int, np.ndarray] | None  # fold -> (members, T, 6): each fold's test view; None if one lacks it
 
 
-def run_ensemble(cfg: Config, today: dt.date | None = None) -> EnsembleResult:
+def run_ensemble(cfg: Config, today: dt.date | None = None, progress: bool = True) -> EnsembleResult:
     """Combine the members of ``cfg.ensemble``; CV table, predictions and a validated submission."""
     members = _members(cfg)
     with writer_lock(data_paths(cfg).runs / cfg.ensemble.name, f"make ensemble {cfg.ensemble.name}"):
         loaded = _load_members(cfg, members)
-        oof, test, detail = _combine_members(cfg, loaded)
-        return _write_results(cfg, loaded, oof, test, detail, today)
+        fitted, detail = _combine_members(cfg, loaded, progress)
+        return _write_results(cfg, loaded, fitted, detail, today)
 
 
 def _members(cfg: Config) -> list[str]:
@@ -197,6 +154,8 @@ def _members(cfg: Config) -> list[str]:
     if len(members) < 2:
         raise InputError(f"ensemble.members: {members or 'none'}; name at least two experiments "
                          f"(make ensemble EXPERIMENTS=\"demo demo_mobilenet\")")
+    if ecfg.name in members:
+        raise InputError(f"ensemble.name={ecfg.name}: also a member; give the ensemble a name of its own")
     return members  # the combiners, the final choice and the weight space are checked with the config
 
 
@@ -207,7 +166,7 @@ def _load_members(cfg: Config, members: list[str]) -> _Members:
     meta = read_metadata(paths)
     labelled = meta[meta.fold.notna()].set_index("image_id")
     for name in members:
-        runs = sorted((paths.runs / name).glob("fold*/"))
+        runs = member_runs(paths.runs, name)
         if not runs:
             raise InputError(f"{paths.runs / name}: no run folders; train experiment {name} first")
         check_fold_table(runs, meta)  # every member on today's folds, hence on the same folds
@@ -219,46 +178,167 @@ def _load_members(cfg: Config, members: list[str]) -> _Members:
         if not frame.index.sort_values().equals(test_index.sort_values()):
             raise InputError(f"member {name}: its test predictions cover {len(frame)} images, "
                              f"{members[0]}'s {len(test_index)}; run stage 5 of both on the same metadata")
-    return _Members(members, labelled, meta.set_index("image_id").loc[test_index],
-                    aligned(oof_frames, labelled.index, "OOF"), aligned(test_frames, test_index, "test"), test_index)
+    views = {m: member_by_fold(cfg, m, ecfg.member_model) for m in members}
+    by_fold = None
+    if all(v is not None for v in views.values()):
+        folds = sorted(int(k) for k in labelled.fold.unique())
+        by_fold = {k: aligned({m: v[k] for m, v in views.items() if k in v}, test_index, f"fold-{k} test")
+                   for k in folds if all(k in v for v in views.values())}
+        by_fold = by_fold if len(by_fold) == len(folds) else None
+    return _Members(members, meta, labelled, meta.set_index("image_id").loc[test_index],
+                    aligned(oof_frames, labelled.index, "OOF"), aligned(test_frames, test_index, "test"), test_index,
+                    by_fold)
 
 
-def _combine_members(cfg: Config, m: _Members) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
-    """OOF and test probabilities of each member and each combiner (cross-fitted out of fold), and what each
-    combiner fitted."""
+def _combine_members(cfg: Config, m: _Members, progress: bool) -> tuple[dict[str, Fitted], dict]:
+    """OOF, test and per-fold test probabilities of each member and each combiner (cross-fitted out of fold), and
+    what each combiner fitted."""
     ecfg = cfg.ensemble
     y = m.labelled[list(LABELS)].to_numpy(np.float64)
     folds = m.labelled.fold.to_numpy(int)
-    oof: dict[str, np.ndarray] = {name: m.oof[i] for i, name in enumerate(m.names)}
-    test: dict[str, np.ndarray] = {name: m.test[i] for i, name in enumerate(m.names)}
-    detail: dict = {}
+    views = m.by_fold or {}
+    out: dict[str, Fitted] = {name: Fitted(m.oof[i], m.test[i], {k: v[i] for k, v in views.items()})
+                              for i, name in enumerate(m.names)}
+    detail: dict = {"test_by_fold": m.by_fold is not None}
     if "mean" in ecfg.combiners:
-        oof["mean"], test["mean"] = m.oof.mean(axis=0), m.test.mean(axis=0)
+        out["mean"] = Fitted(m.oof.mean(axis=0), m.test.mean(axis=0), {k: v.mean(axis=0) for k, v in views.items()})
     if "weights" in ecfg.combiners:
-        spaces = ["prob", "logit"] if ecfg.weight_space == "auto" else [ecfg.weight_space]
-        cross: dict[str, np.ndarray] = {}
-        for space in spaces:
-            cross[space] = np.empty_like(y)
-            for k in np.unique(folds):
-                w = fit_weights(m.oof[:, folds != k], y[folds != k], space)
-                cross[space][folds == k] = apply_weights(m.oof[:, folds == k], w, space)
-        losses = {s: score({"w": pd.DataFrame(p, columns=list(LABELS))},
-                           pd.DataFrame(y, columns=list(LABELS)))["w"].weighted for s, p in cross.items()}
-        space = min(losses, key=losses.get)
-        weights = fit_weights(m.oof, y, space)
-        oof["weights"], test["weights"] = cross[space], apply_weights(m.test, weights, space)
-        detail["weights"] = {"space": space, "cv_by_space": losses,
-                             "per_class": {c: {name: round(float(weights[i, j]), 4) for i, name in enumerate(m.names)}
-                                           for j, c in enumerate(LABELS)}}
+        out["weights"], detail["weights"] = _weights(cfg, m, y, folds)
     if "stacker" in ecfg.combiners:
         offsets = list(ecfg.stacker.neighbours)
-        x = neighbour_features(m.oof, m.labelled, offsets)
-        x_test = neighbour_features(m.test, m.test_rows, offsets)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            oof["stacker"], test["stacker"] = fit_stacker(cfg, x, y, folds, x_test)
-        detail["stacker"] = {"model": ecfg.stacker.model, "features": int(x.shape[1]), "neighbours": offsets}
-    return oof, test, detail
+        x_views = {k: neighbour_features(v, m.test_rows, offsets) for k, v in views.items()} or None
+        out["stacker"] = fit_stacker(ecfg.stacker, cfg.seed, neighbour_features(m.oof, m.labelled, offsets), y, folds,
+                                     neighbour_features(m.test, m.test_rows, offsets), x_views)
+        detail["stacker"] = {"model": ecfg.stacker.model, "neighbours": offsets}
+    if "context" in ecfg.combiners:
+        out["context"], detail["context"] = _context(cfg, m, y, folds)
+    if "sequence" in ecfg.combiners:
+        out["sequence"], detail["sequence"] = _sequence(cfg, m, progress)
+    return out, detail
+
+
+def _weights(cfg: Config, m: _Members, y: np.ndarray, folds: np.ndarray) -> tuple[Fitted, dict]:
+    """Per-class weights, in the space of the lower cross-fitted CV when ``weight_space=auto``."""
+    ecfg = cfg.ensemble
+    spaces = ["prob", "logit"] if ecfg.weight_space == "auto" else [ecfg.weight_space]
+    fits = {s: cross_fit_weights(m.oof, y, folds, s, m.test, m.by_fold) for s in spaces}
+    truth = pd.DataFrame(y, columns=list(LABELS))
+    losses = {s: score({"w": pd.DataFrame(f.oof, columns=list(LABELS))}, truth)["w"].weighted
+              for s, (f, _) in fits.items()}
+    space = min(losses, key=losses.get)
+    fitted, weights = fits[space]
+    return fitted, {"space": space, "cv_by_space": losses,
+                    "per_class": {c: {name: round(float(weights[i, j]), 4) for i, name in enumerate(m.names)}
+                                  for j, c in enumerate(LABELS)}}
+
+
+def _context(cfg: Config, m: _Members, y: np.ndarray, folds: np.ndarray) -> tuple[Fitted, dict]:
+    """The context stacker over every member at z ± 1..k, boosted from their mean."""
+    ccfg = cfg.ensemble.context
+
+    def base(probs: np.ndarray) -> np.ndarray:
+        return logit(np.clip(probs.mean(axis=0), EPS, 1 - EPS))
+
+    x = context_features(m.oof, m.labelled, ccfg.neighbours)
+    views = {k: (context_features(v, m.test_rows, ccfg.neighbours), base(v)) for k, v in (m.by_fold or {}).items()}
+    fitted, rounds = fit_context(ccfg, cfg.seed, cfg.data.workers, x, base(m.oof), y, folds,
+                                 m.labelled.PatientID.to_numpy(), context_features(m.test, m.test_rows,
+                                                                                   ccfg.neighbours),
+                                 base(m.test), views or None)
+    return fitted, {"neighbours": ccfg.neighbours, "features": int(x.shape[1]),
+                    "rounds_median": {c: float(np.median(r)) if r else 0.0 for c, r in rounds.items()}}
+
+
+# a finished fold of the sequence combiner made with other values of these: refused unless replace=true
+SEQUENCE_KEYS = ("seed", "ensemble.members", "ensemble.member_model", "ensemble.sequence.")
+
+
+def _sequence(cfg: Config, m: _Members, progress: bool) -> tuple[Fitted, dict]:
+    """The sequence model over every member's embeddings, fold by fold (each fold resumable)."""
+    paths = data_paths(cfg)
+    oof = pd.DataFrame(np.nan, index=m.labelled.index, columns=list(LABELS))
+    views, tests, written = {}, [], {}
+    folds = sorted(int(k) for k in m.labelled.fold.unique())
+    for k in tqdm(folds, desc=f"{cfg.ensemble.name}: sequence model per fold", disable=not progress):
+        folders = _member_embeddings(paths.runs, m.names, k)
+        target = paths.runs / cfg.ensemble.name / f"fold{k}" / "sequence"
+        o, t = _sequence_fold(cfg, target, folders, m.meta, k, progress)
+        oof.loc[o.index] = o.to_numpy()
+        views[k] = t.loc[m.test_index].to_numpy()
+        tests.append(views[k])
+        written[k] = str(target)
+    if oof.isna().any().any():
+        raise InputError(f"{cfg.ensemble.name}: the sequence model has no OOF prediction for "
+                         f"{int(oof.isna().any(axis=1).sum())} labelled images; embed every member on today's metadata")
+    return Fitted(oof.to_numpy(), np.mean(tests, axis=0), views), {
+        "blocks": [str(f) for f in _member_embeddings(paths.runs, m.names, folds[0])], "folds": written}
+
+
+def _member_embeddings(runs: Path, members: list[str], fold: int) -> list[Path]:
+    """The last finished embedding folder of fold ``fold`` of every member run (every seed of a bag)."""
+    out = []
+    for name in members:
+        for run in [r for r in member_runs(runs, name) if r.name == f"fold{fold}"]:
+            done = finished_dirs(run / "embeddings")
+            if not done:
+                raise InputError(f"{run}/embeddings: no finished embeddings of member {name}; the sequence combiner "
+                                 f"reads every member's embeddings: run `make embed experiment={name} fold={fold}`")
+            out.append(done[-1])
+    return out
+
+
+def _sequence_inputs(folders: list[Path], meta: pd.DataFrame) -> dict:
+    """What a finished fold of the sequence combiner was made from: redone when it changes."""
+    return {"folders": [str(f) for f in folders], "done_mtime_ns": [(f / "done").stat().st_mtime_ns for f in folders],
+            "fold_table": fold_table_id(meta)}
+
+
+def _sequence_fold(cfg: Config, target: Path, folders: list[Path], meta: pd.DataFrame, fold: int, progress: bool
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fold ``fold``'s sequence model over the members' fold-k features: OOF and test probabilities (image id index);
+    read back when finished with the same settings and inputs."""
+    inputs = _sequence_inputs(folders, meta)
+    if (target / "done").exists():
+        changed = may_replace(target, cfg, SEQUENCE_KEYS, "the ensemble's sequence models")
+        same = json.loads((target / "inputs.json").read_text()) == inputs if (target / "inputs.json").exists() else 0
+        if not changed and same:
+            return tuple(pd.read_parquet(target / f"{w}.parquet").set_index("image_id")[list(LABELS)]
+                         for w in ("oof", "test"))
+        if not changed:
+            tqdm.write(f"{target}: redoing (the members' embeddings or the folds changed)")
+        else:
+            tqdm.write(f"{target}: redoing ({describe_changes(changed)})")
+        (target / "done").unlink()
+    lcfg = cfg.ensemble.sequence
+    oof_feats = sequence_fit.member_features(folders, "oof", meta)
+    test_feats = sequence_fit.member_features(folders, "test", meta)
+    extra = None
+    if lcfg.train_on != "oof":
+        missing = [f for f in folders if not (f / "train_ids.csv").exists()]
+        if missing:
+            raise InputError(f"{missing[0]}: no training-patient embeddings; ensemble.sequence.train_on="
+                             f"{lcfg.train_on} needs every member embedded with embed.train=true")
+        extra = sequence_fit.member_features(folders, "train", meta)
+    if lcfg.train_on == "train":
+        o, t, history, keep = sequence_fit.fit_on_training_patients(lcfg, cfg.seed, cfg.train.amp, extra, oof_feats,
+                                                                    test_feats)
+    else:
+        o, t, history, keep = sequence_fit.fit_nested(lcfg, cfg.seed, cfg.train.amp, oof_feats, test_feats, extra,
+                                                      progress, f"fold {fold} inner folds")
+    target.mkdir(parents=True, exist_ok=True)
+    sweep_temp_files(target)
+    save_torch(keep, target / "models.pt")
+    frames = {}
+    for where, ids, probs in (("oof", oof_feats.ids, o), ("test", test_feats.ids, t)):
+        frames[where] = pd.DataFrame(probs, index=pd.Index(ids, name="image_id"), columns=list(LABELS))
+        with atomic_path(target / f"{where}.parquet") as tmp:
+            frames[where].astype(np.float32).reset_index().to_parquet(tmp, index=False)
+    with atomic_path(target / "history.csv") as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
+    write_text_atomic(target / "inputs.json", json.dumps(inputs) + "\n")
+    save_config(cfg, target / "config.yaml")
+    write_text_atomic(target / "done", f"members={','.join(cfg.ensemble.members)}\n")
+    return frames["oof"], frames["test"]
 
 
 @dataclass(frozen=True)
@@ -268,19 +348,21 @@ class EnsembleResult:
     path: Path  # its submission
     table: str  # the CV table, Markdown
     cv_dir: Path  # runs/<ensemble.name>/blend
-    detail: dict  # what the combiners fitted (per-class weights, the stacker's features), as cv.json holds it
+    detail: dict  # what the combiners fitted (per-class weights, the stackers' features), as cv.json holds it
     members: list[str]
 
 
-def _write_results(cfg: Config, m: _Members, oof: dict[str, np.ndarray], test: dict[str, np.ndarray], detail: dict,
-                   today: dt.date | None) -> EnsembleResult:
+def _write_results(cfg: Config, m: _Members, fitted: dict[str, Fitted], detail: dict, today: dt.date | None
+                   ) -> EnsembleResult:
     """Scores, the final choice, the CV table, prediction tables and the validated submission."""
     ecfg, paths, members = cfg.ensemble, data_paths(cfg), m.names
     clip = cfg.blend.clip
-    index, test_index = m.labelled.index, m.test_index
-    preds_oof = {k: pd.DataFrame(np.clip(p, clip, 1 - clip), index=index, columns=list(LABELS)) for k, p in oof.items()}
-    preds_test = {k: pd.DataFrame(np.clip(p, clip, 1 - clip), index=test_index, columns=list(LABELS))
-                  for k, p in test.items()}
+
+    def frame(p: np.ndarray, index: pd.Index) -> pd.DataFrame:
+        return pd.DataFrame(np.clip(p, clip, 1 - clip), index=index, columns=list(LABELS))
+
+    preds_oof = {k: frame(f.oof, m.labelled.index) for k, f in fitted.items()}
+    preds_test = {k: frame(f.test, m.test_index) for k, f in fitted.items()}
     truth = m.labelled[list(LABELS)]
     scores = {"oof": score(preds_oof, truth)}
     # auto: the lowest OOF loss among the combiners and the members themselves, so that an ensemble
@@ -289,6 +371,10 @@ def _write_results(cfg: Config, m: _Members, oof: dict[str, np.ndarray], test: d
                                                         key=lambda c: scores["oof"][c].weighted)
     preds_oof["final"], preds_test["final"] = preds_oof[final], preds_test[final]
     scores["oof"]["final"] = scores["oof"][final]
+    by_fold = None
+    if m.by_fold is not None:
+        by_fold = {k: {j: frame(v, m.test_index) for j, v in f.by_fold.items()} for k, f in fitted.items()}
+        by_fold["final"] = by_fold[final]
     if paths.test_labels_csv.exists():
         truth_test = long_to_wide(read_long_csv(paths.test_labels_csv), paths.test_labels_csv)
         scores["test"] = score(preds_test, truth_test, complete=False)
@@ -314,5 +400,5 @@ def _write_results(cfg: Config, m: _Members, oof: dict[str, np.ndarray], test: d
     out = blend_dir(cfg, ecfg.name)
     title = f"# Ensemble {ecfg.name}: {' + '.join(members)} ({ecfg.member_model} of each); final = {final}\n\n"
     write_results(out, cfg, title, scores, {"final": final, "members": members, "detail": detail}, preds_oof,
-                  preds_test, {"final": {"file": str(path), "sha256": written.sha256}})
+                  preds_test, {"final": {"file": str(path), "sha256": written.sha256}}, by_fold=by_fold, meta=m.meta)
     return EnsembleResult(scores, final, path, format_table(scores), out, detail, members)

@@ -35,6 +35,7 @@ from ichpipe.base.errors import InputError
 from ichpipe.base.files import atomic_path, write_text_atomic, writer_lock
 from ichpipe.base.labels import ABBREVIATIONS, ANY_INDEX, LABELS, SUBTYPES
 from ichpipe.base.paths import (
+    bag_dir,
     blend_dir,
     data_paths,
     epoch_number,
@@ -43,6 +44,7 @@ from ichpipe.base.paths import (
     png_path,
     read_metadata,
     run_dir,
+    seed_configs,
 )
 from ichpipe.imaging.png import read_png
 from ichpipe.networks.dataset import EvalInput, SliceDataset, normalize, to_input
@@ -365,12 +367,14 @@ class ReportResult:
 
 
 def run_report(cfg: Config) -> ReportResult:
-    """Write every figure and ``report.md`` into ``runs/<experiment>/report/``; returns the numbers."""
-    exp = experiment_dir(cfg)
+    """Write every figure and ``report.md`` into ``runs/<experiment>/report/``; returns the numbers. A bag of seeds
+    is reported by its averaged predictions, with its first seed's CNNs (Grad-CAM) and training curves."""
+    if cfg.seeds and cfg.seed not in cfg.seeds:
+        cfg = seed_configs(cfg)[0]
     if not (blend_dir(cfg) / PREDICTION_FILES["oof"]).exists():
         raise InputError(f"{blend_dir(cfg) / PREDICTION_FILES['oof']}: not found; run `make submission` first")
-    with writer_lock(exp, f"make report of {cfg.experiment}"):
-        return _report(cfg, exp)
+    with writer_lock(bag_dir(cfg), f"make report of {cfg.experiment}"):
+        return _report(cfg, experiment_dir(cfg))
 
 
 def _report(cfg: Config, exp: Path) -> ReportResult:
@@ -397,7 +401,7 @@ def _report(cfg: Config, exp: Path) -> ReportResult:
     y = meta.loc[ids, list(LABELS)].to_numpy(np.float64)
     p = chosen[list(LABELS)].to_numpy(np.float64)
     prior = prior_of(y)
-    out = exp / "report"
+    out = bag_dir(cfg) / "report"
     out.mkdir(parents=True, exist_ok=True)
 
     fig1 = figure1(y, p, prior, ids, paths.pngs(cfg.preprocess), out / "figure1.png",

@@ -18,6 +18,7 @@ validates, logs and writes.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -36,10 +37,19 @@ from tqdm import tqdm
 from ichpipe.base.config import Config, changed_settings, describe_changes, save_config
 from ichpipe.base.device import Amp, Runtime, amp_settings, autocast, close_runtime, init_runtime, local_main_first
 from ichpipe.base.errors import InputError
-from ichpipe.base.files import atomic_path, load_tensors, save_torch, sweep_temp_files, writer_lock
+from ichpipe.base.files import atomic_path, load_tensors, save_torch, sweep_temp_files, write_text_atomic, writer_lock
 from ichpipe.base.labels import LABELS
 from ichpipe.base.paths import checkpoint_path, data_paths, read_metadata, run_dir
-from ichpipe.networks.dataset import DEFAULT_AUGMENT, EvalInput, SliceDataset, build_transform, make_loader, normalize
+from ichpipe.fitting.pseudo import PSEUDO_RECORD, PseudoLabels, pseudo_rows, read_pseudo_labels, wanted
+from ichpipe.networks.dataset import (
+    DEFAULT_AUGMENT,
+    EvalInput,
+    SliceDataset,
+    build_transform,
+    checked_labels,
+    make_loader,
+    normalize,
+)
 from ichpipe.networks.losses import make_loss
 from ichpipe.networks.models import create_model, load_weights
 from ichpipe.networks.optim import accumulation_groups, make_optimizer, make_schedule
@@ -215,7 +225,38 @@ RESUME_KEYS = ("seed", "model.backbone", "model.kwargs", "model.drop_rate", "tra
                "train.batch_size", "train.lr", "train.optimizer", "train.schedule", "train.weight_decay",
                "train.warmup_steps", "train.accumulate", "train.loss", "train.mixup", "train.label_smoothing",
                "train.augment", "train.crop_border", "train.crop_margin", "preprocess.size", "preprocess.windows",
-               "preprocess.mode", "preprocess.name")
+               "preprocess.mode", "preprocess.name", "pseudo.")
+
+
+def _training_set(cfg: Config, rt: Runtime, out: Path, train_meta: pd.DataFrame, targets: np.ndarray,
+                  meta: pd.DataFrame, png_dir: Path, channels: int, resumed: bool) -> SliceDataset:
+    """The fold's training slices with their labels, and with ``pseudo.source`` the test slices with fold k's
+    pseudo-labels beside them (recorded in the run folder)."""
+    tcfg = cfg.train
+    pseudo = read_pseudo_labels(cfg, cfg.fold, meta) if wanted(cfg, "train") else None
+    if rt.is_main:
+        _record_pseudo(out, pseudo, resumed)
+    if pseudo is not None:
+        extra = pseudo_rows(meta, pseudo)
+        train_meta = pd.concat([train_meta, extra], ignore_index=True)
+        targets = np.concatenate([targets, extra[list(LABELS)].to_numpy(np.float32)])
+    return SliceDataset(train_meta, png_dir, build_transform(tcfg.augment or DEFAULT_AUGMENT, tcfg.image_size,
+                                                             train=True), cfg.seed,
+                        tcfg.crop_margin if tcfg.crop_border else None, channels=channels, targets=targets)
+
+
+def _record_pseudo(out: Path, pseudo: PseudoLabels | None, resumed: bool) -> None:
+    """The pseudo-labels a run trains on, in its folder (``pseudo.json``); a resume whose source has changed since
+    is refused (its finished epochs learnt from the former labels)."""
+    path = out / PSEUDO_RECORD
+    now = pseudo.record() if pseudo else None
+    if resumed and path.exists():
+        before = json.loads(path.read_text())
+        if (before or {}).get("digest") != (now or {}).get("digest"):
+            given = now["source"] if now else "none"
+            raise InputError(f"{out}: its epochs so far trained on other pseudo-labels than those of {given} now; "
+                             f"set experiment=<new name> for a new round")
+    write_text_atomic(path, json.dumps(now) + "\n")
 
 
 def check_resume(cfg: Config, out: Path) -> None:
@@ -334,11 +375,10 @@ def _set_up(cfg: Config, rt: Runtime, stack: contextlib.ExitStack) -> _Run:
         record_fold_table(out, meta)
         save_config(cfg, out / "config.yaml")
 
-    augment = tcfg.augment or DEFAULT_AUGMENT
     val_input = EvalInput.of(tcfg.image_size, tcfg.crop_border, cfg.preprocess.mode)
     channels = val_input.channels
-    train_ds = SliceDataset(train_meta, png_dir, build_transform(augment, tcfg.image_size, train=True), cfg.seed,
-                            tcfg.crop_margin if tcfg.crop_border else None, labelled=True, channels=channels)
+    labelled_targets = checked_labels(train_meta)
+    train_ds = _training_set(cfg, rt, out, train_meta, labelled_targets, meta, png_dir, channels, last.exists())
     val_ds = SliceDataset(val_meta, png_dir, val_input.transform, cfg.seed, val_input.crop, labelled=True,
                           channels=channels)
     train_ds.check_files()
@@ -361,7 +401,7 @@ def _set_up(cfg: Config, rt: Runtime, stack: contextlib.ExitStack) -> _Run:
     scaler = torch.amp.GradScaler(rt.device.type, enabled=amp.scaler)
     start_epoch, step = 0, 0
     if not last.exists() and not cfg.model.init_from:
-        init_head_bias(model, prior(train_ds.labels))
+        init_head_bias(model, prior(labelled_targets))
     if last.exists():
         load_weights(model, state["model"], last, cfg.model.backbone)
         optimizer.load_state_dict(state["optimizer"])
@@ -381,7 +421,7 @@ def _set_up(cfg: Config, rt: Runtime, stack: contextlib.ExitStack) -> _Run:
                val_loader=val_loader, model=model, net=net, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                optimizer_step=OptimizerStep(optimizer, scaler), amp=amp, loss_fn=make_loss(tcfg.loss, rt.device),
                groups=groups, steps_per_epoch=steps_per_epoch, start_epoch=start_epoch, step=step,
-               baseline=prior_baseline(train_ds.labels, val_ds.labels),
+               baseline=prior_baseline(labelled_targets, val_ds.labels),
                history=[h for h in history if h["epoch"] < start_epoch])
     if rt.is_main:
         from torch.utils.tensorboard import SummaryWriter
