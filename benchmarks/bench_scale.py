@@ -14,7 +14,10 @@ that its peak RSS is its own:
   ``lstm.train_on`` trains it on (an inner fold of the held-out patients, the CNN's training patients, or
   both), and its predictions: seconds per epoch and per prediction, peak RSS (and GPU memory), and the
   projection for the whole stage (5 folds x the config's embedded epochs x models per checkpoint x epochs);
-- ``blend``: stage 5 over every fold and checkpoint: seconds and peak RSS.
+- ``blend``: stage 5 over every fold and checkpoint: seconds and peak RSS;
+- ``context``: the ensemble's context stacker (``--context-config``: its members' count and neighbours) over fake
+  member probabilities of every slice: its feature matrix, one LightGBM model's seconds, peak RSS, the whole
+  combiner projected.
 
 Also prints stage 3's disk at the real size for the config (every fold and embedded epoch, its dtype).
 ``--scale 0.01`` runs the same path on 1% of the slices (a quick check of the script itself).
@@ -198,6 +201,55 @@ def part_blend(cfg) -> dict:
             "oof_images": result.scores["oof"]["blend"].n_images}
 
 
+def part_context(cfg, members: int) -> dict:
+    """The ensemble's context stacker at this size: ``members`` members' probabilities (fake, label-correlated) of
+    every labelled and test slice, its feature matrix, and one of its LightGBM models (fold 0, class any, inner group
+    0) trained and predicting the test set; the whole combiner projected (folds x classes x inner groups)."""
+    import lightgbm as lgb
+
+    from ichpipe.base.paths import data_paths, read_metadata
+    from ichpipe.fitting.stackers import context_features, lgb_params
+    from ichpipe.scoring.folds import assign_folds
+    from ichpipe.scoring.metrics import logit
+
+    ccfg = cfg.ensemble.context
+    meta = read_metadata(data_paths(cfg))
+    labelled, test = meta[meta.fold.notna()].reset_index(drop=True), meta[meta.fold.isna()].reset_index(drop=True)
+    rng = np.random.default_rng(0)
+    y = labelled[list(LABELS)].to_numpy(np.float32)
+
+    def probs(n: int, truth: np.ndarray | None) -> np.ndarray:
+        signal = 0 if truth is None else 3 * (2 * truth - 1)
+        return 1 / (1 + np.exp(-(signal - 3 + rng.normal(0, 1.5, (members, n, len(LABELS)))))).astype(np.float32)
+
+    p_oof, p_test = probs(len(labelled), y), probs(len(test), None)
+    start = time.perf_counter()
+    x, x_test = context_features(p_oof, labelled, ccfg.neighbours), context_features(p_test, test, ccfg.neighbours)
+    features_s = time.perf_counter() - start
+    base = logit(np.clip(p_oof.mean(axis=0), 1e-6, 1 - 1e-6))
+    folds = labelled.fold.to_numpy(int)
+    train = folds != 0
+    frame = pd.DataFrame(y[train], columns=list(LABELS)).assign(PatientID=labelled.PatientID.to_numpy()[train])
+    groups = assign_folds(frame, ccfg.inner_folds, 0).to_numpy()
+    xt, bt, yt = x[train], base[train, -1], y[train, -1]
+    start = time.perf_counter()
+    fit_set = lgb.Dataset(xt[groups != 0], yt[groups != 0], init_score=bt[groups != 0])
+    stop_set = lgb.Dataset(xt[groups == 0], yt[groups == 0], init_score=bt[groups == 0], reference=fit_set)
+    booster = lgb.train(lgb_params(ccfg, 0, cfg.data.workers), fit_set, ccfg.max_rounds, valid_sets=[stop_set],
+                        callbacks=[lgb.early_stopping(ccfg.early_stopping, verbose=False)])
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    booster.predict(x_test, raw_score=True, num_iteration=booster.best_iteration)
+    booster.predict(x[~train], raw_score=True, num_iteration=booster.best_iteration)
+    predict_s = time.perf_counter() - start
+    models = N_FOLDS * len(LABELS) * ccfg.inner_folds
+    return {"members": members, "neighbours": ccfg.neighbours, "features": int(x.shape[1]),
+            "rows": int(len(x)), "test_rows": int(len(x_test)), "matrix_gb": (x.nbytes + x_test.nbytes) / 1e9,
+            "features_s": features_s, "model_s": fit_s, "predict_s": predict_s, "rounds": int(booster.best_iteration),
+            "fit_rows": int((groups != 0).sum()), "models": models,
+            "projected_h": models * (fit_s + predict_s) / 3600, "peak_rss_gb": _rss_gb()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="share of the real slice and series counts")
@@ -205,7 +257,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="/tmp/ichpipe_scale", help="where the fake data root is built (~3 GB)")
     parser.add_argument("--config", default=str(REPO / "configs" / "real" / "resnext101_2nd_place.yaml"))
     parser.add_argument("--lstm-epochs", type=int, default=1)
-    parser.add_argument("--part", choices=["all", "lstm", "blend"], default="all")
+    parser.add_argument("--part", choices=["all", "lstm", "blend", "context"], default="all")
+    parser.add_argument("--context-config", default=str(REPO / "configs" / "ensemble" / "3rd_place_context.yaml"),
+                        help="the ensemble whose context stacker is measured (its members' count, neighbours)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     root = Path(args.work)
@@ -217,6 +271,10 @@ def main(argv=None) -> int:
     if args.part == "blend":
         print(json.dumps(part_blend(cfg)))
         return 0
+    if args.part == "context":
+        ecfg = load_config(args.context_config, [f"data.root={root}", *args.overrides])
+        print(json.dumps(part_context(ecfg, max(2, len(ecfg.ensemble.members)))))
+        return 0
     start = time.perf_counter()
     sizes = build(root, args.scale, args.dim, cfg.embed.dtype)
     print(f"inputs: {sizes['train']} train + {sizes['test']} test slices, {sizes['series']} series, "
@@ -226,15 +284,15 @@ def main(argv=None) -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"cuda={torch.cuda.is_available()}")
     results = {}
-    for part in ("lstm", "blend"):
+    for part in ("lstm", "blend", "context"):
         cmd = [sys.executable, __file__, "--part", part, "--work", str(root), "--config", args.config,
-               "--lstm-epochs", str(args.lstm_epochs), *args.overrides]
+               "--context-config", args.context_config, "--lstm-epochs", str(args.lstm_epochs), *args.overrides]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             print(res.stderr[-3000:], file=sys.stderr)
             return res.returncode
         results[part] = json.loads(res.stdout.strip().splitlines()[-1])
-    lstm, blend = results["lstm"], results["blend"]
+    lstm, blend, ctx = results["lstm"], results["blend"], results["context"]
     gpu = f", peak GPU memory {lstm['peak_gpu_gb']:.2f} GB" if lstm["peak_gpu_gb"] is not None else ""
     print(f"lstm ({lstm['device']}, {cfg.lstm.kind} {cfg.lstm.layers} x {cfg.lstm.hidden}, reduce "
           f"{cfg.lstm.reduce_dim}, "
@@ -251,6 +309,13 @@ def main(argv=None) -> int:
           f"{'held-out + test + training' if cfg.embed.train else 'held-out + test'} slices at {args.dim}-d")
     print(f"blend: {blend['seconds']:.1f} s for {blend['oof_images']} OOF images x {len(CHECKPOINTS)} checkpoints "
           f"x {N_FOLDS} folds; peak RSS {blend['peak_rss_gb']:.2f} GB")
+    print(f"context stacker ({Path(args.context_config).name}: {ctx['members']} members, z ± {ctx['neighbours']}): "
+          f"{ctx['features']} features x {ctx['rows']} labelled + {ctx['test_rows']} test slices = "
+          f"{ctx['matrix_gb']:.2f} GB float32, built in {ctx['features_s']:.1f} s; one LightGBM model on "
+          f"{ctx['fit_rows']} slices {ctx['model_s']:.1f} s ({ctx['rounds']} rounds) + {ctx['predict_s']:.1f} s to "
+          f"predict; peak RSS {ctx['peak_rss_gb']:.2f} GB; the whole combiner, {ctx['models']} models, projected "
+          f"{ctx['projected_h']:.2f} h at this scale (x {1 / args.scale:.0f}: {ctx['projected_h'] / args.scale:.1f} h "
+          f"at the real size, if the time grows with the rows)")
     return 0
 
 

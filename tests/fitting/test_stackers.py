@@ -111,3 +111,12 @@ def test_position_features_follow_z_order():
     probs = np.full((2, 4, 6), 0.5)
     # per member: slice, 2 x k neighbours, max, mean = (3 + 2k) blocks of 6; then position and length
     assert context_features(probs, rows, 4).shape == (4, 2 * 6 * (3 + 2 * 4) + 2)
+
+
+def test_context_features_are_the_neighbour_features_at_every_offset_then_the_position():
+    from ichpipe.fitting.stackers import neighbour_features
+
+    rows, _, members = _series(n_patients=5)
+    got = context_features(members, rows, 3)
+    want = np.concatenate([neighbour_features(members, rows, [1, 2, 3]), position_features(rows)], axis=1)
+    np.testing.assert_array_equal(got, want.astype(np.float32))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from ichpipe.base.config import ConfigError, load_config
+from ichpipe.base.config import ConfigError, load_config, save_config
 from ichpipe.base.errors import InputError
 from ichpipe.base.label_csv import wide_to_long
 from ichpipe.base.labels import LABELS
@@ -300,3 +301,15 @@ def test_the_sequence_combiner_refuses_members_without_what_it_reads(tmp_path):
                                          r"ensemble.sequence.train_on=train needs every member embedded"):
         run_ensemble(_cfg(tmp_path, "ensemble.members=[a, notrain]", *seq, "ensemble.sequence.train_on=train"),
                      progress=False)
+
+
+def test_a_bag_member_missing_a_seed_is_refused(tmp_path):
+    rng = np.random.default_rng(6)
+    meta = _dataset(tmp_path, rng, n_train=8, n_test=2, n_folds=2)
+    _embedded_member(tmp_path, "a", meta, rng, 6)
+    _embedded_member(tmp_path, "bag", meta, rng, 6, seeds=(0, 1))
+    save_config(_cfg(tmp_path, "experiment=bag", "seeds=[0, 1]"), tmp_path / "runs" / "bag" / "blend" / "config.yaml")
+    assert run_ensemble(_cfg(tmp_path, "ensemble.members=[a, bag]", "ensemble.combiners=[mean]"), progress=False)
+    shutil.rmtree(tmp_path / "runs" / "bag" / "seed1")
+    with pytest.raises(InputError, match=r"runs/bag/seed1: seed 1 of member bag's bag \[0, 1\] has no run folder"):
+        run_ensemble(_cfg(tmp_path, "ensemble.members=[a, bag]", "ensemble.combiners=[mean]"), progress=False)

@@ -122,9 +122,26 @@ def position_features(rows: pd.DataFrame) -> np.ndarray:
 
 
 def context_features(probs: np.ndarray, rows: pd.DataFrame, k: int) -> np.ndarray:
-    """The context stacker's features: :func:`neighbour_features` at z±1..k, then :func:`position_features`."""
-    return np.concatenate([neighbour_features(probs, rows, list(range(1, k + 1))).astype(np.float32),
-                           position_features(rows)], axis=1)
+    """The context stacker's features, float32: :func:`neighbour_features` at z±1..k (the same columns), then
+    :func:`position_features`. Written block by block into one array: at the real size (750k slices, two members,
+    k = 20: 1.6 GB) no float64 copy of the whole matrix is made."""
+    members, n = probs.shape[0], probs.shape[1]
+    width = 6 * (3 + 2 * k)  # per member: the slice, z-1, z+1, ..., z-k, z+k, the series' max and mean
+    out = np.empty((n, members * width + 2), np.float32)
+    sorted_rows, first, last = z_order(rows)
+    starts = np.unique(first)
+    ends = np.r_[starts[1:], n]
+    for j in range(members):
+        lg = logit(np.clip(probs[j], EPS, 1 - EPS))[sorted_rows]  # (N in z order, 6), float64 as the stacker's
+        blocks = [lg]
+        for d in range(1, k + 1):
+            blocks += [lg[neighbour_positions(n, -d, first, last)], lg[neighbour_positions(n, d, first, last)]]
+        blocks += [np.repeat(np.maximum.reduceat(lg, starts, axis=0), ends - starts, axis=0),
+                   np.repeat(np.add.reduceat(lg, starts, axis=0) / (ends - starts)[:, None], ends - starts, axis=0)]
+        for b, values in enumerate(blocks):
+            out[sorted_rows, j * width + 6 * b: j * width + 6 * (b + 1)] = values
+    out[:, -2:] = position_features(rows)
+    return out
 
 
 def _stacker(cfg, seed: int):
@@ -167,7 +184,7 @@ def fit_stacker(cfg, seed: int, x: np.ndarray, y: np.ndarray, folds: np.ndarray,
     return Fitted(oof, test, views)
 
 
-def _lgb_params(cfg, seed: int, threads: int) -> dict:
+def lgb_params(cfg, seed: int, threads: int) -> dict:
     """LightGBM's parameters from the ensemble's ContextConfig ``cfg``: small regularised trees, deterministic."""
     return {"objective": "binary", "learning_rate": cfg.learning_rate, "num_leaves": cfg.num_leaves,
             "min_data_in_leaf": cfg.min_data_in_leaf, "feature_fraction": cfg.feature_fraction,
@@ -188,7 +205,7 @@ def _boosted(cfg, seed: int, threads: int, x: np.ndarray, base: np.ndarray, y: n
             continue  # nothing to learn from: this inner model is the mean
         train = lgb.Dataset(x[fit], y[fit], init_score=base[fit], free_raw_data=True)
         valid = lgb.Dataset(x[stop], y[stop], init_score=base[stop], reference=train)
-        boosters.append(lgb.train(_lgb_params(cfg, seed + int(j), threads), train, cfg.max_rounds, valid_sets=[valid],
+        boosters.append(lgb.train(lgb_params(cfg, seed + int(j), threads), train, cfg.max_rounds, valid_sets=[valid],
                                   callbacks=[lgb.early_stopping(cfg.early_stopping, verbose=False)]))
 
     def predict(a: np.ndarray, a_base: np.ndarray) -> np.ndarray:

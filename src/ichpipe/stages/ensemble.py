@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from tqdm import tqdm
 
 from ichpipe.base.config import Config, describe_changes, may_replace, save_config, to_dict
@@ -169,6 +170,7 @@ def _load_members(cfg: Config, members: list[str]) -> _Members:
         runs = member_runs(paths.runs, name)
         if not runs:
             raise InputError(f"{paths.runs / name}: no run folders; train experiment {name} first")
+        _check_seeds(cfg, name)
         check_fold_table(runs, meta)  # every member on today's folds, hence on the same folds
 
     oof_frames = {m: load_member(cfg, m, ecfg.member_model, "oof") for m in members}
@@ -188,6 +190,17 @@ def _load_members(cfg: Config, members: list[str]) -> _Members:
     return _Members(members, meta, labelled, meta.set_index("image_id").loc[test_index],
                     aligned(oof_frames, labelled.index, "OOF"), aligned(test_frames, test_index, "test"), test_index,
                     by_fold)
+
+
+def _check_seeds(cfg: Config, member: str) -> None:
+    """A bag of seeds as a member: every seed its stage 5 averaged must still have its run folder."""
+    saved = blend_dir(cfg, member) / "config.yaml"
+    seeds = (yaml.safe_load(saved.read_text()) or {}).get("seeds") if saved.exists() else None
+    for seed in seeds or []:
+        folder = data_paths(cfg).runs / member / f"seed{seed}"
+        if not folder.is_dir():
+            raise InputError(f"{folder}: seed {seed} of member {member}'s bag {seeds} has no run folder; train it "
+                             f"again, or blend {member} without it (seeds=[...]) before the ensemble")
 
 
 def _combine_members(cfg: Config, m: _Members, progress: bool) -> tuple[dict[str, Fitted], dict]:
