@@ -36,7 +36,7 @@ help:
 	@echo "make embed fold=0   embeddings and logits of OOF and test slices per checkpoint, with TTA"
 	@echo "make lstm fold=0    nested-CV bidirectional LSTM over each series, on the embeddings"
 	@echo "make submission     blend folds/bags/TTA, CV table, validated DATA_DIR/submissions/*.csv.gz + YAML"
-	@echo "make ensemble EXPERIMENTS=\"a b\"   combine experiments (mean, fitted weights, stacker), one submission"
+	@echo "make ensemble EXPERIMENTS=\"a b\"   combine experiments (mean, weights, stacker, context, sequence), one submission"
 	@echo "make search [SPACE=configs/search/x.yaml]   Optuna search (TPE, pruning) on one fold; best.yaml + plots"
 	@echo "make report         figures and report.md of the experiment (after make submission)"
 	@echo "make submit         upload the current blend's submission with the kaggle CLI (FILE=... for another)"

@@ -94,9 +94,10 @@ def test_make_demo_runs_every_stage(demo):
     assert (root / "runs" / "demo_mobilenet" / "blend" / "cv.json").exists()
     ens = json.loads((root / "runs" / "ensemble" / "blend" / "cv.json").read_text())
     assert ens["members"] == ["demo", "demo_mobilenet"]
-    assert set(ens["oof"]) == {"demo", "demo_mobilenet", "mean", "weights", "stacker", "final"}
+    combiners = ("mean", "weights", "stacker", "context", "sequence")  # the demo config's: every one
+    assert set(ens["oof"]) == {"demo", "demo_mobilenet", *combiners, "final"}
     assert all(s["n_images"] == meta.fold.notna().sum() for s in ens["oof"].values())
-    candidates = ("mean", "weights", "stacker", "demo", "demo_mobilenet")  # the best member may be the final
+    candidates = (*combiners, "demo", "demo_mobilenet")  # the best member may be the final
     assert ens["oof"]["final"]["weighted"] == min(ens["oof"][c]["weighted"] for c in candidates)
     assert ens["oof"]["demo"]["weighted"] == pytest.approx(cv["oof"]["blend"]["weighted"])
     (ensemble,) = subs.glob("*_ensemble_cv*.csv.gz")

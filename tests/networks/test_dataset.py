@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 
@@ -52,3 +53,53 @@ def test_normalize_builds_its_constants_once_per_device():
     assert _mean_std.cache_info().misses == 1 and _mean_std.cache_info().hits == 2
     want = (x[:, 4].float() - IMAGENET_MEAN[1] * 255) / (IMAGENET_STD[1] * 255)  # channel 4: G of slice 2
     torch.testing.assert_close(out[:, 4], want)
+
+
+def _pngs(tmp_path, n=6, size=32):
+    import cv2
+    import numpy as np
+    import pandas as pd
+
+    from ichpipe.base.paths import png_path
+
+    rng = np.random.default_rng(0)
+    ids = [f"ID_{i:04x}" for i in range(n)]
+    for i in ids:
+        path = png_path(tmp_path, i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    return pd.DataFrame({"image_id": ids})
+
+
+def test_the_image_cache_gives_the_same_items_and_reads_each_png_once(tmp_path, monkeypatch):
+    from ichpipe.networks import dataset
+    from ichpipe.networks.dataset import DEFAULT_AUGMENT, ImageCache, SliceDataset
+
+    meta = _pngs(tmp_path)
+    reads = []
+    real = dataset._read_png
+    monkeypatch.setattr(dataset, "_read_png", lambda p: reads.append(p.name) or real(p))
+    tf = build_transform(DEFAULT_AUGMENT, 24, train=True)
+    plain = SliceDataset(meta, tmp_path, tf, seed=3, crop_margin=0.1)
+    cached = SliceDataset(meta, tmp_path, tf, seed=3, crop_margin=0.1, cache=ImageCache(2**20))
+    for epoch in range(3):  # augmented differently every epoch, alike with and without the cache
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for i in range(len(meta)):
+            assert torch.equal(plain[i][0], cached[i][0])
+    # the plain dataset reads every PNG every epoch, the cached one once
+    assert sorted(collections.Counter(reads).values()) == [3 + 1] * 6
+    assert cached.cache.nbytes == 6 * 32 * 32 * 3
+    with pytest.raises(ValueError, match="read-only"):  # a transform writing into a cached image fails loudly
+        cached.cache.images[next(iter(cached.cache.images))][0, 0, 0] = 1
+
+
+def test_the_image_cache_stops_at_its_budget(tmp_path):
+    from ichpipe.networks.dataset import ImageCache, SliceDataset, image_cache
+
+    meta = _pngs(tmp_path)
+    ds = SliceDataset(meta, tmp_path, build_transform([], 24, train=False), cache=ImageCache(2 * 32 * 32 * 3 + 10))
+    for i in range(len(meta)):
+        ds[i]
+    assert len(ds.cache.images) == 2 and ds.cache.nbytes == 2 * 32 * 32 * 3
+    assert image_cache(0) is None and image_cache(1) is image_cache(1)  # one per process, shared by the datasets

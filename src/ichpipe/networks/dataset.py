@@ -162,6 +162,39 @@ def to_input(img: np.ndarray, transform: A.Compose, seed: int, crop_margin: floa
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
+def _read_png(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise InputError(f"{path}: missing or unreadable PNG (run `make preprocess`)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+class ImageCache:
+    """Decoded stage-1 PNGs kept in memory after their first read, up to ``budget`` bytes (later reads past the
+    budget go to the disk as before). The images are read-only: a transform that wrote into one would change what
+    the next epoch reads, so it fails instead."""
+
+    def __init__(self, budget: int):
+        self.budget, self.nbytes, self.images = budget, 0, {}
+
+    def read(self, path: Path, read) -> np.ndarray:
+        key = str(path)
+        img = self.images.get(key)
+        if img is None:
+            img = read(path)
+            if self.nbytes + img.nbytes <= self.budget:
+                img.flags.writeable = False
+                self.images[key] = img
+                self.nbytes += img.nbytes
+        return img
+
+
+@functools.lru_cache(maxsize=1)
+def image_cache(megabytes: int) -> ImageCache | None:
+    """The process's cache of ``train.image_cache_mb`` (shared by every dataset and fold it runs); None when 0."""
+    return ImageCache(megabytes * 2**20) if megabytes > 0 else None
+
+
 def _nonempty(path: Path) -> bool:
     try:
         return path.stat().st_size > 0
@@ -175,12 +208,13 @@ class SliceDataset(Dataset):
     ``labelled``: the rows must carry six labels in {0, 1} (training, validation); otherwise (test
     images) the labels are zeros. ``targets``: (N, 6) training targets in [0, 1] instead (the labelled rows'
     labels, then pseudo-labels). ``channels=9``: the image is stacked with its series neighbours'
-    (previous, itself, next: 9 channels, augmented alike).
+    (previous, itself, next: 9 channels, augmented alike). ``cache``: decoded PNGs kept in memory
+    (``image_cache``); the items are the same with or without it.
     """
 
     def __init__(self, meta: pd.DataFrame, png_dir: str | Path, transform: A.Compose, seed: int = 0,
                  crop_margin: float | None = None, labelled: bool = False, channels: int = 3,
-                 targets: np.ndarray | None = None):
+                 targets: np.ndarray | None = None, cache: ImageCache | None = None):
         self.ids = meta.image_id.to_numpy()
         self.neighbours = neighbour_ids(meta) if channels == 9 else None
         if targets is not None:
@@ -196,6 +230,7 @@ class SliceDataset(Dataset):
         self.seed = seed
         self.crop_margin = crop_margin  # None: no border crop; 0: tight box; > 0: random margin
         self.epoch = 0
+        self.cache = cache
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -212,10 +247,7 @@ class SliceDataset(Dataset):
 
     def _read(self, image_id: str) -> np.ndarray:
         path = png_path(self.png_dir, image_id)
-        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if img is None:
-            raise InputError(f"{path}: missing or unreadable PNG (run `make preprocess`)")
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return self.cache.read(path, _read_png) if self.cache is not None else _read_png(path)
 
     def image(self, i: int) -> np.ndarray:
         """Row ``i``'s stage-1 image (H, W, 3 uint8; with 9 channels stacked with its neighbours'), before the crop."""

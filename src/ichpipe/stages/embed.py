@@ -31,7 +31,7 @@ from ichpipe.base.errors import InputError
 from ichpipe.base.files import atomic_path, load_tensors, sweep_temp_files, write_text_atomic, writer_lock
 from ichpipe.base.labels import N_LABELS
 from ichpipe.base.paths import data_paths, epoch_number, read_metadata, run_dir
-from ichpipe.networks.dataset import EvalInput, SliceDataset, make_loader
+from ichpipe.networks.dataset import EvalInput, SliceDataset, image_cache, make_loader
 from ichpipe.networks.inference import embed_loader
 from ichpipe.networks.models import create_model, load_weights
 from ichpipe.scoring.folds import check_fold_table
@@ -96,7 +96,8 @@ def _embed(cfg: Config, out: Path, ckpts: list[Path], progress: bool) -> list[st
                 raise InputError(f"{paths.metadata}: no {dict(oof='held-out', train='training').get(name, name)} "
                                  "images "
                                  f"for fold {cfg.fold}; run `make preprocess` with every DICOM in place")
-            ds = SliceDataset(rows, png_dir, tf, cfg.seed, crop, channels=channels)
+            ds = SliceDataset(rows, png_dir, tf, cfg.seed, crop, channels=channels,
+                              cache=image_cache(cfg.train.image_cache_mb))
             ds.check_files()
             loader = make_loader(ds, cfg.embed.batch_size, cfg.train.loader_workers, device=rt.device)
             n, v = len(ds), len(cfg.embed.tta)

@@ -47,6 +47,7 @@ from ichpipe.networks.dataset import (
     SliceDataset,
     build_transform,
     checked_labels,
+    image_cache,
     make_loader,
     normalize,
 )
@@ -242,7 +243,8 @@ def _training_set(cfg: Config, rt: Runtime, out: Path, train_meta: pd.DataFrame,
         targets = np.concatenate([targets, extra[list(LABELS)].to_numpy(np.float32)])
     return SliceDataset(train_meta, png_dir, build_transform(tcfg.augment or DEFAULT_AUGMENT, tcfg.image_size,
                                                              train=True), cfg.seed,
-                        tcfg.crop_margin if tcfg.crop_border else None, channels=channels, targets=targets)
+                        tcfg.crop_margin if tcfg.crop_border else None, channels=channels, targets=targets,
+                        cache=image_cache(tcfg.image_cache_mb))
 
 
 def _record_pseudo(out: Path, pseudo: PseudoLabels | None, resumed: bool) -> None:
@@ -380,7 +382,7 @@ def _set_up(cfg: Config, rt: Runtime, stack: contextlib.ExitStack) -> _Run:
     labelled_targets = checked_labels(train_meta)
     train_ds = _training_set(cfg, rt, out, train_meta, labelled_targets, meta, png_dir, channels, last.exists())
     val_ds = SliceDataset(val_meta, png_dir, val_input.transform, cfg.seed, val_input.crop, labelled=True,
-                          channels=channels)
+                          channels=channels, cache=image_cache(tcfg.image_cache_mb))
     train_ds.check_files()
     val_ds.check_files()
     sampler = EpochSampler(len(train_ds), cfg.seed, rt.rank, rt.world_size)
