@@ -187,7 +187,7 @@ demo: setup
 	$(MAKE) --no-print-directory synthetic preprocess eda
 	$(MAKE) --no-print-directory train embed lstm submission report bundle resume=true
 	$(MAKE) --no-print-directory train embed lstm submission resume=true CONFIG=configs/demo/cpu_small_mobilenet.yaml
-	$(MAKE) --no-print-directory ensemble EXPERIMENTS="demo demo_mobilenet"
+	$(MAKE) --no-print-directory ensemble EXPERIMENTS="demo demo_mobilenet" ensemble.final=sequence
 	study="$(call path,example_study)" && bundle="$(call path,bundle)" && out="$(call path,predict_example)" && \
 	$(PY) scripts/10_predict.py "$$study" --bundle "$$bundle" --out "$$out"
 

@@ -97,8 +97,8 @@ def test_make_demo_runs_every_stage(demo):
     combiners = ("mean", "weights", "stacker", "context", "sequence")  # the demo config's: every one
     assert set(ens["oof"]) == {"demo", "demo_mobilenet", *combiners, "final"}
     assert all(s["n_images"] == meta.fold.notna().sum() for s in ens["oof"].values())
-    candidates = (*combiners, "demo", "demo_mobilenet")  # the best member may be the final
-    assert ens["oof"]["final"]["weighted"] == min(ens["oof"][c]["weighted"] for c in candidates)
+    # the config submits the sequence model (chosen on the benchmark), whatever the OOF order here
+    assert ens["oof"]["final"] == ens["oof"]["sequence"] and ens["test"]["final"] == ens["test"]["sequence"]
     assert ens["oof"]["demo"]["weighted"] == pytest.approx(cv["oof"]["blend"]["weighted"])
     (ensemble,) = subs.glob("*_ensemble_cv*.csv.gz")
     assert check_submission(ensemble, root / "stage_2_sample_submission.csv") == []
