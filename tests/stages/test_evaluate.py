@@ -64,3 +64,18 @@ def test_the_cq500_copy(tiny_data, tmp_path):
     assert 0.2 < (calls != exact).mean() < 0.7  # the readers err at about the rate asked
     with pytest.raises(InputError, match="readers' error rate"):
         write_cq500_copy(root, tmp_path / "cq3", disagree=0.6)
+
+
+def test_a_found_positive_is_never_shown_as_a_miss():
+    # the issue's case: positive studies scored 0.238-0.993 above a 0.023 threshold were drawn as `*_fn.png`
+    import pandas as pd
+
+    from ichpipe.stages.evaluate import select_misses
+
+    table = pd.DataFrame({"ref_any": [1, 1, 1, 0, 0, 0], "score_any": [0.238, 0.993, 0.010, 0.001, 0.500, 0.030]},
+                         index=["P1", "P2", "P3", "N1", "N2", "N3"])
+    fn, fp = select_misses(table, threshold=0.023)
+    assert list(fn.index) == ["P3"]  # the one positive below the threshold
+    assert list(fp.index) == ["N2", "N3"]  # negatives at or above it, highest first; N1 was rightly cleared
+    fn, fp = select_misses(table, threshold=0.005)
+    assert fn.empty and list(fp.index) == ["N2", "N3"]

@@ -20,8 +20,8 @@ calibrated counterpart, the highest ``series_<class>``, is what the calibration 
                               slice-level AUC and weighted log loss too; the published anchors beside them
     studies.csv, slices.csv, series.csv   every score and reference
     roc.png                   the ROC curve per class, and the reliability of the calibrated study probability
-    misses/                   the worst misses (positives scored lowest, negatives highest, on `any`) with
-                              predict's figure of their series
+    misses/                   the worst misses at the bundle's operating point on `any` (false negatives scored
+                              lowest, false positives highest) with predict's figure of their series
     pointing_game.csv         with ``--masks`` (the synthetic answer key's bleed masks): per subtype, of the slices
                               correctly flagged, the share whose Grad-CAM peak falls inside that subtype's blood and
                               the mean share of the heatmap's mass inside it (beside the blood's share of the image)
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -143,8 +144,10 @@ def evaluate(studies: str | os.PathLike, bundle_path: str | os.PathLike, labels:
         table = _study_table(rows, slices, ref)
         metrics = _metrics(table, slices, ref, bundle.info.thresholds, n_boot)
         cached = {d["row"]["SeriesInstanceUID"]: d for d in done if d}
+        metrics["misses_threshold_any"] = float(bundle.info.thresholds["any"].threshold)
         metrics["misses"] = _worst_misses(out, table, series, keys, cached, predictor,
-                                          Path(masks) if masks is not None else None)
+                                          Path(masks) if masks is not None else None,
+                                          metrics["misses_threshold_any"])
         _write(out, table, slices, rows, metrics, pointing, masks is not None)
     return EvaluateResult(metrics, metrics["studies"], metrics["classes"], skipped, out, time.perf_counter() - start)
 
@@ -311,8 +314,14 @@ def report_text(metrics: dict) -> str:
                   "correctly flagged for it):", "",
                   *pointing_lines(pd.DataFrame(metrics["pointing_game"], columns=["subtype", *POINTING_COLUMNS])
                                   .set_index("subtype"))]
-    lines += ["", "The worst misses on `any` (figures: the flagged or most suspicious slices with the Grad-CAM):", "",
-              "| study | kind | score (any) | reference | figure |", "|---|---|---|---|---|"]
+    t = metrics.get("misses_threshold_any", math.nan)
+    lines += ["", f"The worst misses on `any` at the bundle's operating point ({t:.3f}: a positive study scored below "
+                  "it, a negative one at or above it; figures: the flagged or most suspicious slices with the "
+                  "Grad-CAM):", ""]
+    if not metrics["misses"]:
+        lines += ["None: every positive study is at or above the threshold and every negative one below it."]
+    else:
+        lines += ["| study | kind | score (any) | reference | figure |", "|---|---|---|---|---|"]
     lines += [f"| {m['study']} | {m['kind']} | {m['score_any']:.3f} | "
               f"{', '.join(c for c, v in m['reference'].items() if v) or 'no bleed'} | {m['figure']} |"
               for m in metrics["misses"]]
@@ -320,16 +329,24 @@ def report_text(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def select_misses(table: pd.DataFrame, threshold: float, k: int = 3) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The worst misses at the bundle's operating point on `any`: the false negatives (positive studies scored below
+    ``threshold``) lowest first, the false positives (negative studies at or above it) highest first, ``k`` of each
+    at most. A positive above the threshold was found, so it is never shown as a miss."""
+    pos = table[(table.ref_any == 1) & (table.score_any < threshold)].sort_values("score_any").head(k)
+    neg = table[(table.ref_any == 0) & (table.score_any >= threshold)].sort_values("score_any", ascending=False).head(k)
+    return pos, neg
+
+
 def _worst_misses(out: Path, table: pd.DataFrame, series: list[Series], keys: dict, cached: dict,
-                  predictor: Predictor, masks: Path | None, k: int = 3) -> list[dict]:
-    """The positives scored lowest and the negatives scored highest on `any`, each with predict's figure of its first
-    series (the blood outlined where there are masks): its images read again, its probabilities those ``cached``
-    (series UID → its result) holds, so that only the figure's Grad-CAM runs a network."""
-    pos = table[table.ref_any == 1].sort_values("score_any").head(k)
-    neg = table[table.ref_any == 0].sort_values("score_any", ascending=False).head(k)
+                  predictor: Predictor, masks: Path | None, threshold: float, k: int = 3) -> list[dict]:
+    """The worst misses (:func:`select_misses`), each with predict's figure of its first series (the blood outlined
+    where there are masks): its images read again, its probabilities those ``cached`` (series UID → its result)
+    holds, so that only the figure's Grad-CAM runs a network."""
+    pos, neg = select_misses(table, threshold, k)
     misses = []
     (out / "misses").mkdir(exist_ok=True)
-    for kind, rows in (("positive scored lowest", pos), ("negative scored highest", neg)):
+    for kind, rows in (("false negative", pos), ("false positive", neg)):
         for study, row in rows.iterrows():
             mine = [s for s in series if keys[s.series] == study]
             if not mine:
@@ -340,7 +357,7 @@ def _worst_misses(out: Path, table: pd.DataFrame, series: list[Series], keys: di
                 continue
             probs = np.array([[r[c] for c in LABELS] for r in cached[s.series]["slices"]])
             result = series_result(predictor, s, images, probs)
-            figure = f"misses/{len(misses)}_{'fn' if kind.startswith('positive') else 'fp'}.png"
+            figure = f"misses/{len(misses)}_{'fn' if kind == 'false negative' else 'fp'}.png"
             series_figure(out / figure, s, result, predictor, masks)
             misses.append({"study": study, "kind": kind, "score_any": float(row.score_any), "figure": figure,
                            "reference": {c: int(row[f"ref_{c}"]) for c in LABELS}})
