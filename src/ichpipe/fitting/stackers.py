@@ -85,30 +85,35 @@ def cross_fit_weights(oof: np.ndarray, y: np.ndarray, folds: np.ndarray, space: 
     return Fitted(cross, apply_weights(test, weights, space), views), weights
 
 
+def _neighbour_matrix(probs: np.ndarray, rows: pd.DataFrame, offsets: list[int], dtype, extra: int = 0) -> np.ndarray:
+    """(N, M x 6 x (3 + 2 len(offsets)) + ``extra``) of ``dtype``: per member, the six logits of the slice, of its
+    neighbours at each offset (± along z, the series' edge slice repeated) and the series' max and mean; written
+    member by member and block by block (no copy of the whole matrix); the last ``extra`` columns left to fill."""
+    members, n = probs.shape[0], probs.shape[1]
+    width = 6 * (3 + 2 * len(offsets))
+    out = np.empty((n, members * width + extra), dtype)
+    sorted_rows, first, last = z_order(rows)
+    starts = np.unique(first)
+    ends = np.r_[starts[1:], n]
+    for j in range(members):
+        lg = logit(np.clip(probs[j], EPS, 1 - EPS))[sorted_rows]  # (N in z order, 6)
+        blocks = [lg]
+        for d in offsets:
+            blocks += [lg[neighbour_positions(n, -d, first, last)], lg[neighbour_positions(n, d, first, last)]]
+        blocks += [np.repeat(np.maximum.reduceat(lg, starts, axis=0), ends - starts, axis=0),
+                   np.repeat(np.add.reduceat(lg, starts, axis=0) / (ends - starts)[:, None], ends - starts, axis=0)]
+        for b, values in enumerate(blocks):
+            out[sorted_rows, j * width + 6 * b: j * width + 6 * (b + 1)] = values
+    return out
+
+
 def neighbour_features(probs: np.ndarray, rows: pd.DataFrame, offsets: list[int]) -> np.ndarray:
     """Stacker features of each row: per member, the six logits of the slice, of its neighbours at each
     offset (± along z, the series' edge slice repeated) and the series' max and mean.
 
     ``probs``: (M, N, 6); ``rows``: N metadata rows (series keys, ``slice_index``) in the same order.
     """
-    lg = logit(np.clip(probs, EPS, 1 - EPS))  # (M, N, 6)
-    sorted_rows, first, last = z_order(rows)
-    starts = np.unique(first)
-    ends = np.r_[starts[1:], len(sorted_rows)]
-    blocks = [lg[:, sorted_rows]]
-    for d in offsets:
-        for s in (-d, d):
-            blocks.append(lg[:, sorted_rows[neighbour_positions(len(sorted_rows), s, first, last)]])
-    for reduce in (np.maximum, np.add):
-        agg = reduce.reduceat(lg[:, sorted_rows], starts, axis=1)
-        if reduce is np.add:
-            agg = agg / (ends - starts)[None, :, None]
-        blocks.append(np.repeat(agg, ends - starts, axis=1))
-    feats = np.concatenate(blocks, axis=2)  # (M, N sorted, 6 x blocks)
-    feats = np.transpose(feats, (1, 0, 2)).reshape(len(rows), -1)
-    out = np.empty_like(feats)
-    out[sorted_rows] = feats
-    return out
+    return _neighbour_matrix(probs, rows, offsets, logit(np.clip(probs[:0], EPS, 1 - EPS)).dtype)
 
 
 def position_features(rows: pd.DataFrame) -> np.ndarray:
@@ -125,21 +130,7 @@ def context_features(probs: np.ndarray, rows: pd.DataFrame, k: int) -> np.ndarra
     """The context stacker's features, float32: :func:`neighbour_features` at z±1..k (the same columns), then
     :func:`position_features`. Written block by block into one array: at the real size (750k slices, two members,
     k = 20: 1.6 GB) no float64 copy of the whole matrix is made."""
-    members, n = probs.shape[0], probs.shape[1]
-    width = 6 * (3 + 2 * k)  # per member: the slice, z-1, z+1, ..., z-k, z+k, the series' max and mean
-    out = np.empty((n, members * width + 2), np.float32)
-    sorted_rows, first, last = z_order(rows)
-    starts = np.unique(first)
-    ends = np.r_[starts[1:], n]
-    for j in range(members):
-        lg = logit(np.clip(probs[j], EPS, 1 - EPS))[sorted_rows]  # (N in z order, 6), float64 as the stacker's
-        blocks = [lg]
-        for d in range(1, k + 1):
-            blocks += [lg[neighbour_positions(n, -d, first, last)], lg[neighbour_positions(n, d, first, last)]]
-        blocks += [np.repeat(np.maximum.reduceat(lg, starts, axis=0), ends - starts, axis=0),
-                   np.repeat(np.add.reduceat(lg, starts, axis=0) / (ends - starts)[:, None], ends - starts, axis=0)]
-        for b, values in enumerate(blocks):
-            out[sorted_rows, j * width + 6 * b: j * width + 6 * (b + 1)] = values
+    out = _neighbour_matrix(probs, rows, list(range(1, k + 1)), np.float32, extra=2)
     out[:, -2:] = position_features(rows)
     return out
 
