@@ -17,8 +17,9 @@ import numpy as np
 from ichpipe.base.errors import InputError, first_line
 from ichpipe.base.files import OUTPUT_MARKER, name_os_errors
 from ichpipe.base.paths import neighbour_positions
-from ichpipe.imaging.dicom import DicomError, as_dicom_error, quiet_reads, read_dataset, read_header
-from ichpipe.imaging.windowing import render_file
+from ichpipe.imaging.dicom import DicomError, as_dicom_error, quiet_reads, read_dataset, read_header, read_slice
+from ichpipe.imaging.head import Interior, cranial_interior, why_not_a_head_image, why_not_a_head_part
+from ichpipe.imaging.windowing import render_slice
 from ichpipe.networks.bundle_format import BundlePreprocess
 
 
@@ -30,6 +31,14 @@ class Series:
     files: list[Path] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
     z: list[float] = field(default_factory=list)
+    body_part: str = ""  # BodyPartExamined of its first file ("" where the header has none)
+    # per readable slice, what its bone encloses (ichpipe.imaging.head): filled by render_series
+    interiors: list[Interior] = field(default_factory=list)
+
+    def why_not_assessable(self) -> str | None:
+        """Why this series is not a head CT the models can assess (None: it is), from its header's body part and,
+        once render_series has read it, its images."""
+        return why_not_a_head_part(self.body_part) or why_not_a_head_image(self.interiors)
 
 
 # Bounds on a zip of studies, so that unpacking it cannot fill the disk: a member larger than MAX_MEMBER_BYTES unpacked
@@ -155,7 +164,8 @@ def find_series(path: str | os.PathLike, workdir: Path, min_slices: int = 1) -> 
         if reason:
             rejected.setdefault(key, reason)
             continue
-        s = found.setdefault(key, Series(row["StudyInstanceUID"], row["SeriesInstanceUID"], row["PatientID"]))
+        s = found.setdefault(key, Series(row["StudyInstanceUID"], row["SeriesInstanceUID"], row["PatientID"],
+                                         body_part=str(ds.get("BodyPartExamined") or "")))
         if row["image_id"] in s.ids:  # the same slice twice (e.g. once compressed, once not): read it once
             skipped.append({"what": str(f), "reason": f"duplicate of SOPInstanceUID {row['image_id']} "
                                                       f"({s.files[s.ids.index(row['image_id'])].name})"})
@@ -180,16 +190,21 @@ def find_series(path: str | os.PathLike, workdir: Path, min_slices: int = 1) -> 
 
 def render_series(s: Series, p: BundlePreprocess) -> tuple[np.ndarray, dict[int, str]]:
     """Stage 1's images of a series, in memory: (N, H, W, 3) uint8, exactly what its PNGs hold; and the
-    positions of slices that could not be read (left out), with the reason of each."""
+    positions of slices that could not be read (left out), with the reason of each. Sets ``s.interiors`` (what each
+    readable slice's bone encloses) from the same reads."""
     windows = p.windows[:1] if p.mode == "2.5d" else p.windows
-    images, bad = [], {}
+    images, bad, s.interiors = [], {}, []
     for i, f in enumerate(s.files):
         try:
-            _, img = render_file(f, windows, p.size)
+            sl = read_slice(f)
+            img = render_slice(sl, windows, p.size)
         except DicomError as exc:
             bad[i] = str(exc)
             continue
         images.append(img)
+        spacing = sl.ds.get("PixelSpacing")
+        s.interiors.append(cranial_interior(sl.hounsfield(), [float(v) for v in spacing] if spacing and len(spacing)
+                                            == 2 else None))
     if p.mode == "2.5d":  # the brain window of slices s-1, s, s+1, as stage 1 stacks them
         brain = [img[..., 0] for img in images]
         before, after = neighbour_positions(len(brain), -1), neighbour_positions(len(brain), 1)

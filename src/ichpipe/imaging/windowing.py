@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ichpipe.imaging.dicom import DicomError, hounsfield, read_slice
+from ichpipe.imaging.dicom import DicomError, DicomSlice, hounsfield, read_slice
 
 # The third channel: a soft-tissue window (40/380) as the 2nd place used, or the bone window (600/2800)
 # of the 1st place.
@@ -77,8 +77,13 @@ def resize_to(img: np.ndarray, size: int) -> np.ndarray:
 def render_file(path: Path, windows, size: int) -> tuple[dict, np.ndarray]:
     """(metadata row, windowed uint8 image at ``size``) of one DICOM, read once."""
     sl = read_slice(path)
+    return sl.meta, render_slice(sl, windows, size)
+
+
+def render_slice(sl: DicomSlice, windows, size: int) -> np.ndarray:
+    """The windowed uint8 image at ``size`` of one slice read by ``read_slice``."""
     try:
         img = window_stored(sl.stored, sl.ds, windows)
     except (ValueError, TypeError, OverflowError, MemoryError) as exc:  # e.g. stored values far outside the type
         raise DicomError(f"pixel values cannot be windowed ({type(exc).__name__}: {str(exc)[:160]})") from None
-    return sl.meta, resize_to(img, size)
+    return resize_to(img, size)
