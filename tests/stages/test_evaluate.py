@@ -39,11 +39,35 @@ def test_the_bootstrap_ci_holds_the_auc_and_narrows_with_more_studies():
     for n in (40, 400):
         y = rng.integers(0, 2, n)
         p = y * 0.3 + rng.random(n)
-        auc, lo, hi = bootstrap_auc(y, p, 300)
-        assert auc == pytest.approx(roc_auc_score(y, p)) and lo < auc < hi
+        auc, lo, hi, used = bootstrap_auc(y, p, 300)
+        assert auc == pytest.approx(roc_auc_score(y, p)) and lo < auc < hi and used == 300
         widths.append(hi - lo)
     assert widths[1] < widths[0] / 2  # ~1/sqrt(n)
     assert np.isnan(bootstrap_auc(np.zeros(5), np.arange(5.0), 10)[0])  # one class: no AUC
+
+
+def test_an_interval_from_one_positive_is_not_estimable_and_says_so():
+    """15 studies, one positive (the issue's subdural): about a third of the resamples miss it; the CI is not given,
+    and the report says how many resamples counted instead of printing one."""
+    from ichpipe.stages.evaluate import report_text
+
+    y, p = np.zeros(15, int), np.linspace(0, 1, 15)
+    y[10] = 1
+    auc, lo, hi, used = bootstrap_auc(y, p, 1000)
+    drawn = np.random.default_rng(0)  # the same resamples, counted here: those that hold study 10
+    expect = sum(10 in drawn.integers(0, 15, 15) for _ in range(1000))
+    assert auc == pytest.approx(roc_auc_score(y, p)) and np.isnan(lo) and np.isnan(hi) and used == expect
+    assert 550 < used < 750  # 1 - (14/15)^15 = 0.645
+    op = {"threshold": 0.5, "sensitivity": 1.0, "specificity": float("nan"), "tp": 1, "fn": 0, "tn": 0, "fp": 0}
+    classes = {"subdural": {"studies": 15, "positives": 1, "auc": auc, "auc_ci": [lo, hi],
+                            "auc_ci_resamples": [used, 1000], "at_bundle_threshold": op},
+               "epidural": {"studies": 15, "positives": 0, "auc": float("nan"), "auc_ci": [lo, hi],
+                            "auc_ci_resamples": [0, 1000], "at_bundle_threshold": op}}
+    text = report_text({"studies": 15, "reference": "slice labels", "score": "series maximum", "classes": classes,
+                        "anchors": [], "misses": [], "misses_threshold_any": 0.5})
+    assert f"CI not estimable: {used}/1000 resamples had both classes" in text
+    assert "| epidural | 15 | 0 | no positive study |" in text and "nan" not in text
+    assert "picked on the evaluated studies themselves" in text
 
 
 def test_the_cq500_copy(tiny_data, tmp_path):

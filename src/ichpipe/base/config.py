@@ -359,6 +359,9 @@ class ReportConfig(_Section):
     examples_per_class: Annotated[Int, Field(ge=1)] = 4  # rows of Figure 1
     default_recall: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.95  # target recall of each class's operating point
     target_recall: dict[Str, Float] = Field(default_factory=lambda: {"any": 0.95})  # per class, over the default
+    # a bundle reports a class present (predict's series.csv, its DICOM SR) only where the series' highest slice
+    # reaches the point whose OOF series specificity is at least this (ichpipe.stages.bundle.operating_points)
+    rule_in_specificity: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.95
     calibration_bins: Annotated[Int, Field(ge=2)] = 10  # bins of the reliability diagram
     # the Grad-CAM pointing game where the data root has the synthetic answer key's bleed masks: at most this many
     # correctly flagged OOF slices per subtype (a seeded sample), each with its own fold's CNNs; 0: off

@@ -116,6 +116,11 @@ class DataPaths:
         return self.work / "gpu_check"
 
     @property
+    def dicom_check(self) -> Path:
+        """`make dicom-check`'s folder: its inputs, predict's outputs on them, each validator's output, summary.md."""
+        return self.work / "dicom_check"
+
+    @property
     def benchmark(self) -> Path:
         """`make benchmark`'s own synthetic sets and runs, one folder per spec."""
         return self.work / "benchmark"
@@ -237,7 +242,7 @@ def named_path(cfg: Config, name: str) -> Path:
         "bundle": bag_dir(cfg) / "bundle", "predict_example": bag_dir(cfg) / "predict_example",
         "example_study": paths.example_study, "cq500_copy": paths.cq500_copy, "masks": paths.masks_dir,
         "evaluation": paths.evaluation, "benchmark": paths.benchmark, "gpu_check": paths.gpu_check,
-        "judge": paths.judge,
+        "judge": paths.judge, "dicom_check": paths.dicom_check,
     }
     if name not in named:
         raise InputError(f"{name}: no such path (known: {', '.join(named)})")

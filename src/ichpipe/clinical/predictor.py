@@ -12,6 +12,7 @@ import torch
 
 from ichpipe.base.device import amp_settings, default_device
 from ichpipe.base.labels import ANY_INDEX, LABELS, N_LABELS
+from ichpipe.clinical.findings import NOT_ASSESSABLE, series_findings
 from ichpipe.clinical.studies import Series, render_series
 from ichpipe.networks.bundle_format import Bundle
 from ichpipe.networks.dataset import EvalInput, normalize, stack_neighbours, to_input
@@ -104,13 +105,18 @@ class Predictor:
 @dataclass
 class SeriesResult:
     """One series through the bundle: its images (z order, unreadable slices dropped), (N, 6) probabilities, the
-    0/1 flags at the bundle's thresholds, its rows of ``slices.csv`` and its row of ``series.csv``."""
+    0/1 flags at the bundle's thresholds, its rows of ``slices.csv`` and its row of ``series.csv``. A series that is
+    not assessable (not a head CT: ``row["not_assessable"]`` says why) has no probabilities, flags or slice rows."""
 
     images: np.ndarray
-    probs: np.ndarray
-    flags: np.ndarray
+    probs: np.ndarray | None
+    flags: np.ndarray | None
     slices: list[dict]
     row: dict
+
+    @property
+    def assessable(self) -> bool:
+        return self.probs is not None
 
 
 def read_series(predictor: Predictor, s: Series, skipped: list[dict]) -> np.ndarray | None:
@@ -129,15 +135,35 @@ def read_series(predictor: Predictor, s: Series, skipped: list[dict]) -> np.ndar
 
 def run_series(predictor: Predictor, s: Series, skipped: list[dict]) -> SeriesResult | None:
     """``s`` through the bundle (its unreadable slices dropped from ``s`` and added to ``skipped``; None when none is
-    readable)."""
+    readable); a series that is not a head CT is not run: its result says why."""
     images = read_series(predictor, s, skipped)
     if images is None:
         return None
+    reason = s.why_not_assessable()
+    if reason:
+        return SeriesResult(images, None, None, [], _series_row(s, reason))
     return series_result(predictor, s, images, predictor.probabilities(images, s.ids, np.asarray(s.z, np.float64)))
 
 
+def _series_row(s: Series, reason: str = "") -> dict:
+    """A series' row of ``series.csv`` before its per-class columns; a not assessable one's are empty."""
+    _, at, count = np.unique(np.asarray(s.z, np.float64), return_inverse=True, return_counts=True)
+    row = {"StudyInstanceUID": s.study, "SeriesInstanceUID": s.series, "PatientID": s.patient,
+           "slices": len(s.ids), "same_position_slices": int((count[at] > 1).sum()), "figure": "",
+           "assessable": int(not reason), "not_assessable": reason}
+    if reason:
+        for name in LABELS:
+            row.update({f"max_{name}": float("nan"), f"series_{name}": float("nan"), f"flagged_{name}": 0,
+                        f"finding_{name}": NOT_ASSESSABLE})
+    return row
+
+
 def series_result(predictor: Predictor, s: Series, images: np.ndarray, probs: np.ndarray) -> SeriesResult:
-    """One series' result from its images and (N, 6) probabilities: the flags at the bundle's thresholds, its rows."""
+    """One series' result from its images and (N, 6) probabilities: the flags at the bundle's thresholds, its rows.
+
+    ``series_<class>`` is the calibrated probability that the series shows the class (Platt scaling of its highest
+    slice probability), a subtype's capped at `any`'s; ``finding_<class>`` the finding reported
+    (ichpipe.clinical.findings)."""
     info = predictor.info
     thresholds = info.thresholds
     flags = np.stack([probs[:, c] >= thresholds[name].threshold for c, name in enumerate(LABELS)], 1)
@@ -145,12 +171,14 @@ def series_result(predictor: Predictor, s: Series, images: np.ndarray, probs: np
                "PatientID": s.patient, "slice": i, "z": s.z[i],
                **{name: float(probs[i, c]) for c, name in enumerate(LABELS)},
                **{f"flag_{name}": int(flags[i, c]) for c, name in enumerate(LABELS)}} for i in range(len(s.ids))]
-    _, at, count = np.unique(np.asarray(s.z, np.float64), return_inverse=True, return_counts=True)
-    row = {"StudyInstanceUID": s.study, "SeriesInstanceUID": s.series, "PatientID": s.patient,
-           "slices": len(s.ids), "same_position_slices": int((count[at] > 1).sum()), "figure": ""}
+    row = _series_row(s)
     for c, name in enumerate(LABELS):
         top = float(probs[:, c].max())
         row[f"max_{name}"] = top
         row[f"series_{name}"] = info.series_calibration[name].apply(top)
         row[f"flagged_{name}"] = int(flags[:, c].sum())
+    for name in LABELS:  # a series cannot be likelier to show a subtype than to show any bleed
+        row[f"series_{name}"] = min(row[f"series_{name}"], row["series_any"])
+    for name, f in series_findings(row, thresholds).items():
+        row[f"finding_{name}"] = f.state
     return SeriesResult(images, probs, flags, slices, row)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import uuid
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import RE_VALID_UID
 
 from ichpipe.base.errors import first_line, quote
 
@@ -307,3 +309,13 @@ def _read_slice(path) -> DicomSlice:
     if stored.shape != (meta["rows"], meta["cols"]):
         raise DicomError(f"pixel array {stored.shape} does not match Rows x Columns {meta['rows']}x{meta['cols']}")
     return DicomSlice(meta["image_id"], stored, meta, ds)
+
+
+def as_valid_uid(uid: str) -> str:
+    """``uid`` where it is a valid DICOM UID; otherwise (the competition's ``ID_<hex>``, the synthetic set's) the UID
+    that stands for it in what ichpipe writes: ``2.25.`` and the integer of the name-based UUID (version 5, OID
+    namespace) of ``ichpipe:<uid>``, so that the same source UID always maps to the same valid one."""
+    uid = str(uid)
+    if len(uid) <= 64 and RE_VALID_UID.match(uid):
+        return uid
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, 'ichpipe:' + uid).int}"

@@ -68,8 +68,23 @@ class BundleBlend(_Part):
 
 
 class OperatingThreshold(_Part):
+    """A class's operating points, chosen and measured on the experiment's OOF predictions by ``make_bundle``.
+
+    ``threshold`` flags slices (a slice at or above it is drawn and listed) and rules the class out: a series whose
+    highest slice is below it is reported absent. ``rule_in`` rules it in: a series whose highest slice is at or above
+    it is reported present; in between, indeterminate. The figures are measured on the OOF series (a series
+    positive when one of its slices is; flagged when its highest slice probability reaches the point). Bundles made
+    before these were measured have None: nothing is then reported present."""
+
     threshold: float
-    recall: float | None  # the OOF recall it was chosen for; None: the class had no positive OOF slice (0.5)
+    recall: float | None  # the OOF slice recall it was chosen for; None: the class had no positive OOF slice (0.5)
+    series_sensitivity: float | None = None  # at ``threshold``
+    series_specificity: float | None = None
+    rule_in: float | None = None  # the lowest point (not below ``threshold``) with the specificity asked for
+    rule_in_sensitivity: float | None = None
+    rule_in_specificity: float | None = None
+    series: int | None = None  # OOF series measured on
+    positive_series: int | None = None
 
 
 class SeriesCalibration(_Part):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import shutil
 import tarfile
@@ -28,7 +29,7 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
-from ichpipe.base.config import Config, to_dict
+from ichpipe.base.config import Config, ReportConfig, to_dict
 from ichpipe.base.errors import InputError
 from ichpipe.base.files import OUTPUT_MARKER, atomic_dir, atomic_path, load_tensors, save_torch, writer_lock
 from ichpipe.base.labels import LABELS
@@ -64,6 +65,40 @@ def _series_calibration(oof: pd.DataFrame, meta: pd.DataFrame) -> dict:
             out[name] = {"slope": float(fit.coef_[0, 0]), "intercept": float(fit.intercept_[0])}
         else:  # one class only among the OOF series: the identity
             out[name] = {"slope": 1.0, "intercept": 0.0}
+    return out
+
+
+def _sens_spec(top: np.ndarray, y: np.ndarray, point: float) -> tuple[float | None, float | None]:
+    """Sensitivity and specificity of "the series' highest slice reaches ``point``" (None without positives or
+    negatives)."""
+    flagged = top >= point
+    return (float(flagged[y].mean()) if y.any() else None, float((~flagged[~y]).mean()) if (~y).any() else None)
+
+
+def operating_points(oof: pd.DataFrame, meta: pd.DataFrame, report: ReportConfig) -> dict[str, dict]:
+    """Per class (``OperatingThreshold``): the flagging point, chosen for the slice recall ``report`` asks, and the
+    rule-in point, the lowest series maximum whose OOF series specificity reaches ``report.rule_in_specificity``
+    (never below the flagging point); each measured on the OOF series."""
+    truth = meta.set_index("image_id").loc[oof.index, list(LABELS)].to_numpy()
+    series = pd.concat([meta.set_index("image_id").loc[oof.index, [*SERIES_KEYS, *LABELS]],
+                        oof.add_prefix("p_")], axis=1).groupby(SERIES_KEYS)
+    out = {}
+    for i, name in enumerate(LABELS):
+        target = report.target_recall.get(name, report.default_recall)
+        if not truth[:, i].sum():
+            out[name] = {"threshold": 0.5, "recall": None}
+            continue
+        t = float(threshold_for_recall(truth[:, i], oof[name].to_numpy(), target).threshold)
+        top, y = series[f"p_{name}"].max().to_numpy(), series[name].max().to_numpy() > 0.5
+        negatives = np.sort(top[~y])
+        rule_in = t
+        if len(negatives):  # just above the k-th lowest negative: at least the asked share of negatives below it
+            k = max(1, math.ceil(report.rule_in_specificity * len(negatives) - 1e-9))
+            rule_in = max(t, float(np.nextafter(negatives[k - 1], np.inf)))
+        (sens, spec), (in_sens, in_spec) = _sens_spec(top, y, t), _sens_spec(top, y, rule_in)
+        out[name] = {"threshold": t, "recall": target, "series_sensitivity": sens, "series_specificity": spec,
+                     "rule_in": rule_in, "rule_in_sensitivity": in_sens, "rule_in_specificity": in_spec,
+                     "series": len(y), "positive_series": int(y.sum())}
     return out
 
 
@@ -106,15 +141,7 @@ def make_bundle(cfg: Config, out: str | os.PathLike, fp16: bool = False, archive
                     shutil.copyfile(models, staged.lstm_path(k, e))
         oof = pd.read_parquet(preds_path)
         final = oof[oof.model == "blend"].set_index("image_id")[list(LABELS)]
-        truth = meta.set_index("image_id").loc[final.index, list(LABELS)].to_numpy()
-        thresholds = {}
-        for i, name in enumerate(LABELS):
-            target = cfg.report.target_recall.get(name, cfg.report.default_recall)
-            if truth[:, i].sum():
-                thresholds[name] = {"threshold": float(threshold_for_recall(truth[:, i], final[name].to_numpy(),
-                                                                           target).threshold), "recall": target}
-            else:
-                thresholds[name] = {"threshold": 0.5, "recall": None}
+        thresholds = operating_points(final, meta, cfg.report)
         cv_path = blend_dir(cfg) / "cv.json"
         cv = json.loads(cv_path.read_text()) if cv_path.exists() else {}
         pcfg, tcfg = cfg.preprocess, cfg.train

@@ -14,8 +14,10 @@ STUDIES is a folder (or zip) of DICOM studies, read as ``predict`` reads them, e
 A study's score for a class is the **series maximum**: the highest slice probability over its series (its
 calibrated counterpart, the highest ``series_<class>``, is what the calibration figure shows). Written into DIR:
 
-    report.md, metrics.json   per class: studies, positives, AUC with its bootstrap 95% CI (studies resampled),
-                              sensitivity/specificity at the bundle's threshold and at the threshold that reaches
+    report.md, metrics.json   per class: studies, positives, AUC with its bootstrap 95% CI (studies resampled; how
+                              many resamples had both classes, and "not estimable" when fewer than 90% did),
+                              sensitivity/specificity at the bundle's flagging point, at its rule-in point (where
+                              predict reports the class present) and at the threshold that reaches
                               95% sensitivity on this set (chosen on it: optimistic); with slice labels the
                               slice-level AUC and weighted log loss too; the published anchors beside them
     studies.csv, slices.csv, series.csv   every score and reference
@@ -26,6 +28,7 @@ calibrated counterpart, the highest ``series_<class>``, is what the calibration 
                               correctly flagged, the share whose Grad-CAM peak falls inside that subtype's blood and
                               the mean share of the heatmap's mass inside it (beside the blood's share of the image)
 
+A series that is not a head CT (ichpipe.imaging.head) is left out of every figure, and listed in report.md.
 Each series' results are kept in DIR/cache as they come, so a killed evaluation continues where it stopped.
 This is a research tool, not a medical device.
 """
@@ -141,8 +144,14 @@ def evaluate(studies: str | os.PathLike, bundle_path: str | os.PathLike, labels:
         slices = pd.DataFrame([r for d in done if d for r in d["slices"]])
         rows = pd.DataFrame([{**d["row"], "study": keys[d["row"]["SeriesInstanceUID"]]} for d in done if d])
         pointing = pd.DataFrame([p for d in done if d for p in d["pointing"]])
-        table = _study_table(rows, slices, ref)
+        ok = rows.get("assessable", pd.Series(1, index=rows.index)).fillna(1).astype(int) == 1
+        excluded = [{"study": r.study, "series": r.SeriesInstanceUID, "reason": r.not_assessable}
+                    for r in rows[~ok].itertuples()]
+        if not ok.any():
+            raise InputError(f"{studies}: no series is a head CT the bundle can assess ({excluded[0]['reason']})")
+        table = _study_table(rows[ok], slices, ref)
         metrics = _metrics(table, slices, ref, bundle.info.thresholds, n_boot)
+        metrics["not_assessable"] = excluded
         cached = {d["row"]["SeriesInstanceUID"]: d for d in done if d}
         metrics["misses_threshold_any"] = float(bundle.info.thresholds["any"].threshold)
         metrics["misses"] = _worst_misses(out, table, series, keys, cached, predictor,
@@ -202,25 +211,36 @@ def _study_table(rows: pd.DataFrame, slices: pd.DataFrame, ref: Reference) -> pd
     return table
 
 
-def bootstrap_auc(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int = 0) -> tuple[float, float, float]:
-    """AUC and its bootstrap 95% CI (cases resampled with replacement; resamples with one class left out)."""
+MIN_RESAMPLED_SHARE = 0.9  # an interval whose resamples lost more than 10% to "one class only" is not estimable
+
+
+def bootstrap_auc(y: np.ndarray, p: np.ndarray, n_boot: int, seed: int = 0) -> tuple[float, float, float, int]:
+    """AUC, its bootstrap 95% CI (cases resampled with replacement) and how many of the ``n_boot`` resamples had both
+    classes (the others have no AUC and are left out). The CI is NaN when the AUC is, or when fewer than
+    :data:`MIN_RESAMPLED_SHARE` of the resamples count (one or two positives: the interval would mean nothing)."""
     auc = auc_or_nan(y, p)
     if np.isnan(auc) or n_boot == 0:
-        return auc, float("nan"), float("nan")
+        return auc, float("nan"), float("nan"), 0
     rng = np.random.default_rng(seed)
     draws = [auc_or_nan(y[i], p[i]) for i in (rng.integers(0, len(y), len(y)) for _ in range(n_boot))]
     draws = np.array([d for d in draws if not np.isnan(d)])
-    return auc, float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+    if len(draws) < MIN_RESAMPLED_SHARE * n_boot:
+        return auc, float("nan"), float("nan"), len(draws)
+    return auc, float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)), len(draws)
 
 
 def _metrics(table: pd.DataFrame, slices: pd.DataFrame, ref: Reference, thresholds, n_boot: int) -> dict:
     per_class = {}
     for c in LABELS:
         y, p = table[f"ref_{c}"].to_numpy(), table[f"score_{c}"].to_numpy()
-        auc, lo, hi = bootstrap_auc(y, p, n_boot)
+        auc, lo, hi, used = bootstrap_auc(y, p, n_boot)
         t = thresholds[c].threshold
         entry = {"studies": len(y), "positives": int(y.sum()), "auc": auc, "auc_ci": [lo, hi],
+                 "auc_ci_resamples": [used, n_boot],
                  "at_bundle_threshold": {"threshold": t, **_sens_spec(y, p >= t)}}
+        rule_in = thresholds[c].rule_in
+        if rule_in is not None:  # where predict reports the class present (a subtype also needs `any` present)
+            entry["at_rule_in"] = {"threshold": rule_in, **_sens_spec(y, p >= rule_in)}
         if y.sum():
             op = threshold_for_recall(y, p, SENSITIVITY_TARGET)
             entry[f"at_{int(SENSITIVITY_TARGET * 100)}_sensitivity"] = {"threshold": op.threshold,
@@ -291,17 +311,25 @@ def _figures(out: Path, table: pd.DataFrame) -> None:
 def report_text(metrics: dict) -> str:
     """report.md: the per-class table with CIs and operating points, the anchors, the pointing game."""
     lines = [f"# Evaluation: {metrics['studies']} studies; reference: {metrics['reference']}", "",
-             f"Score: {metrics['score']}. AUC with its bootstrap 95% CI (studies resampled). Research tool, not for "
-             "diagnosis.", "",
-             "| class | studies | positives | AUC (95% CI) | sens / spec at the bundle's threshold | "
-             f"threshold for {int(SENSITIVITY_TARGET * 100)}% sensitivity: sens / spec |", "|---|---|---|---|---|---|"]
+             f"Score: {metrics['score']}. AUC with its bootstrap 95% CI (studies resampled; resamples with one class "
+             "only have no AUC and are left out, and an interval that lost more than "
+             f"{1 - MIN_RESAMPLED_SHARE:.0%} of them is not estimable). The bundle's threshold was chosen out of fold "
+             f"on the training set; the threshold for {int(SENSITIVITY_TARGET * 100)}% sensitivity is picked on the "
+             "evaluated studies themselves, so its specificity is optimistic. Research tool, not for diagnosis.", "",
+             *([f"Not assessable (left out of every figure): {len(metrics['not_assessable'])} series: "
+                + "; ".join(f"{n['study']}: {n['reason']}" for n in metrics["not_assessable"][:5]), ""]
+               if metrics.get("not_assessable") else []),
+             "| class | studies | positives | AUC (95% CI) | sens / spec at the bundle's flagging point "
+             f"| at its rule-in point (reported present) | threshold for {int(SENSITIVITY_TARGET * 100)}% sensitivity: "
+             "sens / spec |",
+             "|---|---|---|---|---|---|---|"]
     for c, e in metrics["classes"].items():
         b = e["at_bundle_threshold"]
         s = e.get(f"at_{int(SENSITIVITY_TARGET * 100)}_sensitivity")
-        lines.append(f"| {c} | {e['studies']} | {e['positives']} | {e['auc']:.3f} ({e['auc_ci'][0]:.3f}-"
-                     f"{e['auc_ci'][1]:.3f}) | {b['sensitivity']:.2f} / {b['specificity']:.2f} "
-                     f"(t={b['threshold']:.3f}) | "
-                     + (f"{s['sensitivity']:.2f} / {s['specificity']:.2f} (t={s['threshold']:.3f}) |" if s else "- |"))
+        r = e.get("at_rule_in")
+        lines.append(f"| {c} | {e['studies']} | {e['positives']} | {_auc_cell(e)} | {_pair(b)} (t={b['threshold']:.3f})"
+                     f" | " + (f"{_pair(r)} (t={r['threshold']:.3f})" if r else "none in this bundle") + " | "
+                     + (f"{_pair(s)} (t={s['threshold']:.3f}) |" if s else "no positive study |"))
     lines += ["", "Published anchors (any ICH, study level): "
               + "; ".join(f"{a['what']}: AUC {a['auc']:.3f}" for a in metrics["anchors"]) + "."]
     if "slice_level" in metrics:
@@ -327,6 +355,24 @@ def report_text(metrics: dict) -> str:
               for m in metrics["misses"]]
     lines += ["", "Figures: roc.png (ROC per class and calibration); misses/."]
     return "\n".join(lines) + "\n"
+
+
+def _auc_cell(e: dict) -> str:
+    """An AUC with its CI, or why there is none."""
+    if not e["positives"]:
+        return "no positive study"
+    if e["positives"] == e["studies"]:
+        return "no negative study"
+    used, n_boot = e.get("auc_ci_resamples", [0, 0])
+    lo, hi = e["auc_ci"]
+    if n_boot and not (math.isnan(lo) or math.isnan(hi)):
+        return f"{e['auc']:.3f} ({lo:.3f}-{hi:.3f}; {used}/{n_boot} resamples)"
+    return f"{e['auc']:.3f} (CI not estimable: {used}/{n_boot} resamples had both classes)"
+
+
+def _pair(op: dict) -> str:
+    """Sensitivity / specificity, each "-" where the set has no study to measure it on."""
+    return " / ".join("-" if math.isnan(op[k]) else f"{op[k]:.2f}" for k in ("sensitivity", "specificity"))
 
 
 def select_misses(table: pd.DataFrame, threshold: float, k: int = 3) -> tuple[pd.DataFrame, pd.DataFrame]:
