@@ -3,6 +3,7 @@ an atlas puts them, and what a patient's warp does to it."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -73,3 +74,85 @@ def test_a_patients_warp_moves_structures_by_a_few_millimetres():
     assert near.max() < 2.0 * 120  # a smooth warp: no fold-back between random points
     b0, b1 = _brain_area(Warp.identity()), _brain_area(warp)
     assert b1[2] == pytest.approx(b0[2], rel=0.1)  # the intracranial area on the plane w = 0 barely changes
+
+
+def test_the_template_anatomy_is_a_choice_that_leaves_the_drawn_one_as_it_was():
+    """synthetic.anatomy=template adds a warp after every draw of the drawn anatomy: the same seed gives the same
+    head, and the default set stays byte for byte what it was."""
+    from ichpipe.base.config import ConfigError, load_config
+    from ichpipe.synthetic.anatomy import sample_patient
+
+    drawn, template = sample_patient(np.random.default_rng(5)), sample_patient(np.random.default_rng(5), "template")
+    assert drawn.warp is None and template.warp is not None
+    assert (drawn.age, drawn.semi_axes, drawn.gm_hu) == (template.age, template.semi_axes, template.gm_hu)
+    assert template.warp.atrophy == drawn.atrophy and template.warp.amplitude == 3.0
+    from ichpipe.synthetic.dataset import plan_dataset
+
+    plans = [plan_dataset(load_config(overrides=["synthetic.n_patients=12", f"synthetic.anatomy={a}"]).synthetic)
+             for a in ("drawn", "template")]
+    assert [(s.patient.age, [b.subtype for b in s.bleeds], s.n_slices) for s in plans[0]] == \
+        [(s.patient.age, [b.subtype for b in s.bleeds], s.n_slices) for s in plans[1]]  # paired: only the brain differs
+    assert load_config(overrides=["synthetic.anatomy=template"]).synthetic.anatomy == "template"
+    assert load_config().synthetic.anatomy == "drawn"
+    with pytest.raises(ConfigError):
+        load_config(overrides=["synthetic.anatomy=atlas"])
+
+
+def _render(pat, bleeds, z, seed=1):
+    from ichpipe.synthetic import geometry as G
+    from ichpipe.synthetic.phantom import render_slice
+
+    return render_slice(pat, bleeds, G.SliceGeometry(512, 0.47, (256.0, 250.0), 0.0, float(z)),
+                        np.random.default_rng(seed))
+
+
+def test_a_template_slice_has_its_tissues_at_their_densities():
+    from ichpipe.synthetic import geometry as G
+    from ichpipe.synthetic.anatomy import sample_patient
+
+    pat = sample_patient(np.random.default_rng(3), "template")
+    hu, tissue, _ = _render(pat, [], 0.3 * pat.semi_axes[2])
+    kernel = np.ones((5, 5), np.uint8)  # away from edges (partial volume with the brain around narrow CSF)
+    inner = {k: cv2.erode((tissue == k).astype(np.uint8), kernel).astype(bool) for k in (G.BRAIN, G.CSF)}
+    brain, csf = np.median(hu[inner[G.BRAIN]]), np.median(hu[inner[G.CSF]])
+    assert pat.wm_hu - 3 <= brain <= pat.gm_hu + 3 and -5 <= csf <= 20
+    assert (tissue == G.BRAIN).sum() * 0.47 ** 2 > 10000  # an adult brain's section, not a sliver
+    # the lateral ventricles on this level: CSF on both sides of the midline, deep in the brain
+    rows, cols = np.nonzero(tissue == G.CSF)
+    middle = (np.abs(cols - 256) < 40) & (np.abs(rows - 250) < 60)
+    assert middle.sum() * 0.47 ** 2 > 150
+
+
+def test_bleeds_go_into_the_templates_own_spaces():
+    """Intraventricular blood lies in the template's ventricles, subarachnoid blood in its sulci, fissures and
+    cisterns (or the convexity's space between the template and the drawn inner table): the template's tissue and
+    CSF zones under the blood."""
+    from ichpipe.synthetic import geometry as G
+    from ichpipe.synthetic.anatomy import sample_patient
+    from ichpipe.synthetic.bleeds import sample_bleed
+    from ichpipe.synthetic.template import CISTERN, SULCUS, SYLVIAN, TEMPORAL_HORN, VENTRICLE, sample_zones
+
+    for subtype, allowed in (("intraventricular", {VENTRICLE, TEMPORAL_HORN}),
+                             ("subarachnoid", {SULCUS, SYLVIAN, CISTERN, 0})):
+        hits = 0
+        for seed in range(6):
+            rng = np.random.default_rng(100 + seed)
+            pat = sample_patient(rng, "template")
+            bleed = sample_bleed(rng, subtype, pat, faint=False)
+            for z in np.linspace(-0.3, 0.6, 7) * pat.semi_axes[2]:
+                geo = G.SliceGeometry(512, 0.47, (256.0, 250.0), 0.0, float(z))
+                pl = G.Plane(geo, 256, 0.0, (110.0, 130.0))
+                _, _, masks = _render(pat, [bleed], z)
+                blood = masks.get(subtype)
+                if blood is None or blood.sum() < 20:
+                    continue
+                small = cv2.resize(blood.astype(np.uint8), (256, 256), interpolation=cv2.INTER_NEAREST).astype(bool)
+                r0, c0 = pl.rows[0], pl.cols[0]
+                sub = small[r0:r0 + pl.u.shape[0], c0:c0 + pl.u.shape[1]]
+                zones = sample_zones(load_template(), pl.u[sub], pl.v[sub], pl.w[sub], pat.warp)
+                gm, wm, _ = load_template().sample(pl.u[sub], pl.v[sub], pl.w[sub], pat.warp)
+                in_csf = (gm + wm < 0.5).mean()  # never painted over the template's brain
+                inside = np.isin(zones, list(allowed)).mean()
+                assert in_csf > 0.7 and inside > 0.45, (subtype, seed, z, in_csf, inside)
+                hits += 1
+        assert hits >= 3, subtype

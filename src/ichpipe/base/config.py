@@ -109,6 +109,9 @@ class SyntheticConfig(_Section):
     """The synthetic RSNA-format dataset (``scripts/00_make_synthetic.py``)."""
 
     seed: Seed = 2019  # the whole set is a pure function of this seed and the settings below
+    # the brain: "drawn" (ellipsoids and harmonics) or "template" (the ICBM152 2009 average brain, per patient scaled,
+    # warped and atrophied: ichpipe.synthetic.template; bleeds go into its own sulci, fissures, cisterns, ventricles)
+    anatomy: Literal["drawn", "template"] = "drawn"
     n_patients: Annotated[Int, Field(ge=1)] = 60  # patients, train and test together
     # share of patients in stage_2_test/ (disjoint from train)
     test_fraction: Annotated[Float, Field(ge=0.0, le=1.0)] = 0.2

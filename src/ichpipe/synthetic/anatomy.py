@@ -39,6 +39,16 @@ from ichpipe.synthetic.geometry import (
     angle_diff,
     segment_distance,
 )
+from ichpipe.synthetic.template import (
+    CISTERN,
+    SULCUS,
+    SYLVIAN,
+    TEMPORAL_HORN,
+    VENTRICLE,
+    Warp,
+    load_template,
+    sample_zones,
+)
 
 
 @dataclass
@@ -79,6 +89,9 @@ class Patient:
     infarct: dict | None = None  # old infarct: angle, half_angle, w range, depth
     frontal_sinus: bool = True
     beam_hardening_hu: float = 20.0
+    # synthetic.anatomy = template: this patient's ICBM152 brain (ichpipe.synthetic.template) replaces the drawn
+    # brain, ventricles, sulci, fissures, cerebellum and brainstem; None: the drawn anatomy
+    warp: Warp | None = None
 
 
 def section_scale(t) -> np.ndarray | float:
@@ -102,9 +115,11 @@ def eval_harmonics(h: np.ndarray, phi: np.ndarray) -> np.ndarray:
     return out
 
 
-def sample_patient(rng: np.random.Generator) -> Patient:
+def sample_patient(rng: np.random.Generator, anatomy: str = "drawn") -> Patient:
     """A head: its size and shape, tissues, ventricles, sulci, and the age-related calcifications, white-matter
-    hypodensities and old infarct that mimic or hide blood."""
+    hypodensities and old infarct that mimic or hide blood. ``anatomy="template"`` adds the patient's warp of the
+    ICBM152 brain, drawn from a generator seeded by the head's own draws (never from ``rng``), so that both anatomies
+    give the same patients, studies and bleeds for one seed: a paired comparison."""
     age = float(rng.uniform(18, 92))
     atrophy = float(np.clip((age - 45) / 45 + rng.normal(0, 0.15), 0, 1))
     a, b, c = rng.uniform(66, 76), rng.uniform(86, 98), rng.uniform(80, 90)
@@ -159,7 +174,7 @@ def sample_patient(rng: np.random.Generator) -> Patient:
     if rng.random() < 0.22 * old:
         infarct = dict(phi=rng.uniform(-np.pi, np.pi), half_angle=rng.uniform(0.12, 0.35),
                        w0=rng.uniform(-0.05, 0.3) * c, half_height=rng.uniform(10, 25), depth=rng.uniform(12, 30))
-    return Patient(
+    patient = Patient(
         age=age, semi_axes=(a, b, c), outline=harmonics(rng, 0.05), skin_mm=rng.uniform(1.5, 2.5),
         fat_mm=rng.uniform(1.5, 6.0), muscle_mm=rng.uniform(5, 12), skull_mm=rng.uniform(5.0, 8.5),
         skull_shape=harmonics(rng, 0.35), diploe_hu=rng.uniform(450, 800),
@@ -174,6 +189,20 @@ def sample_patient(rng: np.random.Generator) -> Patient:
         calcifications=calcs, wm_lesions=lesions, infarct=infarct,
         frontal_sinus=bool(rng.random() < 0.85), beam_hardening_hu=rng.uniform(6, 22),
     )
+    if anatomy == "template":  # from the head's own draws, not rng's: both anatomies get the same set plan
+        sub = np.random.default_rng(np.frombuffer(np.array([age, a, b, c], np.float64).tobytes(), np.uint32))
+        patient.warp = Warp.sample(sub, brain_half_mm(a, b, c), offset=(0.0, 0.0, 0.06 * c), amplitude=3.0,
+                                   atrophy=atrophy)
+    return patient
+
+
+BASE_T = -0.15  # template anatomy: below this height (w / c) the skull base follows the template's brain
+
+
+def brain_half_mm(a: float, b: float, c: float) -> tuple[float, float, float]:
+    """The template brain's half-extents (u, v, w) in a head of skin half-sizes (a, b, c): inside the scalp, skull and
+    a rim of CSF (measured against the drawn cavity: about 81%, 87% and 88% of the head's)."""
+    return 0.81 * a, 0.87 * b, 0.88 * c
 
 
 @dataclass
@@ -238,16 +267,53 @@ def paint_anatomy(pl: Plane, pat: Patient, mass: MassEffect, texture: np.ndarray
     us = u - shift  # midline structures follow the shift
     skull_base = _skull_base(pl, pat, intra, head, t, s, grain)
     intra &= ~skull_base
-    brain, in_sulcus, sylvian = _brain(pl, pat, mass, intra, t, phi, sin_phi, radius, depth_in, shift, texture)
-    falx_zone = _midline(pl, pat, intra, us, t, s, depth_in, texture)
-    ventricles = _ventricles(pl, pat, mass, intra, us, t, shift)
-    cistern = _posterior_fossa(pl, pat, intra, us, t, s, texture, depth_in)
+    if pat.warp is not None:
+        brain, in_sulcus, sylvian, ventricles, cistern = _template_brain(pl, pat, intra, us, t, texture, grain)
+        falx_zone = _midline(pl, pat, intra, us, t, s, depth_in, texture)
+    else:
+        brain, in_sulcus, sylvian = _brain(pl, pat, mass, intra, t, phi, sin_phi, radius, depth_in, shift, texture)
+        falx_zone = _midline(pl, pat, intra, us, t, s, depth_in, texture)
+        ventricles = _ventricles(pl, pat, mass, intra, us, t, shift)
+        cistern = _posterior_fossa(pl, pat, intra, us, t, s, texture, depth_in)
     for ca in pat.calcifications:
         val = pl.value(ca.shape, shift if ca.midline else 0.0)
         pl.blend(np.where(intra | skull_base, np.clip(1.3 - val, 0, 1), 0).astype(np.float32), ca.hu, CALC)
     return PlaneContext(t=t, phi=phi, depth=depth, d_out=d_out, depth_in=depth_in, intra=intra, brain=brain,
                         in_sulcus=in_sulcus, sylvian=sylvian, falx_zone=falx_zone, cistern=cistern,
                         ventricles=ventricles, us=us, texture=texture, grain=grain)
+
+
+def _template_brain(pl: Plane, pat: Patient, intra, us, t, texture, grain):
+    """The patient's ICBM152 brain (ichpipe.synthetic.template) in the cranial cavity, moved with the midline shift:
+    grey and white matter and CSF at their partial volumes, CSF filling the rest of the cavity; return the brain,
+    sulcus, Sylvian-fissure, ventricle ((side, mask, temporal horn) per side) and cistern masks from the template's
+    own CSF zones."""
+    template = load_template()
+    gm, wm, csf = template.sample(us, pl.v, pl.w, pat.warp)
+    zones = sample_zones(template, us, pl.v, pl.w, pat.warp)
+    total = gm + wm + csf
+    # below the vault the bone follows the brain: what the drawn fossae leave between them and the template's
+    # intracranial space is skull base, not a CSF lake
+    base = intra & (total < 0.05) & (t < np.float32(BASE_T))
+    pl.paint(base, pat.diploe_hu + 250 + 150 * grain, BONE)
+    intra &= ~base
+    pl.paint(intra, 8.0, CSF)
+    tissue = intra & (total > 0.05)
+    hu = (gm * np.float32(pat.gm_hu) + wm * np.float32(pat.wm_hu) + (csf + np.clip(1 - total, 0, 1)) * 8.0
+          ) / np.maximum(np.maximum(total, 1.0), 1e-6) + texture * np.clip(gm + wm, 0, 1)
+    brain = tissue & (gm + wm > 0.5)
+    pl.paint(tissue & ~brain, hu, CSF)
+    pl.paint(brain, hu, BRAIN)
+    wet = intra & ~brain
+    in_sulcus = wet & (zones == SULCUS)
+    sylvian = wet & (zones == SYLVIAN)
+    cistern = wet & (zones == CISTERN)
+    ventricles = []
+    for side in (-1, 1):
+        on_side = (us * side) > 0
+        ventricles.append((side, wet & (zones == VENTRICLE) & on_side, False))
+        ventricles.append((side, wet & (zones == TEMPORAL_HORN) & on_side, True))
+    return brain, in_sulcus, sylvian, ventricles, cistern
 
 
 def midline_shift(mass: MassEffect, v: np.ndarray, w: np.ndarray) -> np.ndarray | np.float32:

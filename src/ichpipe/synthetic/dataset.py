@@ -94,7 +94,7 @@ def plan_dataset(cfg: SyntheticConfig) -> list[SeriesSpec]:
     test_patients = set(rng.choice(cfg.n_patients, size=n_test, replace=False).tolist())
     specs: list[SeriesSpec] = []
     for p in range(cfg.n_patients):
-        patient = sample_patient(rng)
+        patient = sample_patient(rng, cfg.anatomy)
         control = rng.random() < cfg.control_rate
         n_studies = 2 if rng.random() < cfg.second_study_rate else 1
         for s in range(n_studies):

@@ -30,6 +30,8 @@ from scipy import ndimage as ndi
 FILES = {"gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
          "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"}
 CLOSE_MM, GROW_MM = 4, 2
+# CSF zones (Template.zones): where each kind of bleed that lives in CSF is placed
+VENTRICLE, TEMPORAL_HORN, SYLVIAN, CISTERN, SULCUS = 1, 2, 3, 4, 5
 ATROPHY_MM = 1.2  # at atrophy 1, every CSF space grows by this much into the brain on each of its sides
 
 
@@ -53,6 +55,7 @@ class Template:
     wm: np.ndarray
     csf: np.ndarray
     depth: np.ndarray  # mm from a brain voxel (GM + WM > 0.5) to the nearest voxel that is not brain
+    zones: np.ndarray  # uint8 per voxel of CSF: VENTRICLE, TEMPORAL_HORN, SYLVIAN, CISTERN, SULCUS (0 elsewhere)
     affine: np.ndarray
     center: np.ndarray  # MNI mm: the middle of the brain's bounding box
 
@@ -76,6 +79,16 @@ class Template:
             csf = csf + (gm + wm) * (1 - ratio)
             gm, wm = gm * ratio, wm * ratio
         return gm, wm, csf
+
+
+def sample_zones(template: Template, u, v, w, warp: Warp | None = None) -> np.ndarray:
+    """The CSF zone (nearest voxel) at head-frame points."""
+    warp = warp or Warp.identity()
+    x, y, z = warp.to_template(np.asarray(u, np.float32), np.asarray(v, np.float32), np.asarray(w, np.float32),
+                               template.center)
+    inv = np.linalg.inv(template.affine)
+    ijk = [inv[r, 0] * x + inv[r, 1] * y + inv[r, 2] * z + inv[r, 3] for r in range(3)]
+    return ndi.map_coordinates(template.zones, ijk, order=0, mode="constant", cval=0)
 
 
 @dataclass(frozen=True)
@@ -138,4 +151,27 @@ def load_template(folder: str | None = None) -> Template:
     inside = np.argwhere(brain)
     affine = np.asarray(images["gm"].affine, np.float64)
     lo, hi = (affine @ [*inside.min(0), 1])[:3], (affine @ [*inside.max(0), 1])[:3]
-    return Template(gm, wm, csf, depth, affine, (lo + hi) / 2)
+    return Template(gm, wm, csf, depth, _zones(brain, csf, affine), affine, (lo + hi) / 2)
+
+
+def _zones(brain: np.ndarray, csf: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The CSF's zones. Ventricles: the CSF the brain encloses (the lateral and third ventricles are one space of
+    18 ml; the temporal horns two of 0.2 ml, below z = -8 mm); the rest of the CSF by MNI region: the Sylvian
+    fissures (|x| 25-55, y -35..20, z -20..15), the basal cisterns (|x| < 30, y -45..15, z -35..-5), sulci and the
+    convexity elsewhere."""
+    wet = csf > 0.5
+    enclosed = ndi.binary_fill_holes(brain) & ~brain & wet
+    labels, _ = ndi.label(enclosed)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    ventricles = sizes[labels] >= 100
+    x, y, z = (affine[r, 0] * np.arange(brain.shape[0])[:, None, None] + affine[r, 1] * np.arange(brain.shape[1])[
+        None, :, None] + affine[r, 2] * np.arange(brain.shape[2])[None, None, :] + affine[r, 3] for r in range(3))
+    zones = np.zeros(brain.shape, np.uint8)
+    zones[wet] = SULCUS
+    ax = np.abs(x)
+    zones[wet & (ax > 25) & (ax < 55) & (y > -35) & (y < 20) & (z > -20) & (z < 15)] = SYLVIAN
+    zones[wet & (ax < 30) & (y > -45) & (y < 15) & (z > -35) & (z < -5)] = CISTERN
+    zones[ventricles] = VENTRICLE
+    zones[ventricles & (z < -8) & (ax > 15)] = TEMPORAL_HORN
+    return zones
