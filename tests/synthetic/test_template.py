@@ -156,3 +156,33 @@ def test_bleeds_go_into_the_templates_own_spaces():
                 assert in_csf > 0.7 and inside > 0.45, (subtype, seed, z, in_csf, inside)
                 hits += 1
         assert hits >= 3, subtype
+
+
+def test_an_extra_axial_collection_pushes_the_template_brain_in():
+    """Under a collection of 8 mm the brain's surface starts about 8 mm deeper than without it (its own cortex bent
+    in, not cut by the blood); away from it, where it was."""
+    from ichpipe.synthetic import geometry as G
+    from ichpipe.synthetic.anatomy import MassEffect, _collections_push, paint_anatomy, sample_patient
+
+    class Collection:  # 8 mm thick over the frontal convexity (phi = -pi/2: anterior), 30 mm up and down
+        def local_thickness(self, phi, w):
+            near = (np.abs(phi + np.pi / 2) < 0.6) & (np.abs(w) < 30)
+            return np.where(near, np.float32(8.0), np.float32(0.0))
+
+    depth = np.array([0.0, 4.0, 8.0, 20.5, 33.0, 50.0], np.float32)
+    push = _collections_push(MassEffect(collections=[Collection()]), np.full(6, -np.pi / 2, np.float32),
+                             np.zeros(6, np.float32), depth)
+    np.testing.assert_allclose(push, [8, 8, 8, 4, 0, 0], atol=1e-5)  # full under it, fading over 25 mm beneath
+
+    pat = sample_patient(np.random.default_rng(3), "template")
+    geo = G.SliceGeometry(512, 0.47, (256.0, 256.0), 0.0, 0.2 * pat.semi_axes[2])
+    surfaces = []
+    for mass in (MassEffect(), MassEffect(collections=[Collection()])):
+        pl = G.Plane(geo, 256, 0.0, (110.0, 130.0))
+        ctx = paint_anatomy(pl, pat, mass, np.zeros(pl.u.shape, np.float32), np.zeros(pl.u.shape, np.float32))
+        under = ctx.brain & (np.abs(ctx.phi + np.pi / 2) < 0.3)
+        away = ctx.brain & (np.abs(ctx.phi - np.pi / 2) < 0.3)  # posterior: no collection
+        surfaces.append((np.percentile(ctx.depth_in[under], 2), np.percentile(ctx.depth_in[away], 2)))
+    (under0, away0), (under1, away1) = surfaces
+    assert under1 - under0 == pytest.approx(8.0, abs=2.5)
+    assert away1 == pytest.approx(away0, abs=0.5)

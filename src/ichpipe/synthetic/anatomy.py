@@ -214,6 +214,8 @@ class MassEffect:
     # half_height) of each large extra-axial collection: the sulci beneath it are effaced
     # lateral ventricle width factor by side
     squeeze: dict[int, float] = field(default_factory=lambda: {-1: 1.0, 1: 1.0})
+    # the extra-axial collections (each with local_thickness(phi, w) in mm): they push the template brain inward
+    collections: list = field(default_factory=list)
 
 
 @dataclass
@@ -268,7 +270,9 @@ def paint_anatomy(pl: Plane, pat: Patient, mass: MassEffect, texture: np.ndarray
     skull_base = _skull_base(pl, pat, intra, head, t, s, grain)
     intra &= ~skull_base
     if pat.warp is not None:
-        brain, in_sulcus, sylvian, ventricles, cistern = _template_brain(pl, pat, intra, us, t, texture, grain)
+        push = _collections_push(mass, phi, pl.w, depth_in)
+        brain, in_sulcus, sylvian, ventricles, cistern = _template_brain(
+            pl, pat, intra, us + push * cos_phi, pl.v + push * sin_phi, t, texture, grain)
         falx_zone = _midline(pl, pat, intra, us, t, s, depth_in, texture)
     else:
         brain, in_sulcus, sylvian = _brain(pl, pat, mass, intra, t, phi, sin_phi, radius, depth_in, shift, texture)
@@ -283,14 +287,31 @@ def paint_anatomy(pl: Plane, pat: Patient, mass: MassEffect, texture: np.ndarray
                         ventricles=ventricles, us=us, texture=texture, grain=grain)
 
 
-def _template_brain(pl: Plane, pat: Patient, intra, us, t, texture, grain):
-    """The patient's ICBM152 brain (ichpipe.synthetic.template) in the cranial cavity, moved with the midline shift:
+PUSH_SPREAD_MM = 25.0  # a collection's push fades over this depth beneath it
+
+
+def _collections_push(mass: MassEffect, phi, w, depth_in) -> np.ndarray | np.float32:
+    """How far (mm) the template brain is pushed inward at each point by the extra-axial collections: by their full
+    thickness at their inner surface, fading over PUSH_SPREAD_MM beneath it."""
+    push = np.float32(0.0)
+    for c in mass.collections:
+        thick = c.local_thickness(phi, w)
+        if not np.any(thick > 0):
+            continue
+        fade = np.clip(1.0 - (depth_in - thick) / np.float32(PUSH_SPREAD_MM), 0.0, 1.0)
+        push = push + thick * fade
+    return push
+
+
+def _template_brain(pl: Plane, pat: Patient, intra, us, vs, t, texture, grain):
+    """The patient's ICBM152 brain (ichpipe.synthetic.template) in the cranial cavity, sampled at (us, vs, w): moved
+    with the midline shift, and outward where collections push it in:
     grey and white matter and CSF at their partial volumes, CSF filling the rest of the cavity; return the brain,
     sulcus, Sylvian-fissure, ventricle ((side, mask, temporal horn) per side) and cistern masks from the template's
     own CSF zones."""
     template = load_template()
-    gm, wm, csf = template.sample(us, pl.v, pl.w, pat.warp)
-    zones = sample_zones(template, us, pl.v, pl.w, pat.warp)
+    gm, wm, csf = template.sample(us, vs, pl.w, pat.warp)
+    zones = sample_zones(template, us, vs, pl.w, pat.warp)
     total = gm + wm + csf
     # below the vault the bone follows the brain: what the drawn fossae leave between them and the template's
     # intracranial space is skull base, not a CSF lake

@@ -107,6 +107,15 @@ class ExtraAxial(Bleed):
         super().add_mass_effect(mass)
         if self.volume_ml > 5:  # the sulci beneath it are effaced
             mass.effacing.append((self.phi, self.half_angle, self.zc, self.half_height))
+        mass.collections.append(self)  # the template brain is pushed in by its local thickness
+
+    def local_thickness(self, phi: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Its thickness (mm) at each point's angle around the head and height (0 outside it)."""
+        dz = (w - np.float32(self.zc)) / np.float32(self.half_height)
+        dphi = angle_diff(phi, np.float32(self.phi)) / np.float32(self.half_angle)
+        prof = self.profile(dphi, dz)
+        return np.where((np.abs(dz) < 1) & (prof > 0),
+                        np.float32(self.thickness) * prof * irregular(self.edge, dphi * 2), np.float32(0))
 
     @abstractmethod
     def profile(self, dphi: np.ndarray, dz: np.ndarray) -> np.ndarray:
@@ -120,9 +129,8 @@ class ExtraAxial(Bleed):
         if (np.abs(dz) >= 1).all():
             return None
         dphi = angle_diff(ctx.phi, np.float32(self.phi)) / np.float32(self.half_angle)
-        prof = self.profile(dphi, dz)
-        thick = np.float32(self.thickness) * prof * irregular(self.edge, dphi * 2)
-        mask = ctx.intra & (ctx.depth_in < thick) & (prof > 0)
+        thick = self.local_thickness(ctx.phi, pl.w)
+        mask = ctx.intra & (ctx.depth_in < thick) & (thick > 0)
         pl.paint(mask, self.density(self.blood(ctx), dphi, pl, ctx), BLOOD)
         self.paint_beside(pl, ctx, dphi, dz)
         return mask
