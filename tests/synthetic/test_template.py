@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ichpipe.synthetic.template import Warp, load_template
+from ichpipe.synthetic.template import TEMPLATE_HALF_MM, Warp, load_template
 
 T = load_template()
 
@@ -23,6 +23,9 @@ def test_the_tissue_volumes_are_an_adult_brains():
     assert 950 < ml["gm"] < 1050 and 620 < ml["wm"] < 720  # 1,008 and 670 ml
     assert 200 < ml["csf"] < 400  # derived: 297 ml
     total = T.gm + T.wm + T.csf
+    inside = np.argwhere(T.gm + T.wm > 0.5)  # the constant Warp.sample scales by is the template's own extent
+    half = (inside.max(0) - inside.min(0)) * np.abs(np.diag(T.affine)[:3]) / 2
+    np.testing.assert_allclose(half, TEMPLATE_HALF_MM)
     assert total.max() <= 1.0 + 1e-5 and min(T.gm.min(), T.wm.min(), T.csf.min()) >= 0
 
 

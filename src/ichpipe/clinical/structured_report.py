@@ -39,7 +39,7 @@ from pydicom.uid import generate_uid
 
 from ichpipe.base.labels import LABELS
 from ichpipe.clinical.findings import ABSENT, INDETERMINATE, NOT_ASSESSABLE, PRESENT, series_findings
-from ichpipe.imaging.dicom import as_valid_uid
+from ichpipe.imaging.dicom import as_valid_uid, with_valid_uids
 from ichpipe.networks.bundle_format import Bundle
 
 RESEARCH_ONLY = "Research use only, not for diagnosis."
@@ -137,19 +137,13 @@ TYPE2 = ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTim
          "StudyID", "AccessionNumber")
 
 
-UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
-
-
 def _for_sr(ds: Dataset) -> Dataset:
     """A copy of a source header as the SR cites it: type 2 attributes it lacks present and empty, UIDs valid."""
     ds = copy.deepcopy(ds)  # a header: cheap; the caller's dataset keeps what it had
     for keyword in TYPE2:
         if keyword not in ds:
             setattr(ds, keyword, None)
-    for keyword in UIDS:
-        if keyword in ds:
-            setattr(ds, keyword, as_valid_uid(ds.get(keyword)))
-    return ds
+    return with_valid_uids(ds)
 
 
 def _deidentification(sr: Dataset, source: Dataset) -> None:

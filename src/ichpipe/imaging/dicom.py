@@ -319,3 +319,15 @@ def as_valid_uid(uid: str) -> str:
     if len(uid) <= 64 and RE_VALID_UID.match(uid):
         return uid
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, 'ichpipe:' + uid).int}"
+
+
+UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+
+
+def with_valid_uids(ds):
+    """``ds`` (changed in place, and returned) with its study, series, instance and frame-of-reference UIDs valid
+    (:func:`as_valid_uid`): what an output that cites it may copy."""
+    for keyword in UID_KEYWORDS:
+        if keyword in ds:
+            setattr(ds, keyword, as_valid_uid(ds.get(keyword)))
+    return ds

@@ -56,22 +56,22 @@ from ichpipe.base.labels import LABELS
 from ichpipe.clinical.predictor import Predictor, run_series
 from ichpipe.clinical.series_figure import series_figure
 from ichpipe.clinical.studies import find_series
-from ichpipe.imaging.dicom import as_valid_uid, read_dataset
+from ichpipe.imaging.dicom import as_valid_uid, read_dataset, with_valid_uids
 from ichpipe.networks.bundle_format import Bundle, load_bundle
 from ichpipe.scoring.submission import write_checked
 
 
-def write_secondary_capture(figure: Path, ref: Path, shown: list[Dataset], out: Path, series_number: int) -> None:
-    """The series figure as a DICOM Secondary Capture in the original study (highdicom), for a PACS viewer: its source
-    images the slices it shows (``shown``: their headers), its text burned in, UIDs valid (``as_valid_uid``)."""
+def write_secondary_capture(figure: Path, ref: Dataset, shown: list[Dataset], out: Path, series_number: int) -> None:
+    """The series figure as a DICOM Secondary Capture in the original study of ``ref`` (a slice's header; highdicom),
+    for a PACS viewer: its source images the slices it shows (``shown``: their headers), its text burned in, UIDs
+    valid (``as_valid_uid``)."""
+    import copy
+
     import cv2
     import highdicom as hd
 
     img = cv2.cvtColor(cv2.imread(str(figure)), cv2.COLOR_BGR2RGB)
-    ref_ds = read_dataset(ref)
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
-        if keyword in ref_ds:
-            setattr(ref_ds, keyword, as_valid_uid(ref_ds.get(keyword)))
+    ref_ds = with_valid_uids(copy.deepcopy(ref))
     with warnings.catch_warnings():  # highdicom's remarks on the source study's own names are not ours to fix
         warnings.simplefilter("ignore", UserWarning)
         sc = hd.sc.SCImage.from_ref_dataset(
@@ -146,19 +146,18 @@ def _predict(path, bundle: Bundle, out: Path, inputs: list, min_slices: int, fig
                 result.row["figure"] = f"series_{n}.png" if draw and figures else ""
                 slice_rows += result.slices
                 series_rows.append(result.row)
+                headers = [read_dataset(f) for f in s.files] if dicom_sc or dicom_sr else []  # read once for both
                 if draw:
                     shown = series_figure(tmp / f"series_{n}.png", s, result, predictor)
                 if draw and dicom_sc:
-                    write_secondary_capture(tmp / f"series_{n}.png", s.files[0],
-                                            [read_dataset(s.files[i]) for i in shown], tmp / f"series_{n}.dcm",
-                                            900 + n)
+                    write_secondary_capture(tmp / f"series_{n}.png", headers[0], [headers[i] for i in shown],
+                                            tmp / f"series_{n}.dcm", 900 + n)
                 if draw and not figures:
                     (tmp / f"series_{n}.png").unlink()
                 if dicom_sr:
                     from ichpipe.clinical.structured_report import structured_report  # highdicom: only when asked for
 
-                    sources = [read_dataset(f) for f in s.files]
-                    report = structured_report(sources, pd.DataFrame(result.slices), result.row, bundle, 800 + n)
+                    report = structured_report(headers, pd.DataFrame(result.slices), result.row, bundle, 800 + n)
                     report.save_as(tmp / f"sr_{n}.dcm")
             pd.DataFrame(slice_rows).to_csv(tmp / "slices.csv", index=False)
             pd.DataFrame(series_rows).to_csv(tmp / "series.csv", index=False)

@@ -47,7 +47,6 @@ from ichpipe.synthetic.template import (
     VENTRICLE,
     Warp,
     load_template,
-    sample_zones,
 )
 
 
@@ -310,8 +309,9 @@ def _template_brain(pl: Plane, pat: Patient, intra, us, vs, t, texture, grain):
     sulcus, Sylvian-fissure, ventricle ((side, mask, temporal horn) per side) and cistern masks from the template's
     own CSF zones."""
     template = load_template()
-    gm, wm, csf = template.sample(us, vs, pl.w, pat.warp)
-    zones = sample_zones(template, us, vs, pl.w, pat.warp)
+    ijk = template.voxels(us, vs, pl.w, pat.warp)  # the warp evaluated once for both look-ups
+    gm, wm, csf = template.fractions_at(ijk, pat.warp.atrophy)
+    zones = template.zones_at(ijk)
     total = gm + wm + csf
     # below the vault the bone follows the brain: what the drawn fossae leave between them and the template's
     # intracranial space is skull base, not a CSF lake

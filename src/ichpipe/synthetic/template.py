@@ -14,7 +14,8 @@ the real sulci, fissures and ventricles widen). :meth:`Template.sample` gives th
 head-frame points (mm: ``u`` left-right with the patient's left positive, ``v`` posterior positive, ``w`` foot to
 head, as DICOM's LPS axes), so a tilted slice plane is no special case.
 
-This is the ground work of issue #35's real-brain anatomy; ``make synthetic`` does not paint it yet.
+``make synthetic synthetic.anatomy=template`` paints it (ichpipe.synthetic.anatomy); the drawn brain stays the
+default (docs/synthetic.md says what is measured and what is not yet).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ FILES = {"gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
 CLOSE_MM, GROW_MM = 4, 2
 # CSF zones (Template.zones): where each kind of bleed that lives in CSF is placed
 VENTRICLE, TEMPORAL_HORN, SYLVIAN, CISTERN, SULCUS = 1, 2, 3, 4, 5
+TEMPLATE_HALF_MM = (71.0, 89.5, 76.5)  # the template brain's half-extents (x, y, z), measured on its maps (tested)
 ATROPHY_MM = 1.2  # at atrophy 1, every CSF space grows by this much into the brain on each of its sides
 
 
@@ -63,32 +65,37 @@ class Template:
         return {k: float(getattr(self, k).sum()) * float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000
                 for k in ("gm", "wm", "csf")}
 
+    def voxels(self, u, v, w, warp: Warp | None = None) -> list[np.ndarray]:
+        """The template's voxel coordinates (i, j, k) of head-frame points under ``warp`` (default: none)."""
+        x, y, z = (warp or Warp.identity()).to_template(np.asarray(u, np.float32), np.asarray(v, np.float32),
+                                                        np.asarray(w, np.float32), self.center)
+        inv = np.linalg.inv(self.affine)
+        return [inv[r, 0] * x + inv[r, 1] * y + inv[r, 2] * z + inv[r, 3] for r in range(3)]
+
     def sample(self, u: np.ndarray, v: np.ndarray, w: np.ndarray, warp: Warp | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(GM, WM, CSF) fractions at head-frame points (trilinear; 0 outside the intracranial space)."""
-        warp = warp or Warp.identity()
-        x, y, z = warp.to_template(np.asarray(u, np.float32), np.asarray(v, np.float32), np.asarray(w, np.float32),
-                                   self.center)
-        inv = np.linalg.inv(self.affine)
-        ijk = [inv[r, 0] * x + inv[r, 1] * y + inv[r, 2] * z + inv[r, 3] for r in range(3)]
+        return self.fractions_at(self.voxels(u, v, w, warp), warp.atrophy if warp else 0.0)
+
+    def fractions_at(self, ijk: list[np.ndarray], atrophy: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(GM, WM, CSF) fractions at voxel coordinates, atrophied by ``atrophy`` (0..1)."""
         gm, wm, csf = (ndi.map_coordinates(vol, ijk, order=1, mode="constant", cval=0.0, prefilter=False)
                        for vol in (self.gm, self.wm, self.csf))
-        if warp.atrophy > 0:  # the brain within ATROPHY_MM x atrophy of any CSF space becomes CSF
+        if atrophy > 0:  # the brain within ATROPHY_MM x atrophy of any CSF space becomes CSF
             depth = ndi.map_coordinates(self.depth, ijk, order=1, mode="constant", cval=0.0, prefilter=False)
-            ratio = np.clip(depth - np.float32(warp.atrophy * ATROPHY_MM), 0.0, 1.0).astype(np.float32)
+            ratio = np.clip(depth - np.float32(atrophy * ATROPHY_MM), 0.0, 1.0).astype(np.float32)
             csf = csf + (gm + wm) * (1 - ratio)
             gm, wm = gm * ratio, wm * ratio
         return gm, wm, csf
 
+    def zones_at(self, ijk: list[np.ndarray]) -> np.ndarray:
+        """The CSF zone (nearest voxel) at voxel coordinates."""
+        return ndi.map_coordinates(self.zones, ijk, order=0, mode="constant", cval=0)
+
 
 def sample_zones(template: Template, u, v, w, warp: Warp | None = None) -> np.ndarray:
     """The CSF zone (nearest voxel) at head-frame points."""
-    warp = warp or Warp.identity()
-    x, y, z = warp.to_template(np.asarray(u, np.float32), np.asarray(v, np.float32), np.asarray(w, np.float32),
-                               template.center)
-    inv = np.linalg.inv(template.affine)
-    ijk = [inv[r, 0] * x + inv[r, 1] * y + inv[r, 2] * z + inv[r, 3] for r in range(3)]
-    return ndi.map_coordinates(template.zones, ijk, order=0, mode="constant", cval=0)
+    return template.zones_at(template.voxels(u, v, w, warp))
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,7 @@ class Warp:
                offset: tuple[float, float, float] = (0.0, 0.0, 0.0), amplitude: float = 3.0, atrophy: float = 0.0,
                waves: int = 4) -> Warp:
         """A random patient whose brain has half-extents ``brain_half_mm`` (u, v, w) and sits at ``offset``."""
-        half = (71.0, 89.5, 76.5)  # the template brain's half-extents (x, y, z), measured on its maps
+        half = TEMPLATE_HALF_MM  # a constant, so that drawing a patient need not load the template
         scale = tuple(h / b for h, b in zip(half, brain_half_mm, strict=True))
         k = np.zeros((waves, 7), np.float32)
         direction = rng.normal(size=(waves, 3))
