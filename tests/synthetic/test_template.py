@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ichpipe.synthetic.template import TEMPLATE_HALF_MM, Warp, load_template
+from ichpipe.synthetic.template import DEEP_NUCLEI_MNI, TEMPLATE_CENTER_MNI, TEMPLATE_HALF_MM, Warp, load_template
 
 T = load_template()
 
@@ -26,6 +26,7 @@ def test_the_tissue_volumes_are_an_adult_brains():
     inside = np.argwhere(T.gm + T.wm > 0.5)  # the constant Warp.sample scales by is the template's own extent
     half = (inside.max(0) - inside.min(0)) * np.abs(np.diag(T.affine)[:3]) / 2
     np.testing.assert_allclose(half, TEMPLATE_HALF_MM)
+    np.testing.assert_allclose(T.center, TEMPLATE_CENTER_MNI)
     assert total.max() <= 1.0 + 1e-5 and min(T.gm.min(), T.wm.min(), T.csf.min()) >= 0
 
 
@@ -161,6 +162,43 @@ def test_bleeds_go_into_the_templates_own_spaces():
         assert hits >= 3, subtype
 
 
+def test_the_deep_nuclei_are_the_templates_own():
+    """DEEP_NUCLEI_MNI are the template's deep grey matter where an atlas has the putamen (x 20-32, y -10..15,
+    z -8..10) and thalamus (x 5-18, y -30..-8, z -2..16); a deep intraparenchymal bleed of a template patient is
+    aimed at them, a drawn patient's at the drawn ellipsoids (as before)."""
+    from scipy import ndimage as ndi
+
+    from ichpipe.synthetic.anatomy import sample_patient
+    from ichpipe.synthetic.bleeds import sample_bleed
+
+    idx = np.indices(T.gm.shape)
+    x, y, z = (sum(T.affine[r, c] * idx[c] for c in range(3)) + T.affine[r, 3] for r in range(3))
+    brain = T.gm + T.wm > 0.5
+    deep = (T.gm > 0.5) & (ndi.distance_transform_edt(ndi.binary_fill_holes(ndi.binary_closing(
+        brain, np.ones((9, 9, 9))))) > 15)
+    for name, box in {"lentiform": ((16, 32), (-14, 14), (-8, 10)), "thalamus": ((3, 20), (-34, -6), (-4, 16))}.items():
+        m = deep & (x > box[0][0]) & (x < box[0][1]) & (y > box[1][0]) & (y < box[1][1]) & (z > box[2][0]) & (
+            z < box[2][1])
+        np.testing.assert_allclose([x[m].mean(), y[m].mean(), z[m].mean()], DEEP_NUCLEI_MNI[name], atol=0.06)
+    for seed in range(4):
+        pat, drawn = sample_patient(np.random.default_rng(seed), "template"), sample_patient(
+            np.random.default_rng(seed))
+        for k in (1, 2, 4, 5):
+            u, v, w = pat.nucleus_centre(k)
+            gm, wm, _ = T.sample(*(np.array([c], np.float32) for c in (u, v, w)), pat.warp)
+            assert gm[0] > 0.45 and gm[0] > wm[0], (seed, k, gm, wm)  # grey matter (the average thalamus is 0.76 grey)
+            assert drawn.nucleus_centre(k) == drawn.nuclei[k].center
+            assert (u > 0) == (k > 2)  # the side is kept: k 0-2 on -u, 3-5 on +u
+    hits = 0
+    for seed in range(40):  # a deep bleed lands in the template's nucleus (its centre within the clot's jitter)
+        rng = np.random.default_rng(seed)
+        pat = sample_patient(rng, "template")
+        bleed = sample_bleed(rng, "intraparenchymal", pat, faint=False)
+        aims = [np.asarray(pat.nucleus_centre(k)) for k in (1, 2, 4, 5)]
+        hits += min(np.linalg.norm(np.asarray(bleed.center) - a) for a in aims) < 12
+    assert 10 <= hits <= 30  # about 45% are deep
+
+
 def test_an_extra_axial_collection_pushes_the_template_brain_in():
     """Under a collection of 8 mm the brain's surface starts about 8 mm deeper than without it (its own cortex bent
     in, not cut by the blood); away from it, where it was."""
@@ -189,3 +227,32 @@ def test_an_extra_axial_collection_pushes_the_template_brain_in():
     (under0, away0), (under1, away1) = surfaces
     assert under1 - under0 == pytest.approx(8.0, abs=2.5)
     assert away1 == pytest.approx(away0, abs=0.5)
+
+
+def test_a_midline_shift_moves_the_centre_and_leaves_the_brain_on_the_bone():
+    """A large bleed's midline shift (6 mm away from a collection on the left) moves the template's ventricles
+    toward the other side by several mm, while at the inner table the brain stays where it was: no CSF gap opens
+    between the collection and the cortex, and the far cortex is not cut by the bone."""
+    from ichpipe.synthetic import geometry as G
+    from ichpipe.synthetic.anatomy import MassEffect, paint_anatomy, sample_patient
+
+    class Collection:  # 8 mm over the left convexity (phi = 0: +u)
+        def local_thickness(self, phi, w):
+            return np.where((np.abs(phi) < 0.6) & (np.abs(w) < 30), np.float32(8.0), np.float32(0.0))
+
+    pat = sample_patient(np.random.default_rng(3), "template")
+    geo = G.SliceGeometry(512, 0.47, (256.0, 256.0), 0.0, 0.2 * pat.semi_axes[2])
+    found = []
+    for mass in (MassEffect(collections=[Collection()]), MassEffect(collections=[Collection()], pushes=[(6.0, 0.0)])):
+        pl = G.Plane(geo, 256, 0.0, (110.0, 130.0))
+        ctx = paint_anatomy(pl, pat, mass, np.zeros(pl.u.shape, np.float32), np.zeros(pl.u.shape, np.float32))
+        vent = np.zeros(pl.u.shape, bool)
+        for _, m, _ in ctx.ventricles:
+            vent |= m
+        near = ctx.brain & (np.abs(ctx.phi) < 0.3)  # under the collection
+        far = ctx.brain & (np.abs(np.abs(ctx.phi) - np.pi) < 0.3)  # the other side
+        found.append((pl.u[vent].mean(), np.percentile(ctx.depth_in[near], 2), np.percentile(ctx.depth_in[far], 2)))
+    (vent0, near0, far0), (vent1, near1, far1) = found
+    assert 3.0 < vent0 - vent1 < 6.5  # the ventricles move away from the bleed, most of the shift near the centre
+    assert near1 == pytest.approx(near0, abs=1.0)  # the cortex still under the blood (a uniform shift: 6 mm gap)
+    assert far1 == pytest.approx(far0, abs=1.0)  # the far cortex still off the bone (a uniform shift cut 6 mm)

@@ -40,7 +40,9 @@ from ichpipe.synthetic.geometry import (
     segment_distance,
 )
 from ichpipe.synthetic.template import (
+    ATROPHY_MM,
     CISTERN,
+    DEEP_NUCLEI_MNI,
     SULCUS,
     SYLVIAN,
     TEMPORAL_HORN,
@@ -91,6 +93,19 @@ class Patient:
     # synthetic.anatomy = template: this patient's ICBM152 brain (ichpipe.synthetic.template) replaces the drawn
     # brain, ventricles, sulci, fissures, cerebellum and brainstem; None: the drawn anatomy
     warp: Warp | None = None
+
+    NUCLEUS_KINDS = ("caudate", "lentiform", "thalamus")  # nuclei's order per side (left -u first)
+
+    def nucleus_centre(self, k: int) -> tuple[float, float, float]:
+        """Where ``nuclei[k]`` is: the drawn ellipsoid's centre, or with the template anatomy the template's own
+        nucleus of that kind on that side (the lentiform nucleus and thalamus; others stay drawn)."""
+        drawn = self.nuclei[k].center
+        kind = self.NUCLEUS_KINDS[k % 3]
+        if self.warp is None or kind not in DEEP_NUCLEI_MNI:
+            return tuple(float(x) for x in drawn)
+        x, y, z = DEEP_NUCLEI_MNI[kind]
+        side = -1 if k < 3 else 1  # head-frame u > 0 is the patient's left, MNI x > 0 the right
+        return self.warp.to_head(-side * x, y, z)
 
 
 def section_scale(t) -> np.ndarray | float:
@@ -190,7 +205,8 @@ def sample_patient(rng: np.random.Generator, anatomy: str = "drawn") -> Patient:
     )
     if anatomy == "template":  # from the head's own draws, not rng's: both anatomies get the same set plan
         sub = np.random.default_rng(np.frombuffer(np.array([age, a, b, c], np.float64).tobytes(), np.uint32))
-        patient.warp = Warp.sample(sub, brain_half_mm(a, b, c), offset=(0.0, 0.0, 0.06 * c), amplitude=3.0,
+        rim = patient.csf_rim_mm - ATROPHY_MM * atrophy  # the template's own atrophy widens the rest of the rim
+        patient.warp = Warp.sample(sub, brain_half_mm(a, b, c, rim), offset=(0.0, 0.0, 0.06 * c), amplitude=3.0,
                                    atrophy=atrophy)
     return patient
 
@@ -198,10 +214,11 @@ def sample_patient(rng: np.random.Generator, anatomy: str = "drawn") -> Patient:
 BASE_T = -0.15  # template anatomy: below this height (w / c) the skull base follows the template's brain
 
 
-def brain_half_mm(a: float, b: float, c: float) -> tuple[float, float, float]:
-    """The template brain's half-extents (u, v, w) in a head of skin half-sizes (a, b, c): inside the scalp, skull and
-    a rim of CSF (measured against the drawn cavity: about 81%, 87% and 88% of the head's)."""
-    return 0.81 * a, 0.87 * b, 0.88 * c
+def brain_half_mm(a: float, b: float, c: float, rim_mm: float = 0.0) -> tuple[float, float, float]:
+    """The template brain's half-extents (u, v, w) in a head of skin half-sizes (a, b, c): inside the scalp and skull
+    (measured against the drawn cavity: about 81%, 87% and 88% of the head's), less the patient's rim of CSF
+    (``rim_mm``) between the inner table and the brain's surface, as the drawn anatomy has."""
+    return 0.81 * a - rim_mm, 0.87 * b - rim_mm, 0.88 * c - rim_mm
 
 
 @dataclass
@@ -269,6 +286,11 @@ def paint_anatomy(pl: Plane, pat: Patient, mass: MassEffect, texture: np.ndarray
     skull_base = _skull_base(pl, pat, intra, head, t, s, grain)
     intra &= ~skull_base
     if pat.warp is not None:
+        # the real brain is anchored at the inner table: the shift is full at the head's centre and fades
+        # (quadratically) to nothing at the table (each hemisphere compressed, the cortex neither cut by the bone
+        # nor pulled off it)
+        out = np.clip(dist / np.maximum(dist + depth_in, 1.0), 0, 1)  # 0 at the centre, 1 at the table
+        us = u - shift * (1 - out * out)
         push = _collections_push(mass, phi, pl.w, depth_in)
         brain, in_sulcus, sylvian, ventricles, cistern = _template_brain(
             pl, pat, intra, us + push * cos_phi, pl.v + push * sin_phi, t, texture, grain)

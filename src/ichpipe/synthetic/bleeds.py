@@ -278,8 +278,8 @@ class Intraparenchymal(Bleed):
     def sample(cls, rng: np.random.Generator, patient: Patient, **common) -> Intraparenchymal:
         deep = rng.random() < 0.45  # hypertensive: putamen / thalamus; else lobar
         if deep:
-            nucleus = patient.nuclei[int(rng.choice([1, 2, 4, 5]))]
-            center = tuple(np.asarray(nucleus.center) + rng.normal(0, 3, 3))
+            nucleus = patient.nucleus_centre(int(rng.choice([1, 2, 4, 5])))  # a lentiform nucleus or thalamus
+            center = tuple(np.asarray(nucleus) + rng.normal(0, 3, 3))
         else:
             center = _lobar_centre(rng, patient)
         r = float(np.exp(rng.uniform(np.log(4), np.log(20))))

@@ -14,8 +14,9 @@ the real sulci, fissures and ventricles widen). :meth:`Template.sample` gives th
 head-frame points (mm: ``u`` left-right with the patient's left positive, ``v`` posterior positive, ``w`` foot to
 head, as DICOM's LPS axes), so a tilted slice plane is no special case.
 
-``make synthetic synthetic.anatomy=template`` paints it (ichpipe.synthetic.anatomy); the drawn brain stays the
-default (docs/synthetic.md says what is measured and what is not yet).
+``make synthetic synthetic.anatomy=template`` paints it (ichpipe.synthetic.anatomy; docs/synthetic.md says what is
+measured). Deep intraparenchymal bleeds are aimed at its own lentiform nuclei and thalami (``DEEP_NUCLEI_MNI``).
+The template's licence (the MNI's notice, to go with every copy of what is made from it) is in NOTICE.md.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ CLOSE_MM, GROW_MM = 4, 2
 # CSF zones (Template.zones): where each kind of bleed that lives in CSF is placed
 VENTRICLE, TEMPORAL_HORN, SYLVIAN, CISTERN, SULCUS = 1, 2, 3, 4, 5
 TEMPLATE_HALF_MM = (71.0, 89.5, 76.5)  # the template brain's half-extents (x, y, z), measured on its maps (tested)
+TEMPLATE_CENTER_MNI = (0.0, -16.5, 5.5)  # the middle of the brain's bounding box (Template.center; tested)
+# The template's own deep grey nuclei on its right (x > 0; mirrored on the left, the template is symmetric): the
+# centroids of grey matter (> 0.5) deeper than 15 mm in MNI boxes around each (measured on its maps; tested)
+DEEP_NUCLEI_MNI = {"lentiform": (25.9, 3.3, 0.4), "thalamus": (10.3, -21.1, 6.6)}
 ATROPHY_MM = 1.2  # at atrophy 1, every CSF space grows by this much into the brain on each of its sides
 
 
@@ -127,6 +132,12 @@ class Warp:
         disp = rng.normal(size=(waves, 3))
         k[:, 4:] = disp / np.linalg.norm(disp, axis=1, keepdims=True)
         return cls(scale, offset, k, float(amplitude), float(atrophy))
+
+    def to_head(self, x: float, y: float, z: float, center=TEMPLATE_CENTER_MNI) -> tuple[float, float, float]:
+        """The head-frame point (mm) of an MNI point: the inverse of :meth:`to_template` without the displacement
+        (a few mm, smooth), enough to aim a bleed at a structure."""
+        return (-(x - center[0]) / self.scale[0] + self.offset[0], -(y - center[1]) / self.scale[1] + self.offset[1],
+                (z - center[2]) / self.scale[2] + self.offset[2])
 
     def to_template(self, u, v, w, center: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """MNI (RAS) mm of head-frame points: LPS to RAS, scaled about the brain's centre, displaced."""
