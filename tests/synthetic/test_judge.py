@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from ichpipe.base.labels import SUBTYPES
-from ichpipe.synthetic.judge import pick_series, slice_calls, summarise, volume_fingerprint
+from ichpipe.synthetic.judge import pick_series, segmentation_stamp, slice_calls, summarise, volume_fingerprint
 
 
 def _table(series_labels: dict[str, dict], **overrides) -> pd.DataFrame:
@@ -72,3 +72,6 @@ def test_a_stored_segmentation_belongs_to_one_volume():
     changed[2, 3, 3] += 1  # a regenerated series keeps its UID but not its voxels
     assert volume_fingerprint(changed, (0.5, 0.5, 5.0)) != same
     assert volume_fingerprint(voxels, (0.5, 0.5, 4.0)) != same
+    # a segmentation made with another tiling is not reused either (its output differs where the tiles start)
+    assert segmentation_stamp(voxels, (0.5, 0.5, 5.0), 120) != segmentation_stamp(voxels, (0.5, 0.5, 5.0), 126)
+    assert segmentation_stamp(voxels, (0.5, 0.5, 5.0), 126).startswith(same)
