@@ -199,26 +199,33 @@ def test_the_deep_nuclei_are_the_templates_own():
     assert 10 <= hits <= 30  # about 45% are deep
 
 
+class Slab:
+    """A stand-in extra-axial collection: 8 mm thick within 0.6 rad of ``phi0`` around the head, 30 mm up and down."""
+
+    def __init__(self, phi0: float):
+        self.phi0 = phi0
+
+    def local_thickness(self, phi, w):
+        near = (np.abs(phi - np.float32(self.phi0)) < 0.6) & (np.abs(w) < 30)
+        return np.where(near, np.float32(8.0), np.float32(0.0))
+
+
 def test_an_extra_axial_collection_pushes_the_template_brain_in():
     """Under a collection of 8 mm the brain's surface starts about 8 mm deeper than without it (its own cortex bent
     in, not cut by the blood); away from it, where it was."""
     from ichpipe.synthetic import geometry as G
     from ichpipe.synthetic.anatomy import MassEffect, _collections_push, paint_anatomy, sample_patient
 
-    class Collection:  # 8 mm thick over the frontal convexity (phi = -pi/2: anterior), 30 mm up and down
-        def local_thickness(self, phi, w):
-            near = (np.abs(phi + np.pi / 2) < 0.6) & (np.abs(w) < 30)
-            return np.where(near, np.float32(8.0), np.float32(0.0))
-
     depth = np.array([0.0, 4.0, 8.0, 20.5, 33.0, 50.0], np.float32)
-    push = _collections_push(MassEffect(collections=[Collection()]), np.full(6, -np.pi / 2, np.float32),
+    push = _collections_push(MassEffect(collections=[Slab(-np.pi / 2)]), np.full(6, -np.pi / 2, np.float32),
                              np.zeros(6, np.float32), depth)
     np.testing.assert_allclose(push, [8, 8, 8, 4, 0, 0], atol=1e-5)  # full under it, fading over 25 mm beneath
 
     pat = sample_patient(np.random.default_rng(3), "template")
     geo = G.SliceGeometry(512, 0.47, (256.0, 256.0), 0.0, 0.2 * pat.semi_axes[2])
     surfaces = []
-    for mass in (MassEffect(), MassEffect(collections=[Collection()])):
+    # without and with 8 mm over the frontal convexity (phi = -pi/2)
+    for mass in (MassEffect(), MassEffect(collections=[Slab(-np.pi / 2)])):
         pl = G.Plane(geo, 256, 0.0, (110.0, 130.0))
         ctx = paint_anatomy(pl, pat, mass, np.zeros(pl.u.shape, np.float32), np.zeros(pl.u.shape, np.float32))
         under = ctx.brain & (np.abs(ctx.phi + np.pi / 2) < 0.3)
@@ -236,14 +243,11 @@ def test_a_midline_shift_moves_the_centre_and_leaves_the_brain_on_the_bone():
     from ichpipe.synthetic import geometry as G
     from ichpipe.synthetic.anatomy import MassEffect, paint_anatomy, sample_patient
 
-    class Collection:  # 8 mm over the left convexity (phi = 0: +u)
-        def local_thickness(self, phi, w):
-            return np.where((np.abs(phi) < 0.6) & (np.abs(w) < 30), np.float32(8.0), np.float32(0.0))
-
     pat = sample_patient(np.random.default_rng(3), "template")
     geo = G.SliceGeometry(512, 0.47, (256.0, 256.0), 0.0, 0.2 * pat.semi_axes[2])
     found = []
-    for mass in (MassEffect(collections=[Collection()]), MassEffect(collections=[Collection()], pushes=[(6.0, 0.0)])):
+    # 8 mm over the left convexity (phi = 0: +u), without and with a 6 mm shift away from it
+    for mass in (MassEffect(collections=[Slab(0.0)]), MassEffect(collections=[Slab(0.0)], pushes=[(6.0, 0.0)])):
         pl = G.Plane(geo, 256, 0.0, (110.0, 130.0))
         ctx = paint_anatomy(pl, pat, mass, np.zeros(pl.u.shape, np.float32), np.zeros(pl.u.shape, np.float32))
         vent = np.zeros(pl.u.shape, bool)

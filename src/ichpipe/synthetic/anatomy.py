@@ -94,7 +94,7 @@ class Patient:
     # brain, ventricles, sulci, fissures, cerebellum and brainstem; None: the drawn anatomy
     warp: Warp | None = None
 
-    NUCLEUS_KINDS = ("caudate", "lentiform", "thalamus")  # nuclei's order per side (left -u first)
+    NUCLEUS_KINDS = ("caudate", "lentiform", "thalamus")  # nuclei's order on each side (sample_patient)
 
     def nucleus_centre(self, k: int) -> tuple[float, float, float]:
         """Where ``nuclei[k]`` is: the drawn ellipsoid's centre, or with the template anatomy the template's own
@@ -104,8 +104,8 @@ class Patient:
         if self.warp is None or kind not in DEEP_NUCLEI_MNI:
             return tuple(float(x) for x in drawn)
         x, y, z = DEEP_NUCLEI_MNI[kind]
-        side = -1 if k < 3 else 1  # head-frame u > 0 is the patient's left, MNI x > 0 the right
-        return self.warp.to_head(-side * x, y, z)
+        side = 1 if drawn[0] > 0 else -1  # the drawn nucleus's side; head-frame u > 0 is the patient's left, MNI x > 0
+        return self.warp.to_head(-side * x, y, z)  # the right
 
 
 def section_scale(t) -> np.ndarray | float:
